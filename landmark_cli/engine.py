@@ -1,0 +1,253 @@
+"""Reading documents into the KV store and answering from it with landmark retrieval.
+
+Every attention step (a chunk of the document while reading, the question, each
+generated token) attends to, per layer and KV head:
+
+    [sink: the first `sink` tokens] [k retrieved blocks] [local window] [the step's own tokens]
+
+placed contiguously at positions 0, 1, 2, ... so the model never sees a distance larger
+than sink + k*block + window + chunk, whatever the document length. Retrieved blocks are
+the top-k by landmark score (landmarks.py) among the complete blocks between the sink
+and the window, kept in document order. Keys are stored pre-RoPE and rotated at their
+new positions when attended.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kernels.retrieval_attention import retrieval_attention
+from kernels.rope import apply_rope
+
+from . import store
+from .landmarks import N_REPS, block_reps, block_scores, top_blocks
+from .models import LoadedModel
+from .paths import home
+
+
+@dataclass(frozen=True)
+class Settings:
+    block: int = 32  # tokens per block (the unit of retrieval)
+    top_k: int = 8  # blocks retrieved per layer and KV head at every step
+    sink: int = 64  # initial tokens always attended (rounded up to whole blocks)
+    window: int = 1024  # local window before each step (rounded down to whole blocks)
+    chunk: int = 512  # document tokens per reading step (rounded down to whole blocks)
+    rep: str = "mean"  # block representative: mean | minmax
+    kv_dtype: str = "float16"  # KV store precision on disk
+
+    def __post_init__(self):
+        if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
+            raise ValueError("block must be >= 1; top_k, sink and window >= 0")
+        if self.rep not in N_REPS:
+            raise ValueError(f"unknown representative {self.rep!r}; choose from {sorted(N_REPS)}")
+
+    @property
+    def sink_tokens(self) -> int:
+        return -(-self.sink // self.block) * self.block
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window // self.block * self.block
+
+    @property
+    def chunk_tokens(self) -> int:
+        return max(self.block, self.chunk // self.block * self.block, self.sink_tokens)
+
+    def span(self) -> int:
+        """Largest position used by one step: what must fit the model's context."""
+        return self.sink_tokens + self.top_k * self.block + self.window_tokens + self.chunk_tokens
+
+
+@dataclass
+class Answer:
+    tokens: list[int]
+    text: str
+    sources: list[tuple[int, float]]  # (block, score), best first
+    retrieved_per_step: int  # document tokens attended per step (sink + k blocks + window)
+    prompt_tokens: int
+    answer_s: float
+    first_token_s: float
+
+
+Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+def _as_torch(a: np.ndarray) -> torch.Tensor:
+    """A (possibly read-only, memory-mapped) numpy array as a tensor, without copying."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, settings: Settings = Settings(), root: Path | None = None):
+        self.lm, self.s = lm, settings
+        self.m, self.cfg = lm.model, lm.model.cfg
+        self.root = root or home() / "store"
+        if settings.span() > self.cfg.context:
+            raise ValueError(f"sink + top_k*block + window + chunk = {settings.span()} exceeds the model's "
+                             f"context of {self.cfg.context} tokens; lower --top-k or the window")
+
+    # ---- the store -------------------------------------------------------------------
+    def key(self, ids: list[int]) -> str:
+        digest = store.entry_key({"ids": store._digest(np.asarray(ids, dtype=np.int32))})
+        return store.entry_key({"model": self.lm.fingerprint, "settings": asdict(self.s), "ids": digest})
+
+    def lookup(self, ids: list[int]) -> store.Entry | None:
+        """The valid cached entry for this token stream, or None (a corrupt one is removed)."""
+        path = self.root / self.key(ids)
+        if not path.exists():
+            return None
+        entry = store.open_entry(path)
+        if entry is None:
+            store.remove(path)
+        return entry
+
+    def read(self, ids: list[int], spans: np.ndarray | None = None,
+             progress: Progress | None = None) -> tuple[store.Entry, bool]:
+        """Entry for the token stream `ids` (prompt prefix + document): cached or built now.
+
+        spans [n_tokens, 2]: character span of each token in the document (-1 for prompt tokens).
+        Returns (entry, cached)."""
+        entry = self.lookup(ids)
+        if entry is not None:
+            return entry, True
+        store.sweep_temporaries(self.root)
+        s, c = self.s, self.cfg
+        n = len(ids)
+        nb = -(-n // s.block)
+        shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
+                     head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
+        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "settings": asdict(s)},
+                         kv_dtype=s.kv_dtype)
+        try:
+            w.ids[:] = ids
+            if spans is not None:
+                for b in range(nb):
+                    sp = spans[b * s.block:(b + 1) * s.block]
+                    sp = sp[sp[:, 0] >= 0]
+                    if len(sp):
+                        w.spans[b] = (sp[:, 0].min(), sp[:, 1].max())
+            self._prefill(w, torch.tensor(ids), progress)
+            path = w.commit()
+        except BaseException:
+            w.abort()
+            raise
+        entry = store.open_entry(path)
+        if entry is None:
+            raise RuntimeError(f"the store entry just written at {path} does not validate")
+        return entry, False
+
+    # ---- reading (chunked prefill with retrieval) --------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None) -> None:
+        s, c, m = self.s, self.cfg, self.m
+        B, n = s.block, ids.shape[0]
+        kv = _as_torch(w.kv)
+        last_valid = n - (w.kv.shape[3] - 1) * B
+        for start in range(0, n, s.chunk_tokens):
+            end = min(start + s.chunk_tokens, n)
+            b0, b1 = start // B, -(-end // B)
+            sink_end = min(s.sink_tokens, start)
+            win0 = max(sink_end, start - s.window_tokens)
+            cand = slice(sink_end // B, win0 // B)
+            x = m.embed(ids[start:end])
+            for layer in range(c.n_layers):
+                q, k, v = m.qkv(layer, x)
+                # write this chunk's pre-RoPE keys/values into its blocks
+                for j, t in enumerate((k, v)):
+                    padded = torch.nn.functional.pad(t, (0, 0, 0, (b1 - b0) * B - (end - start)))
+                    kv[layer, j, :, b0:b1] = padded.view(c.n_kv_heads, b1 - b0, B, c.head_dim).to(kv.dtype)
+                w.reps[layer, :, b0:b1] = block_reps(
+                    kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
+                sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep, c.n_kv_heads),
+                                 s.top_k) + cand.start
+                ctx = [kv[layer, :, :, i0 // B:i1 // B].flatten(2, 3) for i0, i1 in ((0, sink_end), (win0, start))]
+                x = m.finish(layer, x, self._attend(layer, q, k, v, ctx, sel, sink_end, kv))
+            if progress:
+                progress(end, n)
+
+    def _attend(self, layer, q, k, v, ctx, sel, sink_end, kv):
+        """Attention of one step over sink + retrieved + window (ctx) + its own tokens (k, v)."""
+        s, m = self.s, self.m
+        (sink, win) = ctx  # each [2, Hkv, tokens, D] pre-RoPE
+        T, n_sink, n_win = q.shape[1], sink.shape[2], win.shape[2]
+        ret = sel.shape[1] * s.block
+        pos = torch.cat([torch.arange(n_sink), torch.arange(n_win + T) + sink_end + ret])
+        cos, sin = m.rope.at(pos)
+        dk = torch.cat([sink[0].to(k.dtype), win[0].to(k.dtype), k], 1)
+        dv = torch.cat([sink[1].to(v.dtype), win[1].to(v.dtype), v], 1)
+        ct, st = m.rope.tables(sink_end + ret + 1)
+        return retrieval_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv,
+                                   kv[layer, 0], kv[layer, 1], sel, ct, st, sink_end)
+
+    # ---- answering ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer(self, entry: store.Entry, suffix: list[int], max_new_tokens: int = 128,
+               stop_ids: set[int] = frozenset(), on_token: Callable[[int], None] | None = None,
+               n_sources: int = 3) -> Answer:
+        """Continue the cached stream with `suffix` (question + answer cue) and generate greedily."""
+        s, c, m = self.s, self.cfg, self.m
+        t0 = time.perf_counter()
+        B, n = s.block, entry.n_tokens
+        kv = _as_torch(entry.kv)
+        reps = torch.from_numpy(entry.reps)
+        sink_end = min(s.sink_tokens, n // B * B)
+        win0 = max(sink_end, (n - s.window_tokens) // B * B)
+        cand = slice(sink_end // B, win0 // B)
+        k_ret = min(s.top_k, cand.stop - cand.start)
+        base = sink_end + k_ret * B  # position of the first window token
+        ct, st = m.rope.tables(base + 1)
+        # dense context per layer: sink + window (RoPE'd at their answer positions), grows with the answer
+        pos = torch.cat([torch.arange(sink_end), base + torch.arange(n - win0)])
+        cos, sin = m.rope.at(pos)
+        dense = []
+        for layer in range(c.n_layers):
+            kvl = [kv[layer, j].flatten(1, 2) for j in (0, 1)]  # [Hkv, nb*B, D] views
+            dk = torch.cat([kvl[0][:, :sink_end], kvl[0][:, win0:n]], 1).to(m.dtype)
+            dv = torch.cat([kvl[1][:, :sink_end], kvl[1][:, win0:n]], 1).to(m.dtype)
+            dense.append([apply_rope(dk, cos, sin), dv])
+        votes = torch.zeros(entry.kv.shape[3])
+        out: list[int] = []
+        step_ids, next_pos = torch.tensor(suffix), base + (n - win0)
+        first = None
+        for _ in range(max_new_tokens + 1):
+            T = step_ids.shape[0]
+            cos, sin = m.rope.at(torch.arange(next_pos, next_pos + T))
+            x = m.embed(step_ids)
+            for layer in range(c.n_layers):
+                q, k, v = m.qkv(layer, x)
+                dk, dv = dense[layer]
+                dense[layer] = [torch.cat([dk, apply_rope(k, cos, sin)], 1), torch.cat([dv, v], 1)]
+                scores = block_scores(q, reps[layer, :, cand], s.rep, c.n_kv_heads)
+                sel = top_blocks(scores, k_ret) + cand.start
+                if first is None:
+                    votes[cand] += scores.mean(0)
+                a = retrieval_attention(apply_rope(q, cos, sin), *dense[layer], kv[layer, 0], kv[layer, 1],
+                                        sel, ct, st, sink_end)
+                x = m.finish(layer, x, a)
+            next_pos += T
+            if first is None:
+                first = time.perf_counter() - t0
+            if len(out) == max_new_tokens:
+                break
+            tok = int(m.logits(x[-1:]).argmax(-1))
+            if tok in stop_ids:
+                break
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+            step_ids = torch.tensor([tok])
+        best = votes.topk(min(n_sources, int((votes > 0).sum()))) if votes.numel() else None
+        sources = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+        return Answer(tokens=out, text=self.lm.tokenizer.decode(out, skip_special_tokens=True),
+                      sources=sources, retrieved_per_step=sink_end + k_ret * B + (n - win0),
+                      prompt_tokens=n + len(suffix), answer_s=time.perf_counter() - t0,
+                      first_token_s=first or 0.0)

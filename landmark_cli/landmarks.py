@@ -1,0 +1,68 @@
+"""Training-free landmarks: block representatives, block scoring, top-k selection.
+
+A block's representative stands in for its keys (all pre-RoPE, so a score does not
+depend on where the block sits in the document):
+
+- "mean":   the mean key of the block; score = q . mean.
+- "minmax": per-channel min and max of the keys (Quest); score = sum_d max(q_d min_d,
+  q_d max_d), an upper bound of q . k over the block.
+
+Scores of one query chunk are turned into one block ranking per KV head: a softmax over
+the candidate blocks for every query (and every query head of the GQA group), then the
+mean over queries. Normalising per query keeps one loud query from deciding alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+N_REPS = {"mean": 1, "minmax": 2}
+
+
+def block_reps(k: torch.Tensor, kind: str, valid: int | None = None) -> torch.Tensor:
+    """k [Hkv, nb, B, D] pre-RoPE keys -> representatives [Hkv, nb, R, D] (float32).
+
+    `valid` = number of real tokens in the last block (the rest is padding)."""
+    k = k.float()
+    if valid is not None and valid < k.shape[2]:
+        last = block_reps(k[:, -1:, :valid], kind)
+        return torch.cat([block_reps(k[:, :-1], kind), last], 1) if k.shape[1] > 1 else last
+    if kind == "mean":
+        return k.mean(2, keepdim=True)
+    if kind == "minmax":
+        return torch.stack([k.amin(2), k.amax(2)], 2)
+    raise ValueError(f"unknown representative {kind!r}; choose from {sorted(N_REPS)}")
+
+
+def block_logits(q: torch.Tensor, reps: torch.Tensor, kind: str) -> torch.Tensor:
+    """q [Hkv, M, D] (queries grouped by KV head), reps [Hkv, N, R, D] -> raw scores [Hkv, M, N]."""
+    if kind == "mean":
+        return q @ reps[:, :, 0].transpose(1, 2)
+    if kind == "minmax":
+        lo, hi = reps[:, :, 0], reps[:, :, 1]  # [Hkv, N, D]
+        qe = q[:, :, None, :]  # [Hkv, M, 1, D]
+        return torch.maximum(qe * lo[:, None], qe * hi[:, None]).sum(-1)
+    raise ValueError(f"unknown representative {kind!r}")
+
+
+def group_queries(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """q [H, T, D] -> [Hkv, G*T, D]: the queries of each KV head's group of query heads."""
+    H, T, D = q.shape
+    return q.reshape(n_kv_heads, (H // n_kv_heads) * T, D)
+
+
+def block_scores(q: torch.Tensor, reps: torch.Tensor, kind: str, n_kv_heads: int) -> torch.Tensor:
+    """Pre-RoPE queries q [H, T, D] vs reps [Hkv, N, R, D] -> block relevance [Hkv, N] (sums to 1)."""
+    if reps.shape[1] == 0:
+        return reps.new_zeros(n_kv_heads, 0)
+    qg = group_queries(q.float(), n_kv_heads)
+    logits = block_logits(qg, reps.float(), kind) * q.shape[-1] ** -0.5
+    return logits.softmax(-1).mean(1)
+
+
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [Hkv, N] -> indices [Hkv, min(k, N)] of the best blocks, in document order."""
+    k = min(k, scores.shape[1])
+    if k == scores.shape[1]:
+        return torch.arange(k).expand(scores.shape[0], k).contiguous()
+    return scores.topk(k, dim=-1).indices.sort(-1).values

