@@ -194,60 +194,83 @@ class Engine:
                stop_ids: set[int] = frozenset(), on_token: Callable[[int], None] | None = None,
                n_sources: int = 3) -> Answer:
         """Continue the cached stream with `suffix` (question + answer cue) and generate greedily."""
-        s, c, m = self.s, self.cfg, self.m
         t0 = time.perf_counter()
-        B, n = s.block, entry.n_tokens
-        kv = _as_torch(entry.kv)
-        reps = torch.from_numpy(entry.reps)
-        sink_end = min(s.sink_tokens, n // B * B)
-        win0 = max(sink_end, (n - s.window_tokens) // B * B)
-        cand = slice(sink_end // B, win0 // B)
-        k_ret = min(s.top_k, cand.stop - cand.start)
-        base = sink_end + k_ret * B  # position of the first window token
-        ct, st = m.rope.tables(base + 1)
-        # dense context per layer: sink + window (RoPE'd at their answer positions), grows with the answer
-        pos = torch.cat([torch.arange(sink_end), base + torch.arange(n - win0)])
-        cos, sin = m.rope.at(pos)
-        dense = []
-        for layer in range(c.n_layers):
-            kvl = [kv[layer, j].flatten(1, 2) for j in (0, 1)]  # [Hkv, nb*B, D] views
-            dk = torch.cat([kvl[0][:, :sink_end], kvl[0][:, win0:n]], 1).to(m.dtype)
-            dv = torch.cat([kvl[1][:, :sink_end], kvl[1][:, win0:n]], 1).to(m.dtype)
-            dense.append([apply_rope(dk, cos, sin), dv])
-        votes = torch.zeros(entry.kv.shape[3])
+        sess = Session(self, entry, capacity=len(suffix) + max_new_tokens)
+        logits = sess.step(torch.tensor(suffix))
+        first = time.perf_counter() - t0
         out: list[int] = []
-        step_ids, next_pos = torch.tensor(suffix), base + (n - win0)
-        first = None
-        for _ in range(max_new_tokens + 1):
-            T = step_ids.shape[0]
-            cos, sin = m.rope.at(torch.arange(next_pos, next_pos + T))
-            x = m.embed(step_ids)
-            for layer in range(c.n_layers):
-                q, k, v = m.qkv(layer, x)
-                dk, dv = dense[layer]
-                dense[layer] = [torch.cat([dk, apply_rope(k, cos, sin)], 1), torch.cat([dv, v], 1)]
-                scores = block_scores(q, reps[layer, :, cand], s.rep, c.n_kv_heads)
-                sel = top_blocks(scores, k_ret) + cand.start
-                if first is None:
-                    votes[cand] += scores.mean(0)
-                a = retrieval_attention(apply_rope(q, cos, sin), *dense[layer], kv[layer, 0], kv[layer, 1],
-                                        sel, ct, st, sink_end)
-                x = m.finish(layer, x, a)
-            next_pos += T
-            if first is None:
-                first = time.perf_counter() - t0
-            if len(out) == max_new_tokens:
-                break
-            tok = int(m.logits(x[-1:]).argmax(-1))
+        while len(out) < max_new_tokens:
+            tok = int(logits.argmax())
             if tok in stop_ids:
                 break
             out.append(tok)
             if on_token:
                 on_token(tok)
-            step_ids = torch.tensor([tok])
-        best = votes.topk(min(n_sources, int((votes > 0).sum()))) if votes.numel() else None
-        sources = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+            if len(out) < max_new_tokens:
+                logits = sess.step(torch.tensor([tok]))
         return Answer(tokens=out, text=self.lm.tokenizer.decode(out, skip_special_tokens=True),
-                      sources=sources, retrieved_per_step=sink_end + k_ret * B + (n - win0),
-                      prompt_tokens=n + len(suffix), answer_s=time.perf_counter() - t0,
-                      first_token_s=first or 0.0)
+                      sources=sess.sources(n_sources), retrieved_per_step=sess.retrieved_per_step,
+                      prompt_tokens=entry.n_tokens + len(suffix), answer_s=time.perf_counter() - t0,
+                      first_token_s=first)
+
+
+class Session:
+    """Attention state for continuing a cached document, one step (question, token) at a time.
+
+    Per layer, a dense buffer holds the RoPE'd keys and values of the sink, the local
+    window (the end of the document) and every token since, at fixed positions: the
+    retrieved blocks always occupy positions [sink, sink + k*block), so nothing already
+    in the buffer ever moves."""
+
+    def __init__(self, engine: Engine, entry: store.Entry, capacity: int):
+        self.e, self.entry = engine, entry
+        s, c, m = engine.s, engine.cfg, engine.m
+        B, n = s.block, entry.n_tokens
+        self.kv = _as_torch(entry.kv)
+        self.reps = torch.from_numpy(entry.reps)
+        self.sink_end = min(s.sink_tokens, n // B * B)
+        win0 = max(self.sink_end, (n - s.window_tokens) // B * B)
+        self.cand = slice(self.sink_end // B, win0 // B)
+        self.k = min(s.top_k, self.cand.stop - self.cand.start)
+        self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
+        self.n_dense = self.sink_end + (n - win0)
+        self.next_pos = self.sink_end + self.k * B + (n - win0)
+        self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
+        pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
+        cos, sin = m.rope.at(pos)
+        self.dense = torch.empty(c.n_layers, 2, c.n_kv_heads, self.n_dense + capacity, c.head_dim, dtype=m.dtype)
+        for layer in range(c.n_layers):
+            flat = self.kv[layer].flatten(2, 3)  # [2, Hkv, nb*B, D] view of the memory map
+            d = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
+            self.dense[layer, 0, :, :self.n_dense] = apply_rope(d[0], cos, sin)
+            self.dense[layer, 1, :, :self.n_dense] = d[1]
+        self.votes = torch.zeros(entry.kv.shape[3])
+        self.steps = 0
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed tokens ids [T]; return the logits after the last one [vocab]."""
+        e, s, c, m = self.e, self.e.s, self.e.cfg, self.e.m
+        T, a, b = ids.shape[0], self.n_dense, self.n_dense + ids.shape[0]
+        cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
+        x = m.embed(ids)
+        for layer in range(c.n_layers):
+            q, k, v = m.qkv(layer, x)
+            self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
+            self.dense[layer, 1, :, a:b] = v
+            scores = block_scores(q, self.reps[layer, :, self.cand], s.rep, c.n_kv_heads)
+            if self.steps == 0:
+                self.votes[self.cand] += scores.mean(0)
+            sel = top_blocks(scores, self.k) + self.cand.start
+            att = retrieval_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b], self.dense[layer, 1, :, :b],
+                                      self.kv[layer, 0], self.kv[layer, 1], sel, self.ret_cos, self.ret_sin,
+                                      self.sink_end)
+            x = m.finish(layer, x, att)
+        self.n_dense, self.next_pos, self.steps = b, self.next_pos + T, self.steps + 1
+        return m.logits(x[-1:])[0]
+
+    def sources(self, n: int) -> list[tuple[int, float]]:
+        """The blocks the first step (the question) attended most, summed over layers and heads."""
+        k = min(n, int((self.votes > 0).sum()))
+        best = self.votes.topk(k)
+        return [(int(i), float(v)) for v, i in zip(best.values, best.indices)]

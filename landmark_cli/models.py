@@ -112,7 +112,12 @@ def _convert_gguf(gguf: Path, out: Path, progress) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
     except BaseException:

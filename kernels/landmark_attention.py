@@ -1,0 +1,387 @@
+"""Fused grouped-softmax causal attention (Landmark Attention, arXiv 2305.16300), fwd + bwd.
+
+Semantics. `is_landmark[b, j]` marks landmark tokens; the block of a position is the
+number of landmarks strictly before it, so a landmark closes its block (a trailing block
+without a landmark is allowed). For query i in block b(i), with s_ij = q_i.k_j * scale:
+
+  own:    j <= i, b(j) == b(i), j not a landmark      -> outer softmax, value v_j
+  gate:   j a landmark, b(j) < b(i)                   -> outer softmax, no value
+  inner:  j not a landmark, b(j) = c < b(i)           -> weight G_ic * softmax_{j in c}(s_ij)
+
+where the outer softmax runs over own + gate keys and G_ic is the outer probability of
+block c's landmark. As in the paper's code, a landmark query does not attend to itself
+(it sees what the token before it sees): landmark keys act only as gates. A query with no
+visible key at all (a landmark at position 0) gets a zero output.
+
+Algorithm (Triton). The key loop walks *blocks*, not fixed tiles: one landmark block per
+iteration, loaded at its own start offset into a tile of BLOCK_N >= its length (masked).
+So each block's within-block normaliser is exact inside one tile, whatever the block
+length (up to MAX_BLOCK_LEN) and wherever the landmarks are; queries are fixed tiles of
+BLOCK_M rows, each row knowing its own block id, so a tile may straddle blocks.
+Per (query row, block c) one masked logit row x serves both cases: for rows after c,
+x = ordinary keys of c, stabilised by their own max (inner softmax) and the row's gate
+logit g = s(landmark of c) enters the running outer max/sum like a single key whose
+"value" is the inner-softmax average; for rows inside c, x = causal ordinary keys,
+stabilised by the running outer max. One exp, one P@V per block, nothing [T, T] stored.
+The forward saves lse_i = log(outer normaliser). Backward, with D_i = dO_i.O_i,
+dP_ij = dO_i.v_j and E_ic = sum_{j in c} pi_ij dP_ij (recomputed per block tile):
+  own:   ds = P (dP - D_i);   inner: ds = P (dP - E_ic);   gate: ds = G_ic (E_ic - D_i).
+dQ is computed per query tile walking the blocks, dK/dV per (block, kv head) walking the
+query tiles (all query heads of the GQA group), so no atomics are needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch reference is the only path
+    from types import SimpleNamespace
+
+    triton = SimpleNamespace(jit=lambda fn: fn)
+    tl = SimpleNamespace(constexpr=None)
+    HAVE_TRITON = False
+else:
+    HAVE_TRITON = True
+
+MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
+LOG2E = 1.4426950408889634
+TUNING = {"fwd": {}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages) to sweep
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _block_ids(is_landmark: torch.Tensor) -> torch.Tensor:
+    lm = is_landmark.to(torch.int32)
+    return torch.cumsum(lm, dim=-1, dtype=torch.int32) - lm  # [Bt, T]
+
+
+def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to `mask`; all-masked rows give zeros."""
+    s = s.masked_fill(~mask, NEG_INF)
+    m = s.amax(-1, keepdim=True).detach().nan_to_num(0.0, neginf=0.0)
+    e = torch.exp(s - m)
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
+    """Vectorised torch version (materialises [T, T] scores, float32); autograd-friendly."""
+    bt, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
+    s = (q.float() @ k.transpose(-1, -2)) * scale  # [Bt, H, T, T]
+
+    lm = is_landmark.bool()
+    blk = _block_ids(lm)
+    bi, bj = blk[:, None, :, None], blk[:, None, None, :]
+    lmj = lm[:, None, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    own = (bi == bj) & causal & ~lmj
+    gate = (bj < bi) & lmj
+    inner = (bj < bi) & ~lmj
+
+    p_outer = _masked_softmax(s, own | gate)
+    # inner softmax per (query, key block): group the key axis by block id
+    idx = bj.expand_as(s).long()
+    s_in = s.masked_fill(~inner, NEG_INF)
+    m_blk = torch.full_like(s, NEG_INF).scatter_reduce(-1, idx, s_in.detach(), "amax")
+    e = torch.exp(s_in - m_blk.nan_to_num(0.0, neginf=0.0).gather(-1, idx))
+    den = torch.zeros_like(s).scatter_add(-1, idx, e).gather(-1, idx)
+    pi = e / den.clamp_min(1e-30)
+    g_blk = torch.zeros_like(s).scatter_add(-1, idx, p_outer * gate)  # landmark prob per block
+    w = p_outer * own + pi * g_blk.gather(-1, idx)
+    return (w @ v).to(q.dtype)
+
+
+def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
+    """Per-query loops straight from the definition; only for testing the reference."""
+    bt, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    out = torch.zeros(bt, hq, t, d, dtype=torch.float32, device=q.device)
+    rows = []
+    for b in range(bt):
+        lm = [bool(x) for x in is_landmark[b]]
+        blk = _block_ids(is_landmark[b : b + 1].bool())[0].tolist()
+        for h in range(hq):
+            qh, kh, vh = q[b, h].float(), k[b, h // group].float(), v[b, h // group].float()
+            for i in range(t):
+                own = [j for j in range(i + 1) if blk[j] == blk[i] and not lm[j]]
+                gates = [j for j in range(i) if lm[j] and blk[j] < blk[i]]
+                if not own and not gates:
+                    rows.append(torch.zeros(d, device=q.device))
+                    continue
+                logits = torch.stack([qh[i] @ kh[j] * scale for j in own + gates])
+                p = torch.softmax(logits, dim=0)
+                o = sum((p[n] * vh[j] for n, j in enumerate(own)), torch.zeros(d))
+                for n, jl in enumerate(gates):
+                    members = [j for j in range(jl) if blk[j] == blk[jl] and not lm[j]]
+                    if members:
+                        pi = torch.softmax(torch.stack([qh[i] @ kh[j] * scale for j in members]), 0)
+                        o = o + p[len(own) + n] * (pi[:, None] * vh[members]).sum(0)
+                rows.append(o)
+    out = torch.stack(rows).view(bt, hq, t, d)
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _group_logits(s, rows, keys, key_ok, key_lm, bi, c):
+    """Value-carrying logits x of block c for each row, and the row's gate logit g."""
+    earlier = (bi > c)[:, None]
+    own = (bi == c)[:, None] & (keys[None, :] <= rows[:, None])
+    ordinary = (key_ok & (key_lm == 0))[None, :]
+    x = tl.where(ordinary & (earlier | own), s, float("-inf"))
+    g = tl.max(tl.where((key_lm != 0)[None, :] & earlier, s, float("-inf")), 1)
+    return x, g
+
+
+@triton.jit
+def _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta):
+    """Backward of one (query tile, block): value weights P and score gradients dS."""
+    x, g = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+    earlier = bi > c
+    xm = tl.max(x, 1)
+    ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), lse)
+    e = tl.exp2(x - ref[:, None])  # own rows: final probs; earlier rows: unnormalised pi
+    rs = tl.sum(e, 1)
+    rs = tl.where(rs > 0, rs, 1.0)
+    gate = tl.exp2(g - lse)
+    e_blk = tl.sum(e * dp, 1) / rs  # E_ic = sum_j pi_ij dP_ij
+    p = e * tl.where(earlier, gate / rs, 1.0)[:, None]
+    ds = p * (dp - tl.where(earlier, e_blk, delta)[:, None])
+    ds += tl.where((key_lm != 0)[None, :] & earlier[:, None], (gate * (e_blk - delta))[:, None], 0.0)
+    return p, ds
+
+
+@triton.jit
+def _load_block(K, V, IS_LM, STARTS, b, c, T, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    start = tl.load(STARTS + b * (T + 1) + c)
+    end = tl.load(STARTS + b * (T + 1) + c + 1)
+    keys = start + tl.arange(0, BLOCK_N)
+    key_ok = keys < end
+    key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
+    offs = keys[:, None] * D + tl.arange(0, D)[None, :]
+    k = tl.load(K + offs, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs, mask=key_ok[:, None], other=0.0)
+    return start, keys, key_ok, key_lm, k, v
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    hk = h // (H // HKV)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    dd = tl.arange(0, D)
+    q_off = (pid_bh * T + rows[:, None]) * D + dd[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
+    K += (b * HKV + hk) * T * D
+    V += (b * HKV + hk) * T * D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for c in range(0, tl.max(bi, 0) + 1):
+        start, keys, key_ok, key_lm, k, v = _load_block(K, V, IS_LM, STARTS, b, c, T, D, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
+        x, g = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+        earlier = bi > c
+        xm = tl.max(x, 1)
+        m_new = tl.maximum(m_i, tl.where(earlier, g, xm))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), m_safe)
+        e = tl.exp2(x - ref[:, None])
+        rs = tl.sum(e, 1)
+        gate = tl.exp2(g - m_safe)
+        row_w = tl.where(earlier, gate / tl.where(rs > 0, rs, 1.0), 1.0)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.where(earlier, gate, rs)
+        acc = acc * alpha[:, None] + tl.dot((e * row_w[:, None]).to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("inf"))  # log2 units
+    tl.store(LSE + pid_bh * T + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, qk_scale, sm_scale,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PREC: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    hk = h // (H // HKV)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    dd = tl.arange(0, D)
+    q_off = (pid_bh * T + rows[:, None]) * D + dd[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * T + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * T + rows, mask=row_ok, other=0.0)
+    bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
+    K += (b * HKV + hk) * T * D
+    V += (b * HKV + hk) * T * D
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for c in range(0, tl.max(bi, 0) + 1):
+        start, keys, key_ok, key_lm, k, v = _load_block(K, V, IS_LM, STARTS, b, c, T, D, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        p, ds = _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
+                     sm_scale,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PREC: tl.constexpr):
+    c, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # one block, one kv head
+    b, hk = pid_bh // HKV, pid_bh % HKV
+    group = H // HKV
+    dd = tl.arange(0, D)
+    kv_base = pid_bh * T * D
+    start, keys, key_ok, key_lm, k, v = _load_block(K + kv_base, V + kv_base, IS_LM, STARTS,
+                                                    b, c, T, D, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for gi in range(0, group):
+        bh = b * H + hk * group + gi
+        for m0 in range((start // BLOCK_M) * BLOCK_M, T, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < T
+            q_off = (bh * T + rows[:, None]) * D + dd[None, :]
+            q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+            bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            p, ds = _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    kv_off = kv_base + keys[:, None] * D + dd[None, :]
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+class _Blocks(NamedTuple):
+    is_lm: torch.Tensor  # [Bt, T] int8
+    blk: torch.Tensor  # [Bt, T] int32, block id of each position
+    starts: torch.Tensor  # [Bt, T + 1] int32, start of block c; padded with T
+    n_blocks: int  # most blocks in any batch row
+    max_len: int  # longest block
+
+
+def _blocks(is_landmark: torch.Tensor) -> _Blocks:
+    bt, t = is_landmark.shape
+    lm = is_landmark.bool()
+    blk = _block_ids(lm)
+    starts = torch.full((bt, t + 1), t, dtype=torch.int32, device=lm.device)
+    is_start = torch.cat([torch.ones_like(lm[:, :1]), lm[:, :-1]], dim=1)
+    b_idx, pos = is_start.nonzero(as_tuple=True)
+    starts[b_idx, blk[b_idx, pos].long()] = pos.to(torch.int32)
+    n_blocks, max_len = int(blk[:, -1].max()) + 1, int((starts[:, 1:] - starts[:, :-1]).max())
+    return _Blocks(lm.to(torch.int8).contiguous(), blk.contiguous(), starts, n_blocks, max_len)
+
+
+def _config(d: int, max_len: int, which: str) -> dict:
+    block_n = max(16, triton.next_power_of_2(max_len))
+    warps = 4 if d <= 64 and block_n <= 64 else 8
+    cfg = dict(D=d, BLOCK_M=64, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+    return {**cfg, **TUNING[which]}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _LandmarkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, blocks: _Blocks, sm_scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        bt, h, t, d = q.shape
+        hkv = k.shape[1]
+        o = torch.empty_like(q)
+        lse = torch.empty(bt * h, t, dtype=torch.float32, device=q.device)
+        cfg = _config(d, blocks.max_len, "fwd")
+        grid = (triton.cdiv(t, cfg["BLOCK_M"]), bt * h)
+        _fwd_kernel[grid](q, k, v, o, lse, blocks.is_lm, blocks.blk, blocks.starts, t, h, hkv,
+                          sm_scale * LOG2E, PREC=_prec(q.dtype), **cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.blocks, ctx.sm_scale = blocks, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        blocks, sm_scale = ctx.blocks, ctx.sm_scale
+        bt, h, t, d = q.shape
+        hkv = k.shape[1]
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1).view(bt * h, t)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        cfg = _config(d, blocks.max_len, "bwd")
+        tables = (blocks.is_lm, blocks.blk, blocks.starts, t, h, hkv, sm_scale * LOG2E, sm_scale)
+        prec = _prec(q.dtype)
+        _bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), bt * h)](
+            q, k, v, do, dq, lse, delta, *tables, PREC=prec, **cfg)
+        _bwd_dkdv_kernel[(blocks.n_blocks, bt * hkv)](
+            q, k, v, do, dk, dv, lse, delta, *tables, PREC=prec, **cfg)
+        return dq, dk, dv, None, None
+
+
+def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto"):
+    """Grouped-softmax causal attention (see the module docstring for the exact rule).
+
+    q: [Bt, Hq, T, D]; k, v: [Bt, Hkv, T, D] (RoPE applied; Hq a multiple of Hkv);
+    is_landmark: [Bt, T] bool. Returns [Bt, Hq, T, D] in q.dtype, differentiable.
+    impl: "auto" (Triton on CUDA when available, else torch), "torch", "triton".
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    if impl == "torch" or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
+        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)
+    if not HAVE_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    blocks = _blocks(is_landmark.to(q.device))
+    d = q.shape[-1]
+    problem = None
+    if not q.dtype == k.dtype == v.dtype:
+        problem = f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    elif d < 16 or d & (d - 1):
+        problem = f"head dim {d} is not a power of two >= 16"
+    elif blocks.max_len > MAX_BLOCK_LEN:
+        problem = f"a landmark block of {blocks.max_len} tokens is longer than {MAX_BLOCK_LEN}"
+    if problem and impl == "triton":
+        raise ValueError(f"landmark_attention kernel: {problem}")
+    if problem:
+        warnings.warn(f"landmark_attention kernel: {problem}; using the torch reference",
+                      stacklevel=2)
+        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)
+    return _LandmarkAttention.apply(q, k, v, blocks, scale)

@@ -1,0 +1,23 @@
+import pytest
+
+from tiny import make_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def landmark_home(tmp_path, monkeypatch):
+    """Every test gets its own LANDMARK_HOME, so nothing touches the user's cache."""
+    home = tmp_path / "landmark-home"
+    monkeypatch.setenv("LANDMARK_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from landmark_cli.models import load_model
+
+    return load_model(str(tiny_dir))

@@ -1,0 +1,106 @@
+"""Landmark retrieval on a tiny random model: exactness, cache behaviour, store integrity."""
+
+import numpy as np
+import pytest
+import torch
+
+from landmark_cli import store
+from landmark_cli.engine import Engine, Session, Settings
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_covering_k_equals_full_attention(tiny, tmp_path):
+    """k covering every block + a document inside the context => same logits as full causal attention."""
+    ids = _ids(203, tiny.model.cfg.vocab_size)
+    doc, suffix = ids[:170], ids[170:]
+    eng = Engine(tiny, Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                 root=tmp_path / "store")
+    entry, cached = eng.read(doc)
+    assert not cached
+    sess = Session(eng, entry, capacity=64)
+    got = sess.step(torch.tensor(suffix))
+    with torch.inference_mode():
+        full = tiny.model.forward(torch.tensor(ids))
+    assert (got - full[-1]).abs().max().item() < 1e-4
+    # and it stays exact while generating
+    seq = list(ids)
+    for _ in range(4):
+        tok = int(got.argmax())
+        seq.append(tok)
+        got = sess.step(torch.tensor([tok]))
+        with torch.inference_mode():
+            full = tiny.model.forward(torch.tensor(seq))
+        assert (got - full[-1]).abs().max().item() < 1e-4
+
+
+def test_small_k_differs_from_full_attention(tiny, tmp_path):
+    """Sanity check of the test above: with few retrieved blocks the result is not full attention."""
+    ids = _ids(203, tiny.model.cfg.vocab_size)
+    eng = Engine(tiny, Settings(block=8, top_k=1, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                 root=tmp_path / "store")
+    entry, _ = eng.read(ids[:170])
+    got = Session(eng, entry, capacity=64).step(torch.tensor(ids[170:]))
+    with torch.inference_mode():
+        full = tiny.model.forward(torch.tensor(ids))
+    assert (got - full[-1]).abs().max().item() > 1e-3
+
+
+def test_second_read_is_cached_and_does_no_prefill(tiny, tmp_path, monkeypatch):
+    ids = _ids(300, tiny.model.cfg.vocab_size, seed=3)
+    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    first, cached = eng.read(ids)
+    assert not cached
+    monkeypatch.setattr(Engine, "_prefill", lambda *a, **k: pytest.fail("prefill on a cached document"))
+    again, cached = eng.read(ids)
+    assert cached and again.path == first.path
+    a1 = eng.answer(first, ids[:5], max_new_tokens=4)
+    a2 = eng.answer(again, ids[:5], max_new_tokens=4)
+    assert a1.tokens == a2.tokens
+
+
+@pytest.mark.parametrize("damage", ["truncate_kv", "flip_reps", "bad_meta", "missing_ids"])
+def test_corrupted_entry_is_detected_and_rebuilt(tiny, tmp_path, damage):
+    ids = _ids(150, tiny.model.cfg.vocab_size, seed=4)
+    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    entry, _ = eng.read(ids)
+    path, expected = entry.path, np.array(entry.kv)
+    del entry
+    if damage == "truncate_kv":
+        with open(path / "kv.npy", "r+b") as f:
+            f.truncate((path / "kv.npy").stat().st_size - 100)
+    elif damage == "flip_reps":
+        raw = bytearray((path / "reps.npy").read_bytes())
+        raw[-7] ^= 0xFF
+        (path / "reps.npy").write_bytes(bytes(raw))
+    elif damage == "bad_meta":
+        (path / "meta.json").write_text("{not json")
+    else:
+        (path / "ids.npy").unlink()
+    assert store.open_entry(path) is None
+    rebuilt, cached = eng.read(ids)
+    assert not cached
+    np.testing.assert_array_equal(np.array(rebuilt.kv), expected)
+
+
+def test_interrupted_read_leaves_no_valid_entry(tiny, tmp_path, monkeypatch):
+    ids = _ids(200, tiny.model.cfg.vocab_size, seed=5)
+    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+
+    def interrupt(done, total):
+        if done > 64:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        eng.read(ids, progress=interrupt)
+    assert eng.lookup(ids) is None
+    assert not any(p for p in (tmp_path / "store").iterdir() if ".tmp-" in p.name)
+    entry, cached = eng.read(ids)
+    assert not cached and entry.n_tokens == 200
+
+
+def test_settings_must_fit_the_context(tiny):
+    with pytest.raises(ValueError, match="context"):
+        Engine(tiny, Settings(block=64, top_k=64, window=1024, chunk=512))

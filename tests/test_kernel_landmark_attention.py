@@ -1,0 +1,181 @@
+"""landmark_attention: naive loops == torch reference == Triton kernel (interpreted on CPU)."""
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.landmark_attention as la
+
+TOLS = {  # dtype: (atol, rtol) against the float32 reference
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def assert_close(actual, expected, atol, rtol, name="output"):
+    """Like torch.testing.assert_close, but says where the tensors differ most."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    diff = (actual - expected).abs()
+    bad = ~(diff <= atol + rtol * expected.abs())  # NaN counts as bad
+    if bad.any():
+        worst = diff.nan_to_num(float("inf")).argmax()
+        idx = tuple(int(i) for i in torch.unravel_index(worst, diff.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{diff.numel()} elements differ; max abs diff "
+            f"{diff[idx]:.3g} at {idx}: got {actual[idx]:.6g}, expected {expected[idx]:.6g}"
+        )
+
+
+def _interpreted(module):
+    """Kernels decorated before TRITON_INTERPRET was set (another test imported them) would
+    try to compile for a GPU: re-import the module so they run in the interpreter."""
+    if la.HAVE_TRITON and type(module._fwd_kernel).__name__ != "InterpretedFunction":
+        module = importlib.reload(module)
+    return module
+
+
+def _fix_interpreter_bf16_dot():
+    """The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584);
+    upcast the operands as the GPU's tensor cores effectively do."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "bf16_fixed", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, *args):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original(self, a, b, *args)
+
+    create_dot.bf16_fixed = True
+    builder.create_dot = create_dot
+
+
+needs_triton = pytest.mark.skipif(not la.HAVE_TRITON, reason="triton is not installed")
+if la.HAVE_TRITON:
+    la = _interpreted(la)
+    _fix_interpreter_bf16_dot()
+
+
+def landmarks(t, pattern, seed=0):
+    """[2, t] bool: row 0 per `pattern` (block length incl. its landmark, or "random":
+    a landmark at 0, two in a row, random others); row 1 always random (other blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = torch.rand(2, t, generator=gen) < 0.25
+    rand[:, 0] = True
+    rand[:, t // 2 : t // 2 + 2] = True
+    is_lm = rand.clone()
+    if pattern != "random":
+        is_lm[0] = (torch.arange(t) % pattern) == pattern - 1
+    return is_lm
+
+
+def inputs(t, group, dtype=torch.float32, d=16, hkv=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, hkv * group, t, d, generator=gen)
+    k, v = (torch.randn(2, hkv, t, d, generator=gen) for _ in range(2))
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+
+
+def grads(fn, q, k, v, is_lm, dout, **kw):
+    for x in (q, k, v):
+        x.grad = None
+    out = fn(q, k, v, is_lm, **kw)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("t,pattern,group", [(37, 7, 3), (5, 3, 1), (23, "random", 1), (16, 16, 3)])
+def test_reference_matches_naive(t, pattern, group):
+    q, k, v = inputs(t, group, hkv=1)
+    is_lm = landmarks(t, pattern)
+    dout = torch.randn(q.shape)
+    naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout)
+    ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive):
+        assert_close(a, b, 2e-5, 2e-5, name)
+
+
+def test_reference_edge_cases():
+    q, k, v = inputs(9, 1, hkv=1)
+    is_lm = torch.zeros(2, 9, dtype=torch.bool)
+    # no landmark at all: ordinary causal attention
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(la.landmark_attention_reference(q, k, v, is_lm), expected, 2e-5, 2e-5)
+    # a landmark query with nothing before it sees nothing: zero output, no NaN
+    is_lm[:, 0] = True
+    out = la.landmark_attention_reference(q, k, v, is_lm)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    # a landmark query sees exactly the keys the token before it sees (not itself)
+    is_lm[:, 4] = True
+    q = q.detach().clone()
+    q[:, :, 4] = q[:, :, 3]
+    out = la.landmark_attention_reference(q, k, v, is_lm)
+    assert_close(out[:, :, 4], out[:, :, 3], 1e-6, 1e-6)
+
+
+CASES = [(t, p, g, 16) for t in (1, 5, 37) for p, g in ((3, 1), (7, 3), (16, 1), ("random", 3))]
+
+
+@needs_triton
+@pytest.mark.parametrize("t,pattern,group,d", CASES + [(70, 11, 1, 64)])  # 2 query tiles
+def test_triton_forward(t, pattern, group, d):
+    q, k, v = inputs(t, group, d=d)
+    is_lm = landmarks(t, pattern)
+    with torch.no_grad():
+        out = la.landmark_attention(q, k, v, is_lm, impl="triton")
+        assert_close(out, la.landmark_attention_reference(q, k, v, is_lm), *TOLS[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("t,pattern,group,dtype", [
+    (37, 7, 3, torch.float32),
+    (37, "random", 1, torch.float32),  # landmark at 0, two in a row, partial last block
+    (70, 9, 1, torch.float32),  # blocks across query tiles
+    (5, 3, 3, torch.float32),
+    (1, 16, 1, torch.float32),
+    (37, 16, 1, torch.float16),
+    (37, 7, 3, torch.bfloat16),
+])
+def test_triton_backward(t, pattern, group, dtype):
+    q, k, v = inputs(t, group, dtype)
+    is_lm = landmarks(t, pattern)
+    dout = torch.randn(q.shape).to(dtype)
+    got = grads(la.landmark_attention, q, k, v, is_lm, dout, impl="triton")
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype
+        assert_close(a, b, *TOLS[dtype], name)
+
+
+@needs_triton
+def test_triton_custom_scale_and_long_blocks():
+    q, k, v = inputs(20, 1)
+    is_lm = landmarks(20, 5)
+    with torch.no_grad():
+        out = la.landmark_attention(q, k, v, is_lm, sm_scale=0.3, impl="triton")
+        ref = la.landmark_attention(q, k, v, is_lm, sm_scale=0.3, impl="torch")
+    assert_close(out, ref, *TOLS[torch.float32])
+    t = la.MAX_BLOCK_LEN + 3
+    q, k, v = inputs(t, 1)
+    with pytest.raises(ValueError, match="block"):
+        la.landmark_attention(q, k, v, torch.zeros(2, t, dtype=torch.bool), impl="triton")
+
+
+def test_auto_uses_reference_on_cpu():
+    q, k, v = inputs(6, 1)
+    is_lm = landmarks(6, 3)
+    assert torch.equal(la.landmark_attention(q, k, v, is_lm),
+                       la.landmark_attention_reference(q, k, v, is_lm))
+    with pytest.raises(ValueError, match="impl"):
+        la.landmark_attention(q, k, v, is_lm, impl="cuda")

@@ -1,0 +1,202 @@
+"""retrieval_attention: naive loops == torch reference == Triton kernel (interpreted on CPU)."""
+
+import importlib
+import os
+import warnings
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.retrieval_attention as ra
+from kernels.rope import apply_rope, rope_tables
+
+THETA = 10000.0
+TOLS = {  # dtype: (atol, rtol) against the float32 reference
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def assert_close(actual, expected, atol, rtol, name="output"):
+    """Like torch.testing.assert_close, but says where the tensors differ most."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    diff = (actual - expected).abs()
+    bad = ~(diff <= atol + rtol * expected.abs())  # NaN counts as bad
+    if bad.any():
+        worst = diff.nan_to_num(float("inf")).argmax()
+        idx = tuple(int(i) for i in torch.unravel_index(worst, diff.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{diff.numel()} elements differ; max abs diff "
+            f"{diff[idx]:.3g} at {idx}: got {actual[idx]:.6g}, expected {expected[idx]:.6g}"
+        )
+
+
+def _fix_interpreter_bf16_dot():
+    """The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584);
+    upcast the operands as the GPU's tensor cores effectively do."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "bf16_fixed", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, *args):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original(self, a, b, *args)
+
+    create_dot.bf16_fixed = True
+    builder.create_dot = create_dot
+
+
+needs_triton = pytest.mark.skipif(not ra.HAVE_TRITON, reason="triton is not installed")
+if ra.HAVE_TRITON:
+    if type(ra._retrieval_kernel).__name__ != "InterpretedFunction":
+        ra = importlib.reload(ra)  # imported before TRITON_INTERPRET was set: re-decorate
+    _fix_interpreter_bf16_dot()
+
+
+def make(t, group, b, k, *, hkv=2, l=None, n=9, d=16, dtype=torch.float32,
+         store_dtype=None, grouped=False, seed=0):
+    """Random arguments for retrieval_attention (everything but impl)."""
+    gen = torch.Generator().manual_seed(seed)
+    l = l or t + 6
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    store_dtype = store_dtype or dtype
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(hkv)])
+    ret_pos0 = 3
+    cos, sin = rope_tables(ret_pos0 + k * b + 1, d, THETA)
+    return dict(
+        q=rnd(hkv * group, t, d).to(dtype),
+        k_dense=rnd(hkv, l, d).to(dtype), v_dense=rnd(hkv, l, d).to(dtype),
+        k_store=rnd(hkv, n, b, d).to(store_dtype), v_store=rnd(hkv, n, b, d).to(store_dtype),
+        block_idx=idx, cos=cos, sin=sin, ret_pos0=ret_pos0,
+        landmark_keys=rnd(hkv, n, d).to(store_dtype) if grouped else None,
+    )
+
+
+def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, landmark_keys):
+    """Query by query, block by block, RoPE from fresh tables at explicit positions."""
+    hq, t, d = q.shape
+    hkv, l, _ = k_dense.shape
+    kb, b = block_idx.shape[1], k_store.shape[2]
+    out = torch.zeros(hq, t, d)
+    for h in range(hq):
+        hk = h // (hq // hkv)
+        blocks = []  # (keys, values, landmark key) of each retrieved block, in order
+        for j in range(kb):
+            n = int(block_idx[hk, j])
+            c, s = rope_tables(torch.arange(b) + ret_pos0 + j * b, d, THETA)
+            keys = apply_rope(k_store[hk, n].float(), c, s)
+            lm = None
+            if landmark_keys is not None:
+                c, s = rope_tables(torch.tensor([ret_pos0 + j * b + b - 1]), d, THETA)
+                lm = apply_rope(landmark_keys[hk, n].float()[None], c, s)[0]
+            blocks.append((keys, v_store[hk, n].float(), lm))
+        for i in range(t):
+            qi = q[h, i].float() * d**-0.5
+            kd, vd = k_dense[hk, : l - t + i + 1].float(), v_dense[hk, : l - t + i + 1].float()
+            if landmark_keys is None:
+                keys = torch.cat([kb_ for kb_, _, _ in blocks] + [kd])
+                vals = torch.cat([vb for _, vb, _ in blocks] + [vd])
+                out[h, i] = torch.softmax(keys @ qi, 0) @ vals
+            else:
+                lms = torch.stack([lm for _, _, lm in blocks]) if blocks else torch.zeros(0, d)
+                p = torch.softmax(torch.cat([lms @ qi, kd @ qi]), 0)
+                out[h, i] = p[kb:] @ vd
+                for j, (keys, vals, _) in enumerate(blocks):
+                    out[h, i] += p[j] * (torch.softmax(keys @ qi, 0) @ vals)
+    return out
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("t,group,b,k", [(1, 1, 3, 0), (5, 3, 7, 2), (4, 1, 16, 3)])
+def test_reference_matches_naive(t, group, b, k, grouped):
+    args = make(t, group, b, k, grouped=grouped)
+    assert_close(ra.retrieval_attention_reference(**args), naive(**args), 2e-5, 2e-5)
+
+
+def test_reference_equals_full_causal_attention():
+    """Every block retrieved in document order + the tail as dense = plain causal attention."""
+    hkv, group, n, b, tail, t, d = 2, 3, 4, 5, 6, 3, 16
+    gen = torch.Generator().manual_seed(1)
+    k_raw, v = (torch.randn(hkv, n * b + tail, d, generator=gen) for _ in range(2))
+    q_raw = torch.randn(hkv * group, t, d, generator=gen)
+    cos, sin = rope_tables(n * b + tail, d, THETA)
+    k = apply_rope(k_raw, cos, sin)
+    q = apply_rope(q_raw, cos[-t:], sin[-t:])
+    idx = torch.arange(n).repeat(hkv, 1)
+    out = ra.retrieval_attention(
+        q, k[:, n * b :], v[:, n * b :], k_raw[:, : n * b].reshape(hkv, n, b, d),
+        v[:, : n * b].reshape(hkv, n, b, d), idx, cos, sin, 0, impl="torch")
+    mask = torch.ones(t, n * b + tail, dtype=torch.bool).tril(n * b + tail - t)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0),
+                                          v.repeat_interleave(group, 0), attn_mask=mask)
+    assert_close(out, want, 2e-5, 2e-5)
+
+
+def test_reference_reads_a_readonly_memmap(tmp_path):
+    args = make(2, 3, 4, 2, store_dtype=torch.float16, grouped=True)
+    arr = np.lib.format.open_memmap(tmp_path / "k.npy", mode="w+", dtype=np.float16,
+                                    shape=tuple(args["k_store"].shape))
+    arr[:] = args["k_store"].numpy()
+    arr.flush()
+    with warnings.catch_warnings():  # torch warns that the read-only array is not writable
+        warnings.simplefilter("ignore")
+        mm = torch.from_numpy(np.load(tmp_path / "k.npy", mmap_mode="r"))
+    want = ra.retrieval_attention_reference(**args)
+    assert_close(ra.retrieval_attention_reference(**{**args, "k_store": mm}), want, 0, 0)
+
+
+CASES = [  # T, group, B, K, grouped: T 1..37, B not a power of two, K 0..3, GQA 1 and 3
+    (1, 1, 3, 0, False), (1, 3, 7, 3, True), (1, 1, 16, 2, False),
+    (5, 3, 3, 1, True), (5, 1, 7, 2, False), (5, 3, 16, 0, True),
+    (37, 1, 3, 3, False), (37, 3, 7, 1, False), (37, 1, 16, 3, True), (37, 3, 20, 2, True),
+    (3, 1, 70, 2, False), (3, 1, 70, 2, True),  # blocks longer than one key tile
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("t,group,b,k,grouped", CASES)
+def test_triton_matches_reference(t, group, b, k, grouped):
+    args = make(t, group, b, k, grouped=grouped)
+    want = ra.retrieval_attention_reference(**args)
+    assert_close(ra.retrieval_attention(**args, impl="triton"), want, *TOLS[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("n_splits", [1, 9])
+def test_triton_split_counts(n_splits):
+    args = make(5, 3, 7, 3, l=40, grouped=True)
+    want = ra.retrieval_attention_reference(**args)
+    scale = args["q"].shape[-1] ** -0.5
+    got = ra._retrieval_triton(*list(args.values())[:-1], scale, args["landmark_keys"],
+                               n_splits=n_splits)
+    assert_close(got, want, *TOLS[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype, grouped):
+    args = make(5, 3, 7, 2, dtype=dtype, store_dtype=torch.float16, grouped=grouped)
+    out = ra.retrieval_attention(**args, impl="triton", sm_scale=0.2)
+    assert out.dtype == dtype
+    args32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in args.items()}
+    want = ra.retrieval_attention_reference(**args32, sm_scale=0.2)
+    assert_close(out, want, *TOLS[dtype])
+
+
+def test_impl_argument():
+    args = make(2, 1, 3, 1)
+    assert torch.equal(ra.retrieval_attention(**args), ra.retrieval_attention_reference(**args))
+    with pytest.raises(ValueError, match="impl"):
+        ra.retrieval_attention(**args, impl="cuda")

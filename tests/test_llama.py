@@ -1,0 +1,22 @@
+"""Our compact forward against transformers' own forward on tiny random models."""
+
+import pytest
+import torch
+
+from landmark_cli.models import load_model
+from tiny import make_tiny_model
+
+
+@pytest.mark.parametrize("tie,heads,kv_heads", [(True, 4, 2), (False, 4, 4), (True, 8, 1)])
+def test_logits_match_transformers(tmp_path, tie, heads, kv_heads):
+    from transformers import AutoModelForCausalLM
+
+    d = make_tiny_model(tmp_path / "m", tie=tie, heads=heads, kv_heads=kv_heads, seed=heads + kv_heads)
+    ours = load_model(str(d))
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.model.cfg.vocab_size, (97,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = ref(ids[None]).logits[0]
+        got = ours.model.forward(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
