@@ -307,15 +307,15 @@ def _blocks(is_landmark: torch.Tensor) -> _Blocks:
     return _Blocks(lm.to(torch.int8).contiguous(), blk.contiguous(), starts, n_blocks, max_len)
 
 
-def _config(d: int, max_len: int, which: str) -> dict:
+def _config(d: int, max_len: int, dtype: torch.dtype, which: str) -> dict:
+    """Launch config: one key tile holds the longest block; fp32 tiles are halved to fit
+    shared memory (227 KiB on an H100). TUNING[which] overrides, for sweeps."""
     block_n = max(16, triton.next_power_of_2(max_len))
+    block_m = 32 if dtype == torch.float32 else 64
     warps = 4 if d <= 64 and block_n <= 64 else 8
-    cfg = dict(D=d, BLOCK_M=64, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+    cfg = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+               PREC="ieee" if dtype == torch.float32 else "tf32")
     return {**cfg, **TUNING[which]}
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class _LandmarkAttention(torch.autograd.Function):
@@ -326,10 +326,10 @@ class _LandmarkAttention(torch.autograd.Function):
         hkv = k.shape[1]
         o = torch.empty_like(q)
         lse = torch.empty(bt * h, t, dtype=torch.float32, device=q.device)
-        cfg = _config(d, blocks.max_len, "fwd")
+        cfg = _config(d, blocks.max_len, q.dtype, "fwd")
         grid = (triton.cdiv(t, cfg["BLOCK_M"]), bt * h)
         _fwd_kernel[grid](q, k, v, o, lse, blocks.is_lm, blocks.blk, blocks.starts, t, h, hkv,
-                          sm_scale * LOG2E, PREC=_prec(q.dtype), **cfg)
+                          sm_scale * LOG2E, **cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.blocks, ctx.sm_scale = blocks, sm_scale
         return o
@@ -343,13 +343,12 @@ class _LandmarkAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1).view(bt * h, t)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        cfg = _config(d, blocks.max_len, "bwd")
+        cfg = _config(d, blocks.max_len, q.dtype, "bwd")
         tables = (blocks.is_lm, blocks.blk, blocks.starts, t, h, hkv, sm_scale * LOG2E, sm_scale)
-        prec = _prec(q.dtype)
         _bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), bt * h)](
-            q, k, v, do, dq, lse, delta, *tables, PREC=prec, **cfg)
+            q, k, v, do, dq, lse, delta, *tables, **cfg)
         _bwd_dkdv_kernel[(blocks.n_blocks, bt * hkv)](
-            q, k, v, do, dk, dv, lse, delta, *tables, PREC=prec, **cfg)
+            q, k, v, do, dk, dv, lse, delta, *tables, **cfg)
         return dq, dk, dv, None, None
 
 

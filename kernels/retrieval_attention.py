@@ -42,6 +42,8 @@ except ImportError:  # CPU-only install: the torch reference is the only path
 else:
     HAVE_TRITON = True
 
+TUNING = {"num_warps": 4, "num_stages": 2, "waves": 2}  # launch settings; benchmarks sweep
+
 
 # ----------------------------------------------------------------------------- reference
 
@@ -204,11 +206,11 @@ def _combine_kernel(ACC, M, L, O, n_splits, rows_total,
 
 
 def _target_splits(device: torch.device, programs_per_split: int) -> int:
-    """Enough key splits to fill the GPU about twice over; a few under the interpreter."""
+    """Enough key splits to give every SM TUNING["waves"] programs; 4 off the GPU."""
     if device.type != "cuda":
         return 4
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, -(-2 * sms // programs_per_split))
+    return max(1, -(-TUNING["waves"] * sms // programs_per_split))
 
 
 def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0,
@@ -246,7 +248,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
         lmk.stride(0), lmk.stride(1),
         blocks_per_split, keys_per_split, n_ret, rows_total,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, GROUPED=landmark_keys is not None, PREC=prec,
-        num_warps=4,
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     out = torch.empty_like(q)
     _combine_kernel[(rows_total,)](acc, m, lsum, out, n_total, rows_total,

@@ -116,9 +116,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except LandmarkError as e:
-        err.print(f"[bold red]Error:[/bold red] {e.message}", highlight=False)
+        err.print(f"[bold red]Error:[/bold red] {e.message}", highlight=False, soft_wrap=True, markup=True)
         if e.hint:
-            err.print(f"  {e.hint}", highlight=False)
+            err.print(f"  {e.hint}", highlight=False, soft_wrap=True, markup=False)
         if os.environ.get("LANDMARK_DEBUG"):
             raise
         sys.exit(1)

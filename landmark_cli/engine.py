@@ -27,6 +27,7 @@ from kernels.retrieval_attention import retrieval_attention
 from kernels.rope import apply_rope
 
 from . import store
+from .errors import LandmarkError
 from .landmarks import N_REPS, block_reps, block_scores, top_blocks
 from .models import LoadedModel
 from .paths import home
@@ -92,8 +93,8 @@ class Engine:
         self.m, self.cfg = lm.model, lm.model.cfg
         self.root = root or home() / "store"
         if settings.span() > self.cfg.context:
-            raise ValueError(f"sink + top_k*block + window + chunk = {settings.span()} exceeds the model's "
-                             f"context of {self.cfg.context} tokens; lower --top-k or the window")
+            raise LandmarkError(f"sink + top_k*block + window + chunk = {settings.span()} tokens exceeds the "
+                                f"model's context of {self.cfg.context} tokens", "lower --top-k, --window or --chunk")
 
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from landmark_cli import store
+from landmark_cli.errors import LandmarkError
 from landmark_cli.engine import Engine, Session, Settings
 
 
@@ -102,5 +103,5 @@ def test_interrupted_read_leaves_no_valid_entry(tiny, tmp_path, monkeypatch):
 
 
 def test_settings_must_fit_the_context(tiny):
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(LandmarkError, match="context"):
         Engine(tiny, Settings(block=64, top_k=64, window=1024, chunk=512))

@@ -179,3 +179,57 @@ def test_auto_uses_reference_on_cpu():
                        la.landmark_attention_reference(q, k, v, is_lm))
     with pytest.raises(ValueError, match="impl"):
         la.landmark_attention(q, k, v, is_lm, impl="cuda")
+
+
+SM90_COMPILE = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.landmark_attention as la
+
+def shared_bytes(fn, cfg, types):
+    consts = {n: v for n, v in cfg.items() if n in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+    opts = {n: cfg[n] for n in ("num_warps", "num_stages")}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+
+out = {}
+# the largest tiles (D=128, 128-token blocks); fp32 backward compiles slowly, so only bf16
+for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")),
+                       (torch.float32, "fp32", ("_fwd_kernel",))):
+    types = {n: "*" + ty for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    types.update(LSE="*fp32", DELTA="*fp32", IS_LM="*i8", BLK="*i32", STARTS="*i32",
+                 qk_scale="fp32", sm_scale="fp32")
+    for name in fns:
+        cfg = la._config(128, la.MAX_BLOCK_LEN, dtype, "fwd" if name == "_fwd_kernel" else "bwd")
+        out[f"{name}-{ty}"] = shared_bytes(getattr(la, name), cfg, types)
+print(json.dumps(out))
+"""
+
+
+def compile_for_sm90(code):
+    """Compile kernels for an H100 (sm_90) in a fresh process without TRITON_INTERPRET: the
+    interpreter cannot catch code generation errors nor shared-memory overflow."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100
+
+
+@needs_triton
+def test_kernels_compile_for_h100():
+    pytest.importorskip("triton.backends.nvidia")
+    shared = compile_for_sm90(SM90_COMPILE)
+    assert len(shared) == 4
+    for name, nbytes in shared.items():
+        assert nbytes <= H100_SHARED_BYTES, f"{name} needs {nbytes} bytes of shared memory"

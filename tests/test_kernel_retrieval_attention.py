@@ -200,3 +200,54 @@ def test_impl_argument():
     assert torch.equal(ra.retrieval_attention(**args), ra.retrieval_attention_reference(**args))
     with pytest.raises(ValueError, match="impl"):
         ra.retrieval_attention(**args, impl="cuda")
+
+
+SM90_COMPILE = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.retrieval_attention as ra
+
+def shared_bytes(fn, consts, types, **opts):
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+
+types = {n: "*fp16" for n in ("Q", "KD", "VD", "KS", "VS", "LMK", "O")}
+types.update(IDX="*i64", COS="*fp32", SIN="*fp32", ACC="*fp32", M="*fp32", L="*fp32",
+             sm_scale="fp32")
+opts = {n: ra.TUNING[n] for n in ("num_warps", "num_stages")}
+out = {}
+for grouped in (False, True):
+    consts = dict(D=128, BLOCK_M=64, BLOCK_N=64, GROUPED=grouped, PREC="tf32")
+    out[f"retrieval-grouped={grouped}"] = shared_bytes(ra._retrieval_kernel, consts, types, **opts)
+out["combine"] = shared_bytes(ra._combine_kernel, dict(D=128, SPLITS=64), types)
+print(json.dumps(out))
+"""
+
+
+def compile_for_sm90(code):
+    """Compile kernels for an H100 (sm_90) in a fresh process without TRITON_INTERPRET: the
+    interpreter cannot catch code generation errors nor shared-memory overflow."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100
+
+
+@needs_triton
+def test_kernels_compile_for_h100():
+    pytest.importorskip("triton.backends.nvidia")
+    shared = compile_for_sm90(SM90_COMPILE)
+    assert len(shared) == 3
+    for name, nbytes in shared.items():
+        assert nbytes <= H100_SHARED_BYTES, f"{name} needs {nbytes} bytes of shared memory"

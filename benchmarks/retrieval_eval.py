@@ -1,0 +1,141 @@
+"""Retrieval accuracy of the default model: passkey and natural-prose needles.
+
+    python benchmarks/retrieval_eval.py passkey --tokens 32k --seeds 10
+    python benchmarks/retrieval_eval.py needles --tokens 32k --full-tokens 4k
+
+Needles: facts planted at 10%, 50% and 90% depth of the essays + company history in
+examples/, asked with landmark retrieval on the long version and with full attention
+on a short version of the same text (the needle at the same relative depth).
+Prints one JSON line per trial and a summary; `--settings` overrides engine settings
+(e.g. --settings top_k=8,block=32,rep=minmax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from landmark_cli import passkey  # noqa: E402
+from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.models import load_model  # noqa: E402
+from landmark_cli.prompts import ask_prompt, raw_prompt  # noqa: E402
+
+NEEDLES = [  # (fact, question, expected answer keyword)
+    ("The secret ingredient in Aunt Miriam's soup is smoked paprika.",
+     "What is the secret ingredient in Aunt Miriam's soup?", "paprika"),
+    ("The lighthouse keeper's cat was named Biscuit.", "What was the lighthouse keeper's cat named?", "biscuit"),
+    ("The code to open the garden gate is 4417.", "What is the code to open the garden gate?", "4417"),
+    ("Professor Okafor keeps her spare keys inside a blue teapot.",
+     "Where does Professor Okafor keep her spare keys?", "teapot"),
+]
+DEPTHS = (0.1, 0.5, 0.9)
+
+
+def haystack_text() -> str:
+    parts = [p.read_text() for p in sorted((ROOT / "examples" / "essays").glob("*.md"))]
+    parts.append((ROOT / "examples" / "lantern_bay.md").read_text())
+    return "\n\n".join(parts)
+
+
+def plant(tokenizer, text: str, n_tokens: int, fact: str, depth: float) -> str:
+    """The first ~n_tokens of text with `fact` inserted at a paragraph break near `depth`."""
+    ids = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(ids["input_ids"]) < n_tokens:
+        raise SystemExit(f"the haystack has only {len(ids['input_ids'])} tokens")
+    cut = ids["offset_mapping"][n_tokens - 1][1]
+    body = text[:cut]
+    at = body.rfind("\n\n", 0, int(len(body) * depth)) + 2 if depth > 0 else 0
+    return body[:at] + fact + "\n\n" + body[at:]
+
+
+def parse_settings(spec: str) -> Settings:
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        k, v = item.split("=")
+        kw[k] = v if k in ("rep", "kv_dtype") else int(v)
+    return Settings(**kw)
+
+
+def full_attention_answer(lm, ids: list[int], suffix: list[int], max_new: int) -> str:
+    m, out, seq = lm.model, [], ids + suffix
+    stop = lm.stop_ids()
+    with torch.inference_mode():
+        for _ in range(max_new):
+            tok = int(m.forward(torch.tensor(seq))[-1].argmax())
+            if tok in stop:
+                break
+            out.append(tok)
+            seq.append(tok)
+    return lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def run_passkey(args, lm, settings):
+    eng = Engine(lm, settings, root=args.store)
+    n, ok = passkey.parse_length(args.tokens), 0
+    for seed in range(args.seeds):
+        case = passkey.build_for_tokens(lm.tokenizer, n, seed)
+        p = raw_prompt(lm.tokenizer, "", case.document, case.question)
+        t0 = time.perf_counter()
+        entry, cached = eng.read(p.ids, p.spans)
+        t1 = time.perf_counter()
+        ans = eng.answer(entry, p.suffix, max_new_tokens=8)
+        correct = passkey.parse_answer(ans.text) == case.passkey
+        ok += correct
+        print(json.dumps({"seed": seed, "tokens": len(p.ids) + len(p.suffix), "depth": round(case.depth, 3),
+                          "expected": case.passkey, "answer": ans.text.strip(), "correct": correct,
+                          "read_s": round(t1 - t0, 1), "cached": cached}), flush=True)
+    print(f"passkey {args.tokens}: {ok}/{args.seeds} correct, settings {settings}")
+
+
+def run_needles(args, lm, settings):
+    text = haystack_text()
+    eng = Engine(lm, settings, root=args.store)
+    n_long, n_short = passkey.parse_length(args.tokens), passkey.parse_length(args.full_tokens)
+    rows = []
+    for fact, question, key in NEEDLES[: args.needles]:
+        for depth in DEPTHS:
+            row = {"needle": key, "depth": depth}
+            long_doc = plant(lm.tokenizer, text, n_long, fact, depth)
+            p = ask_prompt(lm.tokenizer, long_doc, question)
+            entry, _ = eng.read(p.ids, p.spans)
+            ans = eng.answer(entry, p.suffix, max_new_tokens=24)
+            row["landmark"] = ans.text.strip()
+            row["landmark_ok"] = key in ans.text.lower()
+            if args.full_tokens != "0":
+                short = ask_prompt(lm.tokenizer, plant(lm.tokenizer, text, n_short, fact, depth), question)
+                row["full"] = full_attention_answer(lm, short.ids, short.suffix, 24).strip()
+                row["full_ok"] = key in row["full"].lower()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lm_ok = sum(r["landmark_ok"] for r in rows)
+    full_ok = sum(r.get("full_ok", False) for r in rows)
+    both = sum(r["landmark_ok"] for r in rows if r.get("full_ok"))
+    print(f"needles {args.tokens}: landmark {lm_ok}/{len(rows)}; full@{args.full_tokens} {full_ok}/{len(rows)}; "
+          f"landmark where full is right: {both}/{full_ok}; settings {settings}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("task", choices=["passkey", "needles"])
+    ap.add_argument("--tokens", default="32k")
+    ap.add_argument("--full-tokens", default="4k")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--needles", type=int, default=len(NEEDLES))
+    ap.add_argument("--settings", default="")
+    ap.add_argument("--store", type=Path, default=None)
+    args = ap.parse_args()
+    lm = load_model("default")
+    settings = parse_settings(args.settings)
+    (run_passkey if args.task == "passkey" else run_needles)(args, lm, settings)
+
+
+if __name__ == "__main__":
+    main()
