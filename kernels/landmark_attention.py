@@ -16,14 +16,17 @@ visible key at all (a landmark at position 0) gets a zero output.
 Algorithm (Triton). The key loop walks *blocks*, not fixed tiles: one landmark block per
 iteration, loaded at its own start offset into a tile of BLOCK_N >= its length (masked).
 So each block's within-block normaliser is exact inside one tile, whatever the block
-length (up to MAX_BLOCK_LEN) and wherever the landmarks are; queries are fixed tiles of
-BLOCK_M rows, each row knowing its own block id, so a tile may straddle blocks.
+length (up to MAX_BLOCK_LEN; longer blocks fall back to the reference) and wherever the
+landmarks are; queries are fixed tiles of BLOCK_M rows, each row knowing its own block
+id, so a tile may straddle blocks. (A block much shorter than its tile wastes the rest:
+BLOCK_N is the next power of two >= the longest block, at least 16.)
 Per (query row, block c) one masked logit row x serves both cases: for rows after c,
 x = ordinary keys of c, stabilised by their own max (inner softmax) and the row's gate
 logit g = s(landmark of c) enters the running outer max/sum like a single key whose
 "value" is the inner-softmax average; for rows inside c, x = causal ordinary keys,
-stabilised by the running outer max. One exp, one P@V per block, nothing [T, T] stored.
-The forward saves lse_i = log(outer normaliser). Backward, with D_i = dO_i.O_i,
+stabilised by the running outer max. One exp, one P@V per block, nothing [T, T] stored
+(logits are kept in log2 units so that exp2 can be used). The forward saves
+lse_i = log(outer normaliser) per query. Backward, with D_i = dO_i.O_i,
 dP_ij = dO_i.v_j and E_ic = sum_{j in c} pi_ij dP_ij (recomputed per block tile):
   own:   ds = P (dP - D_i);   inner: ds = P (dP - E_ic);   gate: ds = G_ic (E_ic - D_i).
 dQ is computed per query tile walking the blocks, dK/dV per (block, kv head) walking the
@@ -91,7 +94,7 @@ def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
 
     p_outer = _masked_softmax(s, own | gate)
     # inner softmax per (query, key block): group the key axis by block id
-    idx = bj.expand_as(s).long()
+    idx = bj.long().expand_as(s)  # a view: no [T, T] index tensor
     s_in = s.masked_fill(~inner, NEG_INF)
     m_blk = torch.full_like(s, NEG_INF).scatter_reduce(-1, idx, s_in.detach(), "amax")
     e = torch.exp(s_in - m_blk.nan_to_num(0.0, neginf=0.0).gather(-1, idx))
@@ -107,7 +110,6 @@ def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
     bt, hq, t, d = q.shape
     group = hq // k.shape[1]
     scale = d**-0.5 if sm_scale is None else sm_scale
-    out = torch.zeros(bt, hq, t, d, dtype=torch.float32, device=q.device)
     rows = []
     for b in range(bt):
         lm = [bool(x) for x in is_landmark[b]]
@@ -122,15 +124,14 @@ def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
                     continue
                 logits = torch.stack([qh[i] @ kh[j] * scale for j in own + gates])
                 p = torch.softmax(logits, dim=0)
-                o = sum((p[n] * vh[j] for n, j in enumerate(own)), torch.zeros(d))
+                o = sum((p[n] * vh[j] for n, j in enumerate(own)), torch.zeros(d, device=q.device))
                 for n, jl in enumerate(gates):
                     members = [j for j in range(jl) if blk[j] == blk[jl] and not lm[j]]
                     if members:
                         pi = torch.softmax(torch.stack([qh[i] @ kh[j] * scale for j in members]), 0)
                         o = o + p[len(own) + n] * (pi[:, None] * vh[members]).sum(0)
                 rows.append(o)
-    out = torch.stack(rows).view(bt, hq, t, d)
-    return out.to(q.dtype)
+    return torch.stack(rows).view(bt, hq, t, d).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -161,7 +162,8 @@ def _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta):
     e_blk = tl.sum(e * dp, 1) / rs  # E_ic = sum_j pi_ij dP_ij
     p = e * tl.where(earlier, gate / rs, 1.0)[:, None]
     ds = p * (dp - tl.where(earlier, e_blk, delta)[:, None])
-    ds += tl.where((key_lm != 0)[None, :] & earlier[:, None], (gate * (e_blk - delta))[:, None], 0.0)
+    is_gate = (key_lm != 0)[None, :] & earlier[:, None]
+    ds += tl.where(is_gate, (gate * (e_blk - delta))[:, None], 0.0)
     return p, ds
 
 
@@ -211,7 +213,8 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
         row_w = tl.where(earlier, gate / tl.where(rs > 0, rs, 1.0), 1.0)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.where(earlier, gate, rs)
-        acc = acc * alpha[:, None] + tl.dot((e * row_w[:, None]).to(v.dtype), v, input_precision=PREC)
+        p = (e * row_w[:, None]).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -152,7 +152,8 @@ def _retrieval_kernel(Q, KD, VD, KS, VS, LMK, IDX, COS, SIN, ACC, M, L,
                 k = _roped(ks_base, tt[:, None] * sks_b + dd[None, :],
                            tt[:, None] * sks_b + swap[None, :], pos[:, None] * D + dd[None, :],
                            ok[:, None], COS, SIN, sign)
-                v = tl.load(vs_base + tt[:, None] * svs_b + dd[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(vs_base + tt[:, None] * svs_b + dd[None, :], mask=ok[:, None],
+                            other=0.0)
                 s = tl.dot(q, tl.trans(k.to(dt)), input_precision=PREC) * sm_scale
                 s = tl.where(ok[None, :], s, float("-inf"))
                 if GROUPED:
@@ -194,7 +195,8 @@ def _combine_kernel(ACC, M, L, O, n_splits, rows_total,
     dd = tl.arange(0, D)
     m = tl.load(M + sp * rows_total + r, mask=ok, other=float("-inf"))
     l = tl.load(L + sp * rows_total + r, mask=ok, other=0.0)
-    acc = tl.load(ACC + (sp * rows_total + r)[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+    acc_off = (sp * rows_total + r)[:, None] * D + dd[None, :]
+    acc = tl.load(ACC + acc_off, mask=ok[:, None], other=0.0)
     m_max = tl.max(m, 0)
     w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     den = tl.sum(l * w, 0)
@@ -223,7 +225,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride on its last dim")
     q, k_dense, v_dense = q.contiguous(), k_dense.contiguous(), v_dense.contiguous()
-    cos, sin, idx = cos.contiguous(), sin.contiguous(), block_idx.contiguous()
+    cos, sin, idx = cos.contiguous(), sin.contiguous(), block_idx.to(torch.int64).contiguous()
     lmk = landmark_keys if landmark_keys is not None else k_store  # unused when not grouped
 
     block_m = max(16, min(64, triton.next_power_of_2(gt)))

@@ -1,3 +1,9 @@
+import os
+
+# Triton reads this once, at import: the kernel tests run the Triton kernels on the CPU
+# through its interpreter (CI has no GPU). Must precede any import of triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from tiny import make_tiny_model

@@ -1,6 +1,5 @@
 """landmark_attention: naive loops == torch reference == Triton kernel (interpreted on CPU)."""
 
-import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -33,14 +32,6 @@ def assert_close(actual, expected, atol, rtol, name="output"):
         )
 
 
-def _interpreted(module):
-    """Kernels decorated before TRITON_INTERPRET was set (another test imported them) would
-    try to compile for a GPU: re-import the module so they run in the interpreter."""
-    if la.HAVE_TRITON and type(module._fwd_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)
-    return module
-
-
 def _fix_interpreter_bf16_dot():
     """The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584);
     upcast the operands as the GPU's tensor cores effectively do."""
@@ -53,16 +44,23 @@ def _fix_interpreter_bf16_dot():
     original = builder.create_dot
 
     def create_dot(self, a, b, *args):
-        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x
+                for x in (a, b))
         return original(self, a, b, *args)
 
     create_dot.bf16_fixed = True
     builder.create_dot = create_dot
 
 
-needs_triton = pytest.mark.skipif(not la.HAVE_TRITON, reason="triton is not installed")
-if la.HAVE_TRITON:
-    la = _interpreted(la)
+# Triton decides at import whether it interprets; if another test module imported it
+# first, the kernels would need a GPU: set TRITON_INTERPRET=1 in the environment.
+INTERPRETED = type(la._fwd_kernel).__name__ == "InterpretedFunction"
+needs_triton = pytest.mark.skipif(
+    not INTERPRETED,
+    reason="triton is not installed" if not la.HAVE_TRITON else
+    "triton was imported before TRITON_INTERPRET=1 was set: run pytest with TRITON_INTERPRET=1",
+)
+if INTERPRETED:
     _fix_interpreter_bf16_dot()
 
 
@@ -196,7 +194,8 @@ def shared_bytes(fn, cfg, types):
 
 out = {}
 # the largest tiles (D=128, 128-token blocks); fp32 backward compiles slowly, so only bf16
-for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")),
+for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel",
+                                               "_bwd_dkdv_kernel")),
                        (torch.float32, "fp32", ("_fwd_kernel",))):
     types = {n: "*" + ty for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     types.update(LSE="*fp32", DELTA="*fp32", IS_LM="*i8", BLK="*i32", STARTS="*i32",
@@ -226,7 +225,7 @@ def compile_for_sm90(code):
 H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100
 
 
-@needs_triton
+@pytest.mark.skipif(not la.HAVE_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_h100():
     pytest.importorskip("triton.backends.nvidia")
     shared = compile_for_sm90(SM90_COMPILE)

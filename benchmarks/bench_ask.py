@@ -1,0 +1,134 @@
+"""Speed and memory of `landmark ask` on the default model, against transformers in-process.
+
+    python benchmarks/bench_ask.py [--long 32k] [--short 4k] [--runs 3] [--json out.json]
+
+Reports (medians of --runs where repeated):
+  - reading (indexing) tokens/s at the short and long length, and a plain transformers
+    forward pass over the same short document (ratio);
+  - ask latency (question + 32 answer tokens) on the cached short vs long document (ratio;
+    target <= 1.3);
+  - answer tokens/s while generating, beside transformers' own `generate`;
+  - peak RSS and KV bytes on disk per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from landmark_cli.engine import Engine, Session, Settings  # noqa: E402
+from landmark_cli.models import load_model, resolve_dir  # noqa: E402
+from landmark_cli.passkey import parse_length  # noqa: E402
+from landmark_cli.prompts import ask_prompt  # noqa: E402
+
+QUESTION = "Which company bought the Lantern Bay Ferry Company in 1998?"
+NEW_TOKENS = 32
+
+
+def corpus() -> str:
+    parts = [(ROOT / "examples" / "lantern_bay.md").read_text()]
+    parts += [p.read_text() for p in sorted((ROOT / "examples" / "essays").glob("*.md"))]
+    return "\n\n".join(parts)
+
+
+def first_tokens(tokenizer, text: str, n: int) -> str:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    while len(enc["input_ids"]) < n:  # repeat the corpus for lengths beyond it
+        text = text + "\n\n" + text
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text[: enc["offset_mapping"][n - 1][1]]
+
+
+def timed(fn, runs: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def decode_rate(eng: Engine, entry, suffix: list[int]) -> float:
+    """Answer tokens/s of our decoder: NEW_TOKENS steps after the question, no early stop."""
+    sess = Session(eng, entry, capacity=len(suffix) + NEW_TOKENS)
+    logits = sess.step(torch.tensor(suffix))
+    t0 = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        logits = sess.step(logits.argmax().view(1))
+    return NEW_TOKENS / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short", default="4k")
+    ap.add_argument("--long", default="32k")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lm = load_model("default")
+    tok = lm.tokenizer
+    settings = Settings()
+    root = Path(tempfile.mkdtemp(prefix="landmark-bench-"))
+    eng = Engine(lm, settings, root=root)
+    text = corpus()
+    res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                 "settings": vars(settings) if hasattr(settings, "__dict__") else str(settings)}
+
+    entries = {}
+    for name in ("short", "long"):
+        n = parse_length(getattr(args, name))
+        p = ask_prompt(tok, first_tokens(tok, text, n), QUESTION)
+        t0 = time.perf_counter()
+        entry, _ = eng.read(p.ids, p.spans)
+        dt = time.perf_counter() - t0
+        entries[name] = (entry, p)
+        res[f"read_{name}"] = {"tokens": len(p.ids), "seconds": round(dt, 2), "tok_s": round(len(p.ids) / dt, 1)}
+        print(f"read {name}: {len(p.ids)} tokens in {dt:.1f}s = {len(p.ids) / dt:.0f} tok/s", flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_dir("default"), dtype=torch.float32).eval()
+    short_ids = torch.tensor(entries["short"][1].ids)[None]
+    with torch.inference_mode():
+        hf_s, _ = timed(lambda: hf(short_ids, use_cache=False, logits_to_keep=1), args.runs)
+    res["transformers_forward_short_tok_s"] = round(short_ids.shape[1] / hf_s, 1)
+    res["read_vs_transformers_short"] = round(res["read_short"]["tok_s"] / res["transformers_forward_short_tok_s"], 2)
+    print(f"transformers forward over the short document: {short_ids.shape[1] / hf_s:.0f} tok/s", flush=True)
+
+    for name, (entry, p) in entries.items():
+        sec, _ = timed(lambda: eng.answer(entry, p.suffix, max_new_tokens=NEW_TOKENS), args.runs)
+        res[f"ask_{name}_s"] = round(sec, 3)
+        print(f"ask on cached {name} ({entry.n_tokens} tokens): {sec:.2f}s", flush=True)
+    res["ask_long_over_short"] = round(res["ask_long_s"] / res["ask_short_s"], 3)
+
+    entry, p = entries["long"]
+    rates = [decode_rate(eng, entry, p.suffix) for _ in range(args.runs)]
+    res["answer_tok_s"] = round(statistics.median(rates), 1)
+    prompt = torch.tensor(p.suffix)[None]
+    with torch.inference_mode():
+        hf.generate(prompt, max_new_tokens=4, do_sample=False)
+        gen_s, _ = timed(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                             do_sample=False), args.runs)
+    res["transformers_generate_tok_s"] = round(NEW_TOKENS / gen_s, 1)
+    res["kv_bytes_per_token"] = round(entry.nbytes() / entry.n_tokens)
+    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

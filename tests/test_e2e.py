@@ -1,0 +1,61 @@
+"""End-to-end on the real default model (SmolLM2-135M-Instruct) and real text. Slow: a few minutes."""
+
+import json
+import sys
+
+import pytest
+
+from landmark_cli import passkey
+from landmark_cli.cli import main
+from landmark_cli.engine import Engine, Settings
+from landmark_cli.prompts import raw_prompt
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("landmark-home")
+
+
+@pytest.fixture(scope="module")
+def default_model(home):
+    from landmark_cli.models import load_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LANDMARK_HOME", str(home))
+    try:
+        yield load_model("default")
+    finally:
+        mp.undo()
+
+
+def test_passkey_at_four_times_the_context(default_model, tmp_path):
+    """The paper's passkey prompt at 32k tokens (4x SmolLM2's 8k context) is answered correctly."""
+    case = passkey.build_for_tokens(default_model.tokenizer, 32 * 1024, seed=7)
+    p = raw_prompt(default_model.tokenizer, "", case.document, case.question)
+    assert len(p.ids) > 4 * default_model.model.cfg.context * 0.99
+    eng = Engine(default_model, Settings(), root=tmp_path)
+    entry, cached = eng.read(p.ids, p.spans)
+    ans = eng.answer(entry, p.suffix, max_new_tokens=8)
+    assert passkey.parse_answer(ans.text) == case.passkey, ans.text
+    assert ans.retrieved_per_step < 2048  # fixed cost per step, far below the document
+
+
+def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsys):
+    """`landmark ask` on the 77-page example PDF: right answer, right page; the second ask reads nothing."""
+    monkeypatch.setenv("LANDMARK_HOME", str(home))
+    q = "Which company bought the Lantern Bay Ferry Company in 1998?"
+    results = []
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", ["landmark", "ask", "examples/lantern_bay.pdf", q, "--json",
+                                          "--max-tokens", "24"])
+        main()
+        results.append(json.loads(capsys.readouterr().out))
+    first, second = results
+    assert "northshore" in first["answer"].lower()
+    assert first["cached"] is False and second["cached"] is True
+    assert second["timings"]["index_s"] < first["timings"]["index_s"] / 10
+    assert first["tokens"]["document"] > 20000
+    pages = {s["page"] for s in first["sources"]}
+    assert pages and all(isinstance(p, int) for p in pages)
