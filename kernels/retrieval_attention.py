@@ -27,6 +27,7 @@ one entry of logit g = q.landmark. A second small kernel merges the splits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.rope import apply_rope
 
@@ -64,27 +65,35 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     dev = q.device
     qf = q.float().reshape(hkv, hq // hkv * t, d)  # [Hkv, G*T, D], rows (g, t)
 
-    s_dense = qf @ k_dense.float().transpose(1, 2) * scale  # [Hkv, G*T, L]
-    visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
-    s_dense = s_dense.masked_fill(~visible.repeat(hq // hkv, 1), float("-inf"))
-
     pos = ret_pos0 + torch.arange(kb * bsz, device=cos.device)
     k_ret = _gather(k_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
     k_ret = apply_rope(k_ret, cos[pos].to(dev).float(), sin[pos].to(dev).float())
     v_ret = _gather(v_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
-    s_ret = qf @ k_ret.transpose(1, 2) * scale  # [Hkv, G*T, K*B]
+    visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
 
-    if landmark_keys is None:
-        p = torch.softmax(torch.cat([s_ret, s_dense], dim=-1), dim=-1)
-        out = p[..., : kb * bsz] @ v_ret + p[..., kb * bsz :] @ v_dense.float()
-    else:
-        lm_pos = pos.view(kb, bsz)[:, -1]
-        k_lm = _gather(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]
-        k_lm = apply_rope(k_lm, cos[lm_pos].to(dev).float(), sin[lm_pos].to(dev).float())
-        s_lm = qf @ k_lm.transpose(1, 2) * scale  # [Hkv, G*T, K]
-        p = torch.softmax(torch.cat([s_lm, s_dense], dim=-1), dim=-1)
-        pi = torch.softmax(s_ret.view(hkv, qf.shape[1], kb, bsz), dim=-1) * p[..., :kb, None]
-        out = p[..., kb:] @ v_dense.float() + pi.flatten(2) @ v_ret
+    if landmark_keys is None:  # one softmax over [retrieved, dense]: PyTorch's fused attention
+        g = hq // hkv
+        k_all = torch.cat([k_ret, k_dense.float()], 1).repeat_interleave(g, 0)  # [Hq, K*B + L, D]
+        v_all = torch.cat([v_ret, v_dense.float()], 1).repeat_interleave(g, 0)
+        bias = None
+        if t > 1:
+            bias = torch.zeros(t, kb * bsz + l, device=dev)
+            bias[:, kb * bsz:].masked_fill_(~visible, float("-inf"))
+        out = F.scaled_dot_product_attention(q.float()[None], k_all[None], v_all[None], attn_mask=bias,
+                                             scale=scale)[0]
+        return out.to(q.dtype)
+
+    s_dense = qf @ k_dense.float().transpose(1, 2) * scale  # [Hkv, G*T, L]
+    s_dense = s_dense.masked_fill(~visible.repeat(hq // hkv, 1), float("-inf"))
+    s_ret = qf @ k_ret.transpose(1, 2) * scale  # [Hkv, G*T, K*B]
+    # grouped softmax (trained landmarks): the outer softmax gates each block's inner one
+    lm_pos = pos.view(kb, bsz)[:, -1]
+    k_lm = _gather(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]
+    k_lm = apply_rope(k_lm, cos[lm_pos].to(dev).float(), sin[lm_pos].to(dev).float())
+    s_lm = qf @ k_lm.transpose(1, 2) * scale  # [Hkv, G*T, K]
+    p = torch.softmax(torch.cat([s_lm, s_dense], dim=-1), dim=-1)
+    pi = torch.softmax(s_ret.view(hkv, qf.shape[1], kb, bsz), dim=-1) * p[..., :kb, None]
+    out = p[..., kb:] @ v_dense.float() + pi.flatten(2) @ v_ret
     return out.reshape(hq, t, d).to(q.dtype)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,12 +42,22 @@ class Settings:
     chunk: int = 512  # document tokens per reading step (rounded down to whole blocks)
     rep: str = "mean"  # block representative: mean | minmax
     kv_dtype: str = "float16"  # KV store precision on disk
+    # answering only (not part of the store key):
+    select: str = "layer"  # "layer": top-k per layer and KV head; "shared": one selection for all layers
+    band: tuple[float, float] = (0.45, 0.75)  # layers (fractions of depth) whose scores make the shared selection
+    answer_window: int | None = None  # local window while answering (None: same as `window`)
 
     def __post_init__(self):
         if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
             raise ValueError("block must be >= 1; top_k, sink and window >= 0")
         if self.rep not in N_REPS:
             raise ValueError(f"unknown representative {self.rep!r}; choose from {sorted(N_REPS)}")
+        if self.select not in ("layer", "shared"):
+            raise ValueError(f"unknown selection {self.select!r}; choose layer or shared")
+
+    def reading(self) -> dict:
+        """The settings that shape the stored KV (the store key)."""
+        return {k: getattr(self, k) for k in ("block", "top_k", "sink", "window", "chunk", "rep", "kv_dtype")}
 
     @property
     def sink_tokens(self) -> int:
@@ -99,7 +109,7 @@ class Engine:
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
         digest = store.entry_key({"ids": store._digest(np.asarray(ids, dtype=np.int32))})
-        return store.entry_key({"model": self.lm.fingerprint, "settings": asdict(self.s), "ids": digest})
+        return store.entry_key({"model": self.lm.fingerprint, "settings": self.s.reading(), "ids": digest})
 
     def lookup(self, ids: list[int]) -> store.Entry | None:
         """The valid cached entry for this token stream, or None (a corrupt one is removed)."""
@@ -126,7 +136,7 @@ class Engine:
         nb = -(-n // s.block)
         shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
                      head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
-        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "settings": asdict(s)},
+        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "settings": s.reading()},
                          kv_dtype=s.kv_dtype)
         try:
             w.ids[:] = ids
@@ -221,7 +231,12 @@ class Session:
     Per layer, a dense buffer holds the RoPE'd keys and values of the sink, the local
     window (the end of the document) and every token since, at fixed positions: the
     retrieved blocks always occupy positions [sink, sink + k*block), so nothing already
-    in the buffer ever moves."""
+    in the buffer ever moves.
+
+    With `select="shared"` the question is run twice: once with per-layer selection up to
+    the last layer of the band, whose block scores (softmax-normalised per query, averaged
+    over queries, KV heads and band layers) choose one set of k blocks; then through all
+    layers with that set, which the answer keeps to its end."""
 
     def __init__(self, engine: Engine, entry: store.Entry, capacity: int):
         self.e, self.entry = engine, entry
@@ -229,10 +244,13 @@ class Session:
         B, n = s.block, entry.n_tokens
         self.kv = _as_torch(entry.kv)
         self.reps = torch.from_numpy(entry.reps)
+        window = s.window_tokens if s.answer_window is None else s.answer_window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
-        win0 = max(self.sink_end, (n - s.window_tokens) // B * B)
+        win0 = max(self.sink_end, (n - window) // B * B)
         self.cand = slice(self.sink_end // B, win0 // B)
         self.k = min(s.top_k, self.cand.stop - self.cand.start)
+        lo, hi = (round(f * c.n_layers) for f in s.band)
+        self.band = range(lo, max(hi, lo + 1))
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
         self.n_dense = self.sink_end + (n - win0)
         self.next_pos = self.sink_end + self.k * B + (n - win0)
@@ -245,33 +263,57 @@ class Session:
             d = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
             self.dense[layer, 0, :, :self.n_dense] = apply_rope(d[0], cos, sin)
             self.dense[layer, 1, :, :self.n_dense] = d[1]
-        self.votes = torch.zeros(entry.kv.shape[3])
+        self.question_scores: list[torch.Tensor] = []  # per layer [Hkv, n_candidates], first step
+        self.shared: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
         self.steps = 0
+
+    def _per_layer(self, record: list | None):
+        def choose(layer: int, q: torch.Tensor) -> torch.Tensor:
+            c = self.e.cfg
+            scores = block_scores(q, self.reps[layer, :, self.cand], self.e.s.rep, c.n_kv_heads)
+            if record is not None:
+                record.append(scores)
+            return top_blocks(scores, self.k) + self.cand.start
+        return choose
+
+    def _layers(self, x, cos, sin, a: int, choose, stop: int | None = None) -> torch.Tensor:
+        """Run hidden states x [T, dim] (positions given by cos/sin) through layers [0, stop)."""
+        c, m = self.e.cfg, self.e.m
+        b = a + x.shape[0]
+        for layer in range(c.n_layers if stop is None else stop):
+            q, k, v = m.qkv(layer, x)
+            self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
+            self.dense[layer, 1, :, a:b] = v
+            att = retrieval_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
+                                      self.dense[layer, 1, :, :b], self.kv[layer, 0], self.kv[layer, 1],
+                                      choose(layer, q), self.ret_cos, self.ret_sin, self.sink_end)
+            x = m.finish(layer, x, att)
+        return x
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed tokens ids [T]; return the logits after the last one [vocab]."""
-        e, s, c, m = self.e, self.e.s, self.e.cfg, self.e.m
-        T, a, b = ids.shape[0], self.n_dense, self.n_dense + ids.shape[0]
+        s, c, m = self.e.s, self.e.cfg, self.e.m
+        T, a = ids.shape[0], self.n_dense
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
         x = m.embed(ids)
-        for layer in range(c.n_layers):
-            q, k, v = m.qkv(layer, x)
-            self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
-            self.dense[layer, 1, :, a:b] = v
-            scores = block_scores(q, self.reps[layer, :, self.cand], s.rep, c.n_kv_heads)
-            if self.steps == 0:
-                self.votes[self.cand] += scores.mean(0)
-            sel = top_blocks(scores, self.k) + self.cand.start
-            att = retrieval_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b], self.dense[layer, 1, :, :b],
-                                      self.kv[layer, 0], self.kv[layer, 1], sel, self.ret_cos, self.ret_sin,
-                                      self.sink_end)
-            x = m.finish(layer, x, att)
-        self.n_dense, self.next_pos, self.steps = b, self.next_pos + T, self.steps + 1
+        if s.select == "shared" and self.shared is None and self.k > 0:
+            scores: list[torch.Tensor] = []
+            self._layers(x, cos, sin, a, self._per_layer(scores), stop=self.band.stop)
+            self.question_scores = scores[self.band.start:]
+            votes = torch.stack(self.question_scores).mean((0, 1))[None]  # [1, n_candidates]
+            self.shared = (top_blocks(votes, self.k) + self.cand.start).expand(c.n_kv_heads, -1)
+        if self.shared is not None:
+            x = self._layers(x, cos, sin, a, lambda layer, q: self.shared)
+        else:
+            x = self._layers(x, cos, sin, a, self._per_layer(self.question_scores if self.steps == 0 else None))
+        self.n_dense, self.next_pos, self.steps = a + T, self.next_pos + T, self.steps + 1
         return m.logits(x[-1:])[0]
 
     def sources(self, n: int) -> list[tuple[int, float]]:
-        """The blocks the first step (the question) attended most, summed over layers and heads."""
-        k = min(n, int((self.votes > 0).sum()))
-        best = self.votes.topk(k)
-        return [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+        """The blocks the question scored highest (over the layers that made the selection)."""
+        if not self.question_scores or self.question_scores[0].shape[1] == 0:
+            return []
+        votes = torch.stack(self.question_scores).mean((0, 1))  # [n_candidates]
+        best = votes.topk(min(n, votes.shape[0]))
+        return [(int(i) + self.cand.start, float(v)) for v, i in zip(best.values, best.indices)]

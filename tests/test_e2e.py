@@ -59,3 +59,17 @@ def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsy
     assert first["tokens"]["document"] > 20000
     pages = {s["page"] for s in first["sources"]}
     assert pages and all(isinstance(p, int) for p in pages)
+
+
+def test_forward_matches_transformers_on_the_default_model(default_model):
+    """Our compact forward vs transformers' forward on the converted default model (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from landmark_cli.models import resolve_dir
+
+    ref = AutoModelForCausalLM.from_pretrained(resolve_dir("default"), dtype=torch.float32).eval()
+    ids = torch.tensor(default_model.tokenizer("The Lantern Bay Ferry Company was founded in")["input_ids"])
+    with torch.inference_mode():
+        diff = (default_model.model.forward(ids) - ref(ids[None]).logits[0]).abs().max().item()
+    assert diff < 1e-3

@@ -13,12 +13,13 @@ def _ids(n, vocab, seed=0):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_covering_k_equals_full_attention(tiny, tmp_path):
+@pytest.mark.parametrize("select", ["layer", "shared"])
+def test_covering_k_equals_full_attention(tiny, tmp_path, select):
     """k covering every block + a document inside the context => same logits as full causal attention."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
     doc, suffix = ids[:170], ids[170:]
-    eng = Engine(tiny, Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"),
-                 root=tmp_path / "store")
+    eng = Engine(tiny, Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32",
+                                select=select), root=tmp_path / "store")
     entry, cached = eng.read(doc)
     assert not cached
     sess = Session(eng, entry, capacity=64)
@@ -37,11 +38,12 @@ def test_covering_k_equals_full_attention(tiny, tmp_path):
         assert (got - full[-1]).abs().max().item() < 1e-4
 
 
-def test_small_k_differs_from_full_attention(tiny, tmp_path):
+@pytest.mark.parametrize("select", ["layer", "shared"])
+def test_small_k_differs_from_full_attention(tiny, tmp_path, select):
     """Sanity check of the test above: with few retrieved blocks the result is not full attention."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
-    eng = Engine(tiny, Settings(block=8, top_k=1, sink=8, window=16, chunk=32, kv_dtype="float32"),
-                 root=tmp_path / "store")
+    eng = Engine(tiny, Settings(block=8, top_k=1, sink=8, window=16, chunk=32, kv_dtype="float32",
+                                select=select), root=tmp_path / "store")
     entry, _ = eng.read(ids[:170])
     got = Session(eng, entry, capacity=64).step(torch.tensor(ids[170:]))
     with torch.inference_mode():
@@ -105,3 +107,25 @@ def test_interrupted_read_leaves_no_valid_entry(tiny, tmp_path, monkeypatch):
 def test_settings_must_fit_the_context(tiny):
     with pytest.raises(LandmarkError, match="context"):
         Engine(tiny, Settings(block=64, top_k=64, window=1024, chunk=512))
+
+
+def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
+    ids = _ids(400, tiny.model.cfg.vocab_size, seed=6)
+    eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=16, chunk=32, select="shared"),
+                 root=tmp_path / "store")
+    entry, _ = eng.read(ids[:380])
+    sess = Session(eng, entry, capacity=8)
+    sess.step(torch.tensor(ids[380:]))
+    assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
+    assert (sess.shared == sess.shared[0]).all()
+    assert sess.cand.start <= int(sess.shared.min()) and int(sess.shared.max()) < sess.cand.stop
+    assert {b for b, _ in sess.sources(3)} == set(sess.shared[0].tolist())  # cited = selected
+
+
+def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
+    ids = _ids(100, tiny.model.cfg.vocab_size, seed=7)
+    base = Settings(block=8, top_k=2, sink=8, window=16, chunk=32)
+    same = Settings(block=8, top_k=2, sink=8, window=16, chunk=32, select="shared", answer_window=8)
+    other = Settings(block=8, top_k=3, sink=8, window=16, chunk=32)
+    key = lambda s: Engine(tiny, s, root=tmp_path).key(ids)
+    assert key(base) == key(same) != key(other)
