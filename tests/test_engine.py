@@ -114,7 +114,7 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=16, chunk=32, select="shared"),
                  root=tmp_path / "store")
     entry, _ = eng.read(ids[:380])
-    sess = Session(eng, entry, capacity=8)
+    sess = Session(eng, entry, capacity=32)
     sess.step(torch.tensor(ids[380:]))
     assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
     assert (sess.shared == sess.shared[0]).all()
