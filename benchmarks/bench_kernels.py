@@ -10,10 +10,13 @@ table. Needs a CUDA GPU and triton.
       every 64th token, vs SDPA flash (is_causal) on the same shape; both are credited
       with causal attention FLOPs (fwd 2*2*T*T/2*D per head, bwd 2.5x that);
   (c) retrieval_attention decode, T=1 and 16 queries, Hq=32, Hkv=8, D=128, fp16, a store
-      of 1M tokens (blocks of 64), K=16 blocks per kv head, 1024 dense tokens: the bytes
-      it must read (selected blocks + dense K/V + q) over its time, against the copy
-      ceiling, and against SDPA over a pre-gathered K/V holding the same bytes. L2 is
-      flushed before every decode call, so these are HBM numbers.
+      of 1M tokens (blocks of 64), K=16 blocks per kv head + 1024 dense tokens (~8 MB, near
+      launch latency) and K=64 + 4096 (~33 MB, bandwidth-bound): the bytes it must move
+      (selected blocks, dense K/V, q, output, block_idx, the cos/sin rows it reads, landmark
+      keys when grouped) over its time, against the copy ceiling, and against SDPA over a
+      pre-gathered K/V holding the same K/V bytes. L2 is flushed before every decode call,
+      so these are HBM numbers. --sweep also times other launch settings of both kernels,
+      skipping those that run out of resources.
 """
 
 from __future__ import annotations
@@ -181,57 +184,92 @@ def sweep_landmark(rows, q, k, v, is_lm, dout, fwd_flops):
 # ----------------------------------------------------------------------------- (c) retrieval
 
 
-def bench_retrieval(rows, copy_gbps, hq=32, hkv=8, d=128, n_tokens=1 << 20, b=64, kb=16,
-                    l=1024, sweep=False):
+def bench_retrieval(rows, copy_gbps, hq=32, hkv=8, d=128, n_tokens=1 << 20, b=64,
+                    problems=((16, 1024), (64, 4096)), sweep=False):
+    """Decode over `problems` of (K retrieved blocks per kv head, L dense tokens)."""
     gen = torch.Generator(device=DEV).manual_seed(2)
     dt = torch.float16
     n = n_tokens // b
     k_store, v_store = (torch.randn(hkv, n, b, d, device=DEV, dtype=dt, generator=gen)
                         for _ in range(2))
     lm_keys = torch.randn(hkv, n, d, device=DEV, dtype=dt, generator=gen)
-    idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:kb] for _ in range(hkv)])
-    ret_pos0 = 64
-    cos, sin = rope_tables(ret_pos0 + kb * b + l, d, 10000.0, torch.float32, DEV)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
-    for t in (1, 16):
-        q = torch.randn(hq, t, d, device=DEV, dtype=dt, generator=gen)
-        kd, vd = (torch.randn(hkv, l, d, device=DEV, dtype=dt, generator=gen) for _ in range(2))
-        args = (q, kd, vd, k_store, v_store, idx, cos, sin, ret_pos0)
-        for grouped in (False, True):
-            lmk = lm_keys if grouped else None
-            want = ra.retrieval_attention_reference(*args, landmark_keys=lmk)
-            got = ra.retrieval_attention(*args, landmark_keys=lmk, impl="triton")
-            check(f"retrieval_attention T={t} grouped={grouped}", got, want, 4e-3)
-        # bytes that must be read: selected K/V blocks, dense K/V, q (+ landmark keys)
-        nbytes = (2 * hkv * kb * b * d + 2 * hkv * l * d + hq * t * d) * dt.itemsize
-        # SDPA over a pre-gathered K/V of the same bytes (no mask: an upper bound on speed)
-        kg = torch.cat([k_store[0, :kb].reshape(1, -1, d).expand(hkv, -1, -1), kd], 1)[None]
-        vg = torch.cat([v_store[0, :kb].reshape(1, -1, d).expand(hkv, -1, -1), vd], 1)[None]
-        kg, vg = kg.contiguous(), vg.contiguous()
-        ms_sdpa = timed(lambda: F.scaled_dot_product_attention(q[None], kg, vg, enable_gqa=True),
-                        reps=50, flush=flush)
-        rows.append(dict(name=f"SDPA on pre-gathered K/V, T={t}", ms=ms_sdpa,
-                         gbps=nbytes / ms_sdpa / 1e6, of_peak=nbytes / ms_sdpa / 1e6 / copy_gbps))
-        for name, fn in (
-            ("retrieval_attention", lambda: ra.retrieval_attention(*args, impl="triton")),
-            ("retrieval_attention grouped", lambda: ra.retrieval_attention(
-                *args, landmark_keys=lm_keys, impl="triton")),
-            ("torch reference (gather + matmul)", lambda: ra.retrieval_attention_reference(*args)),
-        ):
-            ms = timed(fn, reps=50, flush=flush)
-            rows.append(dict(name=f"{name}, T={t} Hq={hq} Hkv={hkv} K={kb}x{b} L={l} fp16",
-                             ms=ms, gbps=nbytes / ms / 1e6, of_peak=nbytes / ms / 1e6 / copy_gbps,
-                             vs_sdpa=ms_sdpa / ms))
-        if sweep:
+    ret_pos0 = 64
+    for kb, l in problems:
+        idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:kb] for _ in range(hkv)])
+        cos, sin = rope_tables(ret_pos0 + kb * b + l, d, 10000.0, torch.float32, DEV)
+        for t in (1, 16):
+            bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, idx, cos,
+                                sin, ret_pos0, hq, t, l, sweep)
+
+
+def bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, idx, cos, sin,
+                        ret_pos0, hq, t, l, sweep):
+    hkv, _, b, d = k_store.shape
+    kb, dt = idx.shape[1], k_store.dtype
+    q = torch.randn(hq, t, d, device=DEV, dtype=dt, generator=gen)
+    kd, vd = (torch.randn(hkv, l, d, device=DEV, dtype=dt, generator=gen) for _ in range(2))
+    args = (q, kd, vd, k_store, v_store, idx, cos, sin, ret_pos0)
+    for grouped in (False, True):
+        lmk = lm_keys if grouped else None
+        want = ra.retrieval_attention_reference(*args, landmark_keys=lmk)
+        got = ra.retrieval_attention(*args, landmark_keys=lmk, impl="triton")
+        check(f"retrieval_attention K={kb} L={l} T={t} grouped={grouped}", got, want, 4e-3)
+    # bytes that must move: selected K/V blocks, dense K/V, q, the output, block_idx and the
+    # cos/sin rows of the retrieved positions (first halves, float32); grouped mode adds the
+    # selected landmark keys. Split partials (in L2) are not counted.
+    nbytes = ((2 * hkv * kb * b * d + 2 * hkv * l * d + 2 * hq * t * d) * dt.itemsize
+              + idx.numel() * 8 + 2 * kb * b * (d // 2) * 4)
+    lm_bytes = hkv * kb * d * dt.itemsize
+    # SDPA over a pre-gathered K/V of the same K/V bytes (no mask: an upper bound on speed)
+    kg = torch.cat([k_store[0, :kb].reshape(1, -1, d).expand(hkv, -1, -1), kd], 1)[None]
+    vg = torch.cat([v_store[0, :kb].reshape(1, -1, d).expand(hkv, -1, -1), vd], 1)[None]
+    kg, vg = kg.contiguous(), vg.contiguous()
+    sdpa_bytes = (kg.numel() + vg.numel() + 2 * q.numel()) * dt.itemsize
+    ms_sdpa = timed(lambda: F.scaled_dot_product_attention(q[None], kg, vg, enable_gqa=True),
+                    reps=50, flush=flush)
+    rows.append(dict(name=f"SDPA on pre-gathered K/V, K={kb} L={l} T={t}", ms=ms_sdpa,
+                     gbps=sdpa_bytes / ms_sdpa / 1e6,
+                     of_peak=sdpa_bytes / ms_sdpa / 1e6 / copy_gbps))
+    shape = f"T={t} Hq={hq} Hkv={hkv} K={kb}x{b} L={l} fp16"
+    for name, fn, nb in (
+        ("retrieval_attention", lambda: ra.retrieval_attention(*args, impl="triton"), nbytes),
+        ("retrieval_attention grouped", lambda: ra.retrieval_attention(
+            *args, landmark_keys=lm_keys, impl="triton"), nbytes + lm_bytes),
+        ("torch reference (gather + SDPA)", lambda: ra.retrieval_attention_reference(*args),
+         nbytes),
+    ):
+        ms = timed(fn, reps=50, flush=flush)
+        rows.append(dict(name=f"{name}, {shape}", ms=ms, gbps=nb / ms / 1e6,
+                         of_peak=nb / ms / 1e6 / copy_gbps, vs_sdpa=ms_sdpa / ms))
+    if sweep:
+        sweep_retrieval(rows, args, lm_keys, flush, nbytes, f"K={kb} L={l} T={t}")
+
+
+def sweep_retrieval(rows, args, lm_keys, flush, nbytes, label):
+    """Time other launch settings; skip those the GPU cannot run (out of shared memory...)."""
+    from triton.runtime.errors import OutOfResources
+
+    saved = dict(ra.TUNING)
+    for grouped in (False, True):
+        lmk = lm_keys if grouped else None
+        for block_n in (32, 64) if not grouped else (64,):
             for warps in (2, 4, 8):
                 for stages in (1, 2, 3):
-                    for waves in (1, 2, 4):
-                        ra.TUNING.update(num_warps=warps, num_stages=stages, waves=waves)
-                        ms = timed(lambda: ra.retrieval_attention(*args, impl="triton"), reps=50,
-                                   flush=flush)
-                        rows.append(dict(name=f"sweep retrieval T={t} {dict(ra.TUNING)}", ms=ms,
+                    for waves in (1, 2, 4, 8):
+                        ra.TUNING.update(num_warps=warps, num_stages=stages, waves=waves,
+                                         BLOCK_N=block_n)
+                        cfg = f"grouped={grouped} {dict(ra.TUNING)}"
+                        try:
+                            ms = timed(lambda: ra.retrieval_attention(
+                                *args, landmark_keys=lmk, impl="triton"), reps=20, flush=flush)
+                        except OutOfResources as exc:
+                            print(f"sweep retrieval {label} {cfg}: skipped, {exc}", file=sys.stderr)
+                            continue
+                        rows.append(dict(name=f"sweep retrieval {label} {cfg}", ms=ms,
                                          gbps=nbytes / ms / 1e6))
-            ra.TUNING.update(num_warps=4, num_stages=2, waves=2)
+    ra.TUNING.clear()
+    ra.TUNING.update(saved)
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,7 +300,8 @@ def main():
     rows = []
     peak_tflops, copy_gbps = ceilings(rows)
     bench_landmark(rows, peak_tflops, t=2048 if args.quick else 8192, sweep=args.sweep)
-    bench_retrieval(rows, copy_gbps, n_tokens=1 << (16 if args.quick else 20), sweep=args.sweep)
+    bench_retrieval(rows, copy_gbps, n_tokens=1 << (16 if args.quick else 20), sweep=args.sweep,
+                    problems=((16, 1024),) if args.quick else ((16, 1024), (64, 4096)))
     import triton
 
     device = torch.cuda.get_device_name()

@@ -205,6 +205,20 @@ def test_triton_split_counts(n_splits):
 
 @needs_triton
 @pytest.mark.parametrize("grouped", [False, True])
+def test_triton_head_dim_64_strided_dense(grouped):
+    """D=64 (tensor-core dots on the rotated halves) with k_dense/v_dense strided views of
+    a longer buffer, as the engine passes them (read in place, not copied)."""
+    args = make(3, 2, 20, 3, d=64, l=40, grouped=grouped)
+    buf = torch.randn(2, 2, 50, 64)
+    buf[0, :, :40], buf[1, :, :40] = args["k_dense"], args["v_dense"]
+    want = ra.retrieval_attention_reference(**args)
+    args.update(k_dense=buf[0, :, :40], v_dense=buf[1, :, :40])
+    assert not args["k_dense"].is_contiguous()
+    assert_close(ra.retrieval_attention(**args, impl="triton"), want, *TOLS[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype, grouped):
     args = make(5, 3, 7, 2, dtype=dtype, store_dtype=torch.float16, grouped=grouped)
@@ -235,14 +249,15 @@ def shared_bytes(fn, consts, types, **opts):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
 
 types = {n: "*fp16" for n in ("Q", "KD", "VD", "KS", "VS", "LMK", "O")}
-types.update(IDX="*i64", COS="*fp32", SIN="*fp32", ACC="*fp32", M="*fp32", L="*fp32",
-             sm_scale="fp32")
-opts = {n: ra.TUNING[n] for n in ("num_warps", "num_stages")}
+types.update(IDX="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", LSE="*fp32", sm_scale="fp32")
 out = {}
-for grouped in (False, True):
-    consts = dict(D=128, BLOCK_M=64, BLOCK_N=64, GROUPED=grouped, PREC="tf32")
+# the largest tiles the host picks for D=128: 64 query rows (8 warps), 64-key grouped tiles
+for grouped, block_n in ((False, ra.TUNING["BLOCK_N"]), (True, max(64, ra.TUNING["BLOCK_N"]))):
+    consts = dict(D=128, BLOCK_M=64, BLOCK_N=block_n, ONE_TILE=True, GROUPED=grouped,
+                  PREC="tf32")
+    opts = dict(num_warps=ra.TUNING["num_warps"] or 8, num_stages=ra.TUNING["num_stages"])
     out[f"retrieval-grouped={grouped}"] = shared_bytes(ra._retrieval_kernel, consts, types, **opts)
-out["combine"] = shared_bytes(ra._combine_kernel, dict(D=128, SPLITS=64), types)
+out["combine"] = shared_bytes(ra._combine_kernel, dict(D=128, CHUNK=32), types)
 print(json.dumps(out))
 """
 
