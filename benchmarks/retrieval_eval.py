@@ -109,7 +109,7 @@ def run_needles(args, lm, settings):
             entry, _ = eng.read(p.ids, p.spans)
             for mode in modes:
                 eng.s = replace(settings, select=mode)
-                ans = eng.answer(entry, p.suffix, max_new_tokens=24, stop_ids=lm.stop_ids())
+                ans = eng.answer(entry, p.suffix, max_new_tokens=24, stop_ids=lm.stop_ids(), focus=p.focus)
                 row[mode] = ans.text.strip()
                 row[f"{mode}_ok"] = key in ans.text.lower()
             if full:

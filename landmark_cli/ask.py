@@ -100,7 +100,7 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
             on_token(text[len(shown):])
             shown = text
 
-    ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream)
+    ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream, focus=prompt.focus)
     if on_token and len(ans.text) > len(shown):
         on_token(ans.text[len(shown):])
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,

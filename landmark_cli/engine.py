@@ -28,7 +28,7 @@ from kernels.rope import apply_rope
 
 from . import store
 from .errors import LandmarkError
-from .landmarks import N_REPS, block_reps, block_scores, top_blocks
+from .landmarks import N_REPS, block_reps, block_scores, exact_block_scores, top_blocks
 from .models import LoadedModel
 from .paths import home
 
@@ -43,8 +43,8 @@ class Settings:
     rep: str = "mean"  # block representative: mean | minmax
     kv_dtype: str = "float16"  # KV store precision on disk
     # answering only (not part of the store key):
-    select: str = "layer"  # "layer": top-k per layer and KV head; "shared": one selection for all layers
-    band: tuple[float, float] = (0.45, 0.75)  # layers (fractions of depth) whose scores make the shared selection
+    select: str = "shared"  # "shared": one selection for all layers, made by the band; "layer": per layer and head
+    band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) that make the shared selection
     answer_window: int | None = None  # local window while answering (None: same as `window`)
 
     def __post_init__(self):
@@ -203,11 +203,13 @@ class Engine:
     @torch.inference_mode()
     def answer(self, entry: store.Entry, suffix: list[int], max_new_tokens: int = 128,
                stop_ids: set[int] = frozenset(), on_token: Callable[[int], None] | None = None,
-               n_sources: int = 3) -> Answer:
-        """Continue the cached stream with `suffix` (question + answer cue) and generate greedily."""
+               n_sources: int = 3, focus: slice | None = None) -> Answer:
+        """Continue the cached stream with `suffix` (question + answer cue) and generate greedily.
+
+        focus: the question's tokens within `suffix` (default: all of it)."""
         t0 = time.perf_counter()
         sess = Session(self, entry, capacity=len(suffix) + max_new_tokens)
-        logits = sess.step(torch.tensor(suffix))
+        logits = sess.step(torch.tensor(suffix), focus)
         first = time.perf_counter() - t0
         out: list[int] = []
         while len(out) < max_new_tokens:
@@ -234,9 +236,12 @@ class Session:
     in the buffer ever moves.
 
     With `select="shared"` the question is run twice: once with per-layer selection up to
-    the last layer of the band, whose block scores (softmax-normalised per query, averaged
-    over queries, KV heads and band layers) choose one set of k blocks; then through all
-    layers with that set, which the answer keeps to its end."""
+    the last layer of the band, where the question's own tokens (`focus`) score every
+    candidate block by its best-matching key (softmax over blocks per query, averaged over
+    queries, KV heads and band layers) to choose one set of k blocks; then through all
+    layers with that set, which the answer keeps to its end. Mean-key landmarks rank a
+    fact planted in natural prose poorly; the exact block maximum at a few middle layers
+    ranks it first (benchmarks/needle_ranks.py)."""
 
     def __init__(self, engine: Engine, entry: store.Entry, capacity: int):
         self.e, self.entry = engine, entry
@@ -290,18 +295,31 @@ class Session:
             x = m.finish(layer, x, att)
         return x
 
+    def _band_scorer(self, focus: slice, out: list):
+        """Per-layer selection that also scores all candidate blocks exactly at band layers."""
+        per_layer = self._per_layer(None)
+
+        def choose(layer: int, q: torch.Tensor) -> torch.Tensor:
+            if layer in self.band:
+                keys = self.kv[layer, 0, :, self.cand]  # [Hkv, N, B, D] view of the memory map
+                out.append(exact_block_scores(q[:, focus], keys, self.e.cfg.n_kv_heads))
+            return per_layer(layer, q)
+        return choose
+
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed tokens ids [T]; return the logits after the last one [vocab]."""
+    def step(self, ids: torch.Tensor, focus: slice | None = None) -> torch.Tensor:
+        """Feed tokens ids [T]; return the logits after the last one [vocab].
+
+        focus: which of these tokens are the question (they make the shared selection)."""
         s, c, m = self.e.s, self.e.cfg, self.e.m
         T, a = ids.shape[0], self.n_dense
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
         x = m.embed(ids)
         if s.select == "shared" and self.shared is None and self.k > 0:
             scores: list[torch.Tensor] = []
-            self._layers(x, cos, sin, a, self._per_layer(scores), stop=self.band.stop)
-            self.question_scores = scores[self.band.start:]
-            votes = torch.stack(self.question_scores).mean((0, 1))[None]  # [1, n_candidates]
+            self._layers(x, cos, sin, a, self._band_scorer(focus or slice(None), scores), stop=self.band.stop)
+            self.question_scores = scores
+            votes = torch.stack(scores).mean((0, 1))[None]  # [1, n_candidates]
             self.shared = (top_blocks(votes, self.k) + self.cand.start).expand(c.n_kv_heads, -1)
         if self.shared is not None:
             x = self._layers(x, cos, sin, a, lambda layer, q: self.shared)

@@ -66,3 +66,18 @@ def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k == scores.shape[1]:
         return torch.arange(k).expand(scores.shape[0], k).contiguous()
     return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+def exact_block_scores(q: torch.Tensor, keys: torch.Tensor, n_kv_heads: int, chunk: int = 1024) -> torch.Tensor:
+    """Block relevance from the blocks' own keys: score(block) = max over its keys of q . k.
+
+    q [H, T, D] pre-RoPE queries; keys [Hkv, N, B, D] pre-RoPE keys (e.g. a memory-mapped
+    layer of the store). Softmax over blocks per query, mean over queries -> [Hkv, N].
+    Reads every key of the layer, so it is used only at a few layers, once per question."""
+    qg = group_queries(q.float(), n_kv_heads) * q.shape[-1] ** -0.5  # [Hkv, M, D]
+    n = keys.shape[1]
+    if n == 0:
+        return qg.new_zeros(n_kv_heads, 0)
+    best = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].float()).amax(-1)
+                      for i in range(0, n, chunk)], -1)  # [Hkv, M, N]
+    return best.softmax(-1).mean(1)

@@ -7,7 +7,7 @@ after. Chat models get their own chat template, split at a sentinel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class Prompt:
     ids: list[int]  # prefix + document tokens: what the KV store holds
     spans: np.ndarray  # [len(ids), 2] character span of each token in the document, -1 for prompt tokens
     suffix: list[int]  # question + answer cue
+    focus: slice = field(default_factory=lambda: slice(None))  # the question's own tokens in `suffix`
 
 
 def _template(tokenizer) -> tuple[str, str, str]:
@@ -55,4 +56,7 @@ def raw_prompt(tokenizer, prefix: str, document: str, suffix: str) -> Prompt:
 
 def ask_prompt(tokenizer, document: str, question: str) -> Prompt:
     before, middle, after = _template(tokenizer)
-    return raw_prompt(tokenizer, before, document, middle + question.strip() + after)
+    p = raw_prompt(tokenizer, before, document, middle + question.strip() + after)
+    start = len(encode(tokenizer, middle))
+    p.focus = slice(start, start + len(encode(tokenizer, question.strip())))
+    return p
