@@ -54,7 +54,7 @@ else:
 
 MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
 LOG2E = 1.4426950408889634
-TUNING = {"fwd": {}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages) to sweep
+TUNING = {"fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages) to sweep
 NEG_INF = float("-inf")
 
 

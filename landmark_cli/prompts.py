@@ -56,7 +56,11 @@ def raw_prompt(tokenizer, prefix: str, document: str, suffix: str) -> Prompt:
 
 def ask_prompt(tokenizer, document: str, question: str) -> Prompt:
     before, middle, after = _template(tokenizer)
-    p = raw_prompt(tokenizer, before, document, middle + question.strip() + after)
-    start = len(encode(tokenizer, middle))
-    p.focus = slice(start, start + len(encode(tokenizer, question.strip())))
+    suffix = middle + question.strip() + after
+    p = raw_prompt(tokenizer, before, document, suffix)
+    q0, q1 = len(middle), len(middle) + len(question.strip())
+    spans = tokenizer(suffix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(spans) if a < q1 and b > q0 and b > a]
+    if inside:
+        p.focus = slice(inside[0], inside[-1] + 1)
     return p
