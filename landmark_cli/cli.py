@@ -26,7 +26,9 @@ BlockOpt = Annotated[int, typer.Option("--block-size", help="tokens per landmark
 WindowOpt = Annotated[int, typer.Option("--window", help="local window: recent tokens always attended")]
 SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always attended")]
 ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per reading step")]
-RepOpt = Annotated[str, typer.Option("--rep", help="block representative: mean | minmax")]
+RepOpt = Annotated[str, typer.Option("--rep", help="block representative while reading: mean | minmax")]
+SelectOpt = Annotated[str, typer.Option("--select", help="answer-time block selection: shared (one set chosen "
+                                        "by a band of middle layers) | layer (per layer and KV head)")]
 
 
 @app.callback()
@@ -34,11 +36,11 @@ def _group() -> None:
     """Ask questions about long documents with a LLaMA-family model and Landmark Attention."""
 
 
-def _settings(top_k, block, window, sink, chunk, rep):
+def _settings(top_k, block, window, sink, chunk, rep, select):
     from .engine import Settings
 
     try:
-        return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep)
+        return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep, select=select)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark ask --help") from None
 
@@ -61,6 +63,7 @@ def ask(
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
     rep: RepOpt = "mean",
+    select: SelectOpt = "shared",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
@@ -69,7 +72,7 @@ def ask(
     from .documents import load_document
     from .models import load_model
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, select)
     load_document(path)  # fail fast on a bad document, before loading the model
     t0 = time.perf_counter()
     lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))

@@ -129,3 +129,24 @@ def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
     other = Settings(block=8, top_k=3, sink=8, window=16, chunk=32)
     key = lambda s: Engine(tiny, s, root=tmp_path).key(ids)
     assert key(base) == key(same) != key(other)
+
+
+def test_second_process_on_the_same_document_waits_then_gives_up_clearly(tiny, tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from landmark_cli import ask
+    from landmark_cli.errors import StoreError
+
+    ids = _ids(120, tiny.model.cfg.vocab_size, seed=8)
+    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    eng.root.mkdir(parents=True)
+    other = FileLock(str(eng.root / f"{eng.key(ids)}.lock"))  # another reader holds the document
+    other.acquire()
+    waited = []
+    monkeypatch.setattr(ask, "LOCK_TIMEOUT_S", 0.3)
+    with pytest.raises(StoreError, match="another landmark process"):
+        ask.read_locked(eng, ids, None, on_wait=lambda: waited.append(True))
+    assert waited == [True] and eng.lookup(ids) is None
+    other.release()
+    entry, cached = ask.read_locked(eng, ids, None)
+    assert not cached and entry.n_tokens == 120
