@@ -60,7 +60,7 @@ def parse_settings(spec: str) -> Settings:
     kw = {}
     for item in filter(None, spec.split(",")):
         k, v = item.split("=")
-        kw[k] = v if k in ("rep", "kv_dtype", "select") else int(v)
+        kw[k] = v if k in ("rep", "kv_dtype", "select") else int(v)  # band is not settable here
     return Settings(**kw)
 
 

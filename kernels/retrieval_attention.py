@@ -55,7 +55,7 @@ else:
 # launch settings (benchmarks sweep them): num_warps 0 = 4 for up to 32 query rows, else 8;
 # BLOCK_N = keys per tile (grouped mode: at least 64, so that a 64-token block is one tile);
 # waves = programs per SM that the key splits aim at
-TUNING = {"num_warps": 8, "num_stages": 2, "waves": 4, "BLOCK_N": 32}  # best of the H100 sweep
+TUNING = {"num_warps": 0, "num_stages": 2, "waves": 4, "BLOCK_N": 32}
 
 
 # ----------------------------------------------------------------------------- reference

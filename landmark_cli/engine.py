@@ -28,7 +28,7 @@ from kernels.rope import apply_rope
 
 from . import store
 from .errors import LandmarkError
-from .landmarks import N_REPS, block_reps, block_scores, exact_block_scores, top_blocks
+from .landmarks import N_REPS, block_reps, block_scores, exact_block_scores, top_blocks, top_runs
 from .models import LoadedModel
 from .paths import home
 
@@ -46,6 +46,7 @@ class Settings:
     select: str = "shared"  # "shared": one selection for all layers, made by the band; "layer": per layer and head
     band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) that make the shared selection
     answer_window: int | None = None  # local window while answering (None: same as `window`)
+    follow: int = 1  # shared selection: blocks taken after each top block
 
     def __post_init__(self):
         if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
@@ -319,8 +320,8 @@ class Session:
             scores: list[torch.Tensor] = []
             self._layers(x, cos, sin, a, self._band_scorer(focus or slice(None), scores), stop=self.band.stop)
             self.question_scores = scores
-            votes = torch.stack(scores).mean((0, 1))[None]  # [1, n_candidates]
-            self.shared = (top_blocks(votes, self.k) + self.cand.start).expand(c.n_kv_heads, -1)
+            votes = torch.stack(scores).mean((0, 1))  # [n_candidates]
+            self.shared = (top_runs(votes, self.k, s.follow) + self.cand.start).expand(c.n_kv_heads, -1)
         if self.shared is not None:
             x = self._layers(x, cos, sin, a, lambda layer, q: self.shared)
         else:

@@ -81,3 +81,18 @@ def exact_block_scores(q: torch.Tensor, keys: torch.Tensor, n_kv_heads: int, chu
     best = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].float()).amax(-1)
                       for i in range(0, n, chunk)], -1)  # [Hkv, M, N]
     return best.softmax(-1).mean(1)
+
+
+def top_runs(votes: torch.Tensor, k: int, follow: int) -> torch.Tensor:
+    """k block indices from scores votes [N]: the best blocks, each with up to `follow` blocks
+    after it (the text that follows a matching sentence often holds the answer), in order."""
+    n = votes.shape[0]
+    k = min(k, n)
+    chosen: list[int] = []
+    for b in votes.argsort(descending=True).tolist():
+        for j in range(b, min(b + follow + 1, n)):
+            if j not in chosen and len(chosen) < k:
+                chosen.append(j)
+        if len(chosen) >= k:
+            break
+    return torch.tensor(sorted(chosen), dtype=torch.long)

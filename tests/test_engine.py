@@ -119,7 +119,7 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
     assert (sess.shared == sess.shared[0]).all()
     assert sess.cand.start <= int(sess.shared.min()) and int(sess.shared.max()) < sess.cand.stop
-    assert {b for b, _ in sess.sources(3)} == set(sess.shared[0].tolist())  # cited = selected
+    assert {b for b, _ in sess.sources(3)} <= set(sess.shared[0].tolist())  # cited blocks were read
 
 
 def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
