@@ -40,17 +40,7 @@ import torch.nn.functional as F
 
 from kernels.rope import apply_rope
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: the torch reference is the only path
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
-    HAVE_TRITON = False
-else:
-    HAVE_TRITON = True
+from kernels._triton import HAVE_TRITON, tl, triton
 
 # launch settings (benchmarks sweep them): num_warps 0 = 4 for up to 32 query rows, else 8;
 # BLOCK_N = keys per tile (grouped mode: at least 64, so that a 64-token block is one tile);
