@@ -28,7 +28,7 @@ from kernels.rope import apply_rope
 
 from . import store
 from .errors import LandmarkError
-from .landmarks import N_REPS, block_reps, block_scores, exact_block_scores, top_blocks, top_runs
+from .landmarks import N_REPS, block_reps, block_scores, exact_block_logits, relevance, top_blocks, top_runs
 from .models import LoadedModel
 from .paths import home
 
@@ -254,6 +254,7 @@ class Session:
         self.sink_end = min(s.sink_tokens, n // B * B)
         win0 = max(self.sink_end, (n - window) // B * B)
         self.cand = slice(self.sink_end // B, win0 // B)
+        self.cited = slice(self.cand.start, entry.kv.shape[3])  # blocks sources may come from (window too)
         self.k = min(s.top_k, self.cand.stop - self.cand.start)
         lo, hi = (round(f * c.n_layers) for f in s.band)
         self.band = range(lo, max(hi, lo + 1))
@@ -269,7 +270,8 @@ class Session:
             d = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
             self.dense[layer, 0, :, :self.n_dense] = apply_rope(d[0], cos, sin)
             self.dense[layer, 1, :, :self.n_dense] = d[1]
-        self.question_scores: list[torch.Tensor] = []  # per layer [Hkv, n_candidates], first step
+        self.question_scores: list[torch.Tensor] = []  # per layer [Hkv, blocks], first step
+        self.scored = self.cand  # the blocks question_scores cover
         self.shared: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
         self.steps = 0
 
@@ -302,8 +304,9 @@ class Session:
 
         def choose(layer: int, q: torch.Tensor) -> torch.Tensor:
             if layer in self.band:
-                keys = self.kv[layer, 0, :, self.cand]  # [Hkv, N, B, D] view of the memory map
-                out.append(exact_block_scores(q[:, focus], keys, self.e.cfg.n_kv_heads))
+                keys = self.kv[layer, 0, :, self.cited]  # [Hkv, N, B, D] view of the memory map
+                valid = self.entry.n_tokens - (self.cited.stop - 1) * self.e.s.block
+                out.append(exact_block_logits(q[:, focus], keys, self.e.cfg.n_kv_heads, valid))
             return per_layer(layer, q)
         return choose
 
@@ -316,12 +319,13 @@ class Session:
         T, a = ids.shape[0], self.n_dense
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
         x = m.embed(ids)
-        if s.select == "shared" and self.shared is None and self.k > 0:
-            scores: list[torch.Tensor] = []
-            self._layers(x, cos, sin, a, self._band_scorer(focus or slice(None), scores), stop=self.band.stop)
-            self.question_scores = scores
-            votes = torch.stack(scores).mean((0, 1))  # [n_candidates]
+        if s.select == "shared" and self.shared is None:
+            logits: list[torch.Tensor] = []  # per band layer [Hkv, queries, cited blocks]
+            self._layers(x, cos, sin, a, self._band_scorer(focus or slice(None), logits), stop=self.band.stop)
+            n_cand = self.cand.stop - self.cand.start  # candidates come first among the cited blocks
+            votes = torch.stack([relevance(lg[..., :n_cand]) for lg in logits]).mean((0, 1))
             self.shared = (top_runs(votes, self.k, s.follow) + self.cand.start).expand(c.n_kv_heads, -1)
+            self.question_scores, self.scored = [relevance(lg) for lg in logits], self.cited
         if self.shared is not None:
             x = self._layers(x, cos, sin, a, lambda layer, q: self.shared)
         else:
@@ -330,9 +334,11 @@ class Session:
         return m.logits(x[-1:])[0]
 
     def sources(self, n: int) -> list[tuple[int, float]]:
-        """The blocks the question scored highest (over the layers that made the selection)."""
+        """The blocks the question scored highest (over the layers that made the selection);
+        with the shared selection these include the local window, so a short document
+        that needs no retrieval is still cited."""
         if not self.question_scores or self.question_scores[0].shape[1] == 0:
             return []
-        votes = torch.stack(self.question_scores).mean((0, 1))  # [n_candidates]
+        votes = torch.stack(self.question_scores).mean((0, 1))  # [blocks scored]
         best = votes.topk(min(n, votes.shape[0]))
-        return [(int(i) + self.cand.start, float(v)) for v, i in zip(best.values, best.indices)]
+        return [(int(i) + self.scored.start, float(v)) for v, i in zip(best.values, best.indices)]

@@ -68,19 +68,28 @@ def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.sort(-1).values
 
 
-def exact_block_scores(q: torch.Tensor, keys: torch.Tensor, n_kv_heads: int, chunk: int = 1024) -> torch.Tensor:
-    """Block relevance from the blocks' own keys: score(block) = max over its keys of q . k.
+def exact_block_logits(q: torch.Tensor, keys: torch.Tensor, n_kv_heads: int, valid_last: int | None = None,
+                       chunk: int = 1024) -> torch.Tensor:
+    """Block logits from the blocks' own keys: logit(query, block) = max over its keys of q . k.
 
     q [H, T, D] pre-RoPE queries; keys [Hkv, N, B, D] pre-RoPE keys (e.g. a memory-mapped
-    layer of the store). Softmax over blocks per query, mean over queries -> [Hkv, N].
-    Reads every key of the layer, so it is used only at a few layers, once per question."""
+    layer of the store) -> [Hkv, G*T, N]; `valid_last` = real tokens in the last block (the
+    rest is padding, never a match). Reads every key of the layer, so it is used only at a
+    few layers, once per question."""
     qg = group_queries(q.float(), n_kv_heads) * q.shape[-1] ** -0.5  # [Hkv, M, D]
     n = keys.shape[1]
     if n == 0:
-        return qg.new_zeros(n_kv_heads, 0)
-    best = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].float()).amax(-1)
-                      for i in range(0, n, chunk)], -1)  # [Hkv, M, N]
-    return best.softmax(-1).mean(1)
+        return qg.new_zeros(n_kv_heads, qg.shape[1], 0)
+    out = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].float()).amax(-1)
+                     for i in range(0, n, chunk)], -1)
+    if valid_last is not None and valid_last < keys.shape[2]:
+        out[..., -1] = torch.einsum("hmd,hbd->hmb", qg, keys[:, -1, :valid_last].float()).amax(-1)
+    return out
+
+
+def relevance(logits: torch.Tensor) -> torch.Tensor:
+    """[Hkv, M, N] logits -> [Hkv, N]: softmax over blocks per query, mean over queries."""
+    return logits.softmax(-1).mean(1)
 
 
 def top_runs(votes: torch.Tensor, k: int, follow: int) -> torch.Tensor:

@@ -119,7 +119,16 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
     assert (sess.shared == sess.shared[0]).all()
     assert sess.cand.start <= int(sess.shared.min()) and int(sess.shared.max()) < sess.cand.stop
-    assert {b for b, _ in sess.sources(3)} <= set(sess.shared[0].tolist())  # cited blocks were read
+    cited = [b for b, _ in sess.sources(3)]
+    assert all(sess.cand.start <= b < entry.kv.shape[3] for b in cited)  # retrieved or in the window
+
+
+def test_a_document_inside_the_window_is_still_cited(tiny, tmp_path):
+    ids = _ids(60, tiny.model.cfg.vocab_size, seed=9)
+    eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=64, chunk=32), root=tmp_path / "store")
+    entry, _ = eng.read(ids)
+    ans = eng.answer(entry, ids[:6], max_new_tokens=2)
+    assert ans.sources and all(1 <= b < entry.kv.shape[3] for b, _ in ans.sources)
 
 
 def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
@@ -150,3 +159,15 @@ def test_second_process_on_the_same_document_waits_then_gives_up_clearly(tiny, t
     other.release()
     entry, cached = ask.read_locked(eng, ids, None)
     assert not cached and entry.n_tokens == 120
+
+
+def test_padding_of_the_last_block_never_matches():
+    from landmark_cli.landmarks import exact_block_logits
+
+    keys = torch.randn(1, 2, 4, 8)
+    keys[:, 1, 2:] = 0.0  # padding of a half-full last block
+    q = torch.full((1, 1, 8), -1.0)
+    keys[:, 1, :2] = 1.0  # real keys of the last block score -8 each
+    got = exact_block_logits(q, keys, 1, valid_last=2)
+    assert got[0, 0, 1] < -1.0  # padding (score 0) ignored
+    assert exact_block_logits(q, keys, 1)[0, 0, 1] == 0.0  # without the mask the padding wins
