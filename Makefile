@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch (this project's machines have it as a local file). GPU users:
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-QUESTION ?= In what year was the company's first steamer, the Marigold, launched?
+QUESTION ?= Which company bought the Lantern Bay Ferry Company in 1998?
 
 .PHONY: install demo test test-fast bench clean
 
