@@ -1,5 +1,7 @@
 """Shared helpers of the kernel tests."""
 
+import os
+
 import torch
 
 TOLS = {  # dtype: (atol, rtol) against the float32 reference
@@ -42,3 +44,21 @@ def _fix_interpreter_bf16_dot():
 
     create_dot.bf16_fixed = True
     builder.create_dot = create_dot
+
+
+def compile_for_sm90(code):
+    """Compile kernels for an H100 (sm_90) in a fresh process without TRITON_INTERPRET: the
+    interpreter cannot catch code generation errors nor shared-memory overflow."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100

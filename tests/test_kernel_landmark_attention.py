@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import kernels.landmark_attention as la
 
-from kernel_helpers import TOLS, _fix_interpreter_bf16_dot, assert_close  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90)
 
 
 # Triton decides at import whether it interprets; if another test module imported it
@@ -166,24 +167,6 @@ for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel"
         out[f"{name}-{ty}"] = shared_bytes(getattr(la, name), cfg, types)
 print(json.dumps(out))
 """
-
-
-def compile_for_sm90(code):
-    """Compile kernels for an H100 (sm_90) in a fresh process without TRITON_INTERPRET: the
-    interpreter cannot catch code generation errors nor shared-memory overflow."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100
 
 
 @pytest.mark.skipif(not la.HAVE_TRITON, reason="triton is not installed")

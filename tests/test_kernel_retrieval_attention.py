@@ -14,7 +14,8 @@ import kernels.retrieval_attention as ra
 from kernels.rope import apply_rope, rope_tables
 
 THETA = 10000.0
-from kernel_helpers import TOLS, _fix_interpreter_bf16_dot, assert_close  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90)
 
 
 # Triton decides at import whether it interprets; if another test module imported it
@@ -221,24 +222,6 @@ for grouped, block_n in ((False, ra.TUNING["BLOCK_N"]), (True, max(64, ra.TUNING
 out["combine"] = shared_bytes(ra._combine_kernel, dict(D=128, CHUNK=32), types)
 print(json.dumps(out))
 """
-
-
-def compile_for_sm90(code):
-    """Compile kernels for an H100 (sm_90) in a fresh process without TRITON_INTERPRET: the
-    interpreter cannot catch code generation errors nor shared-memory overflow."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-H100_SHARED_BYTES = 232448  # most shared memory one block may use on an H100
 
 
 @pytest.mark.skipif(not ra.HAVE_TRITON, reason="triton is not installed")
