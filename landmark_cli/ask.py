@@ -11,7 +11,7 @@ from filelock import FileLock, Timeout
 
 from .documents import Document, load_document
 from .engine import Engine, Settings
-from .errors import StoreError
+from .errors import LandmarkError, StoreError
 from .models import LoadedModel
 from .prompts import ask_prompt
 
@@ -20,6 +20,7 @@ LOCK_TIMEOUT_S = 3600
 
 @dataclass
 class Source:
+    path: str
     block: int
     score: float
     text: str
@@ -27,8 +28,8 @@ class Source:
     lines: tuple[int, int] | None
 
     def as_json(self) -> dict:
-        return {"page": self.page, "lines": list(self.lines) if self.lines else None, "block": self.block,
-                "score": round(self.score, 6), "text": self.text}
+        return {"path": self.path, "page": self.page, "lines": list(self.lines) if self.lines else None,
+                "block": self.block, "score": round(self.score, 6), "text": self.text}
 
 
 @dataclass
@@ -40,10 +41,11 @@ class Result:
     document_tokens: int
     retrieved_per_step: int
     timings: dict = field(default_factory=dict)
+    documents: int = 1
 
     def as_json(self) -> dict:
         return {"answer": self.answer, "sources": [s.as_json() for s in self.sources], "cached": self.cached,
-                "model": self.model,
+                "model": self.model, "documents": self.documents,
                 "tokens": {"document": self.document_tokens, "retrieved_per_step": self.retrieved_per_step},
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
@@ -68,15 +70,35 @@ def read_locked(engine: Engine, ids, spans, progress=None, on_wait: Callable[[],
         lock.release()
 
 
-def sources_of(doc: Document, entry, blocks: list[tuple[int, float]]) -> list[Source]:
+def sources_of(doc: Document, entry, blocks: list[tuple[int, int, float]]) -> list[Source]:
     out = []
-    for b, score in blocks:
+    for _, b, score in blocks:
         start, end = (int(x) for x in entry.spans[b])
         if start < 0:
             continue
         page, lines = doc.locate(start, end)
-        out.append(Source(block=b, score=score, text=doc.text[start:end].strip(), page=page, lines=lines))
+        out.append(Source(path=str(doc.path), block=b, score=score, text=doc.text[start:end].strip(), page=page,
+                          lines=lines))
     return out
+
+
+def _streamer(tokenizer, on_token: Callable[[str], None] | None):
+    """(per-token callback, final flush): decode incrementally so multi-token characters print whole."""
+    shown = ""
+    tokens: list[int] = []
+
+    def stream(tok: int) -> None:
+        nonlocal shown
+        tokens.append(tok)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_token and len(text) > len(shown) and not text.endswith("\ufffd"):
+            on_token(text[len(shown):])
+            shown = text
+
+    def flush(text: str) -> None:
+        if on_token and len(text) > len(shown):
+            on_token(text[len(shown):])
+    return stream, flush
 
 
 def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *, max_new_tokens: int = 128,
@@ -89,21 +111,50 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
     entry, cached = read_locked(engine, prompt.ids, prompt.spans, progress, on_wait)
     index_s = time.perf_counter() - t0
 
-    shown = ""
-    tokens: list[int] = []
-
-    def stream(tok: int) -> None:  # decode incrementally so multi-token characters print whole
-        nonlocal shown
-        tokens.append(tok)
-        text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_token and len(text) > len(shown) and not text.endswith("\ufffd"):
-            on_token(text[len(shown):])
-            shown = text
-
+    stream, flush = _streamer(lm.tokenizer, on_token)
     ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream, focus=prompt.focus)
-    if on_token and len(ans.text) > len(shown):
-        on_token(ans.text[len(shown):])
+    flush(ans.text)
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,
                   model=lm.name, document_tokens=entry.n_tokens, retrieved_per_step=ans.retrieved_per_step,
+                  timings={"load_s": load_s, "index_s": index_s, "answer_s": ans.answer_s,
+                           "first_token_s": ans.first_token_s})
+
+
+def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Settings, *,
+               max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None,
+               on_left_out: Callable[[list], None] | None = None, load_s: float = 0.0,
+               index_s: float = 0.0) -> Result:
+    """Answer `question` from every indexed document below `folder` (landmark retrieval across
+    all their blocks); sources name the file. Documents not indexed yet are left out and
+    reported through `on_left_out`; none indexed at all is an error."""
+    from .corpus import CorpusSession
+    from .index import Indexer
+
+    indexer = Indexer(lm, settings)
+    usable, left_out = indexer.ready(folder)
+    if not usable:
+        raise LandmarkError(f"no document below {folder} is indexed for this model and these settings",
+                            f"run `landmark index {folder}` first (same --model and block options), "
+                            "or pass --index")
+    if left_out and on_left_out:
+        on_left_out(left_out)
+    rows, entries = [r for r, _ in usable], [e for _, e in usable]
+    engine = indexer.engine
+    prompt = ask_prompt(lm.tokenizer, "", question)
+    t0 = time.perf_counter()
+    sess = CorpusSession(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
+    stream, flush = _streamer(lm.tokenizer, on_token)
+    ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
+                          stream, 3, prompt.focus, t0)
+    flush(ans.text)
+    docs: dict[int, Document] = {}
+    sources = []
+    for d, b, score in ans.sources:
+        if d not in docs:
+            docs[d] = load_document(rows[d].path)
+        sources += sources_of(docs[d], entries[d], [(d, b, score)])
+    return Result(answer=ans.text.strip(), sources=sources, cached=True, model=lm.name,
+                  document_tokens=sum(e.n_tokens for e in entries), retrieved_per_step=ans.retrieved_per_step,
+                  documents=len(entries),
                   timings={"load_s": load_s, "index_s": index_s, "answer_s": ans.answer_s,
                            "first_token_s": ans.first_token_s})

@@ -52,9 +52,17 @@ def _progress() -> Progress:
                     console=err, transient=True, disable=not err.is_terminal)
 
 
+def _load(model: str):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    return lm, time.perf_counter() - t0
+
+
 @app.command()
 def ask(
-    path: Annotated[str, typer.Argument(help="a PDF, .txt or .md file")],
+    path: Annotated[str, typer.Argument(help="a PDF, .txt or .md file, or a folder indexed with `landmark index`")],
     question: Annotated[str, typer.Argument(help="the question to answer")],
     model: ModelOpt = "default",
     top_k: TopKOpt = 8,
@@ -65,38 +73,60 @@ def ask(
     rep: RepOpt = "mean",
     select: SelectOpt = "shared",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
+    index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
+                                              "documents first")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
-    """Answer QUESTION about the document at PATH, with its sources."""
+    """Answer QUESTION about the document (or indexed folder) at PATH, with its sources."""
+    from pathlib import Path
+
     from .ask import ask as run_ask
-    from .documents import load_document
-    from .models import load_model
+    from .ask import ask_folder
+    from .documents import find_documents, load_document
 
     settings = _settings(top_k, block_size, window, sink, chunk, rep, select)
-    load_document(path)  # fail fast on a bad document, before loading the model
-    t0 = time.perf_counter()
-    lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
-    load_s = time.perf_counter() - t0
+    folder = Path(path).expanduser().is_dir()
+    if folder:
+        if not find_documents(path):  # fail fast, before loading the model
+            raise LandmarkError(f"{path} is a directory with no PDF, .txt or .md files in it",
+                                "pass a document, or a folder that contains documents")
+    else:
+        load_document(path)
+    lm, load_s = _load(model)
 
-    with _progress() as bar:
-        task = bar.add_task("Reading document", total=None, rate=0.0)
-        started = time.perf_counter()
+    def on_token(text: str) -> None:
+        if not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
-        def progress(done: int, total: int) -> None:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, completed=done, total=total, rate=rate)
-            if not err.is_terminal:
-                err.print(f"reading: {done}/{total} tokens, {rate:.0f} tok/s")
+    if folder:
+        index_s = 0.0
+        if index_first:
+            t0 = time.perf_counter()
+            _run_index(lm, settings, path, prune=False, quiet=True)
+            index_s = time.perf_counter() - t0
 
-        def on_token(text: str) -> None:
-            if not as_json:
+        def left_out(states) -> None:
+            names = ", ".join(f"{Path(s.path).name} ({s.state})" for s in states[:5])
+            more = f" and {len(states) - 5} more" if len(states) > 5 else ""
+            err.print(f"[yellow]Left out, not indexed as they are now:[/yellow] {names}{more}; "
+                      f"run `landmark index {path}` to add them", highlight=False)
+
+        result = ask_folder(lm, path, question, settings, max_new_tokens=max_tokens, on_token=on_token,
+                            on_left_out=left_out, load_s=load_s, index_s=index_s)
+    else:
+        with _progress() as bar:
+            task = bar.add_task("Reading document", total=None, rate=0.0)
+            progress = _reporter(bar, task)
+
+            def on_token_bar(text: str) -> None:
                 bar.stop()
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                on_token(text)
 
-        result = run_ask(lm, path, question, settings, max_new_tokens=max_tokens, on_token=on_token,
-                         progress=progress, load_s=load_s,
-                         on_wait=lambda: err.print("Another landmark process is reading this document; waiting..."))
+            result = run_ask(lm, path, question, settings, max_new_tokens=max_tokens, on_token=on_token_bar,
+                             progress=progress, load_s=load_s,
+                             on_wait=lambda: err.print("Another landmark process is reading this document; "
+                                                       "waiting..."))
     if as_json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return
@@ -105,13 +135,171 @@ def ask(
         out.print("\n[bold]Sources[/bold]")
         for s in result.sources:
             where = f"page {s.page}" if s.page is not None else f"lines {s.lines[0]}-{s.lines[1]}"
+            if folder:
+                where = f"{os.path.relpath(s.path, path)}, {where}"
             snippet = " ".join(s.text.split())
             out.print(f"  [cyan]{where}[/cyan] (block {s.block}, score {s.score:.3f}): "
                       f"[dim]{snippet[:160]}{'...' if len(snippet) > 160 else ''}[/dim]", highlight=False)
     t = result.timings
-    err.print(f"[dim]{result.document_tokens:,} document tokens ({'cached' if result.cached else 'read now'}), "
-              f"{result.retrieved_per_step:,} attended per step; load {t['load_s']:.1f}s, "
+    what = (f"{result.documents} documents, {result.document_tokens:,} tokens" if folder else
+            f"{result.document_tokens:,} document tokens ({'cached' if result.cached else 'read now'})")
+    err.print(f"[dim]{what}, {result.retrieved_per_step:,} attended per step; load {t['load_s']:.1f}s, "
               f"read {t['index_s']:.1f}s, answer {t['answer_s']:.1f}s[/dim]")
+
+
+def _reporter(bar: Progress, task):
+    """A progress(done, total) callback for one document's tokens."""
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        bar.update(task, completed=done, total=total, rate=rate)
+        if not err.is_terminal:
+            err.print(f"reading: {done}/{total} tokens, {rate:.0f} tok/s")
+    return progress
+
+
+def _run_index(lm, settings, folder: str, prune: bool, quiet: bool = False):
+    """Index `folder` with a progress display; returns the outcomes."""
+    from .index import Indexer
+
+    indexer = Indexer(lm, settings)
+    tokens_done = 0
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        files = bar.add_task("Files", total=None, info="")
+        doc = bar.add_task("", total=None, info="", visible=False)
+        current = {"name": "", "done": 0}
+
+        def on_start(path, i, n):
+            current.update(name=path.name, done=0)
+            bar.update(files, completed=i, total=n, info=f"{i}/{n} files")
+            bar.reset(doc, total=None, description=path.name[:40], info="", visible=True)
+
+        def progress(done, total):
+            current["done"] = done
+            rate = (tokens_done + done) / max(time.perf_counter() - started, 1e-9)
+            bar.update(doc, completed=done, total=total, info=f"{done:,}/{total:,} tokens, {rate:,.0f} tok/s")
+            if not err.is_terminal:
+                err.print(f"{current['name']}: {done}/{total} tokens, {rate:.0f} tok/s")
+
+        def on_done(o):
+            nonlocal tokens_done
+            if o.state == "indexed":
+                tokens_done += current["done"]
+            bar.update(files, advance=1)
+            if not quiet and not err.is_terminal:
+                err.print(f"{o.state}: {o.path}" + (f" ({o.error})" if o.error else ""))
+
+        outcomes = indexer.run(folder, prune=prune, on_start=on_start, progress=progress, on_done=on_done)
+    return outcomes, tokens_done, time.perf_counter() - started
+
+
+@app.command()
+def index(
+    folder: Annotated[str, typer.Argument(help="a folder: every PDF, .txt and .md file below it is indexed")],
+    model: ModelOpt = "default",
+    top_k: TopKOpt = 8,
+    block_size: BlockOpt = 32,
+    window: WindowOpt = 1024,
+    sink: SinkOpt = 64,
+    chunk: ChunkOpt = 512,
+    rep: RepOpt = "mean",
+    status: Annotated[bool, typer.Option("--status", help="show what is indexed, stale, new or failed; "
+                                         "read nothing")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="drop the caches of files that were deleted")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+):
+    """Read every document below FOLDER into the cache, skipping those already indexed."""
+    from rich.table import Table
+
+    from .documents import find_documents
+    from .index import Indexer
+
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, "shared")
+    find_documents(folder)  # a missing folder fails before the model loads
+    lm, _ = _load(model)
+    if status:
+        states = Indexer(lm, settings).status(folder)
+        if as_json:
+            print(json.dumps({"folder": folder, "documents": [vars(s) for s in states]}, ensure_ascii=False))
+            return
+        table = Table("document", "state", "tokens", "cache", "note", title=f"Index of {folder}")
+        for s in states:
+            table.add_row(os.path.relpath(s.path, folder), s.state, f"{s.tokens:,}" if s.tokens else "",
+                          f"{s.nbytes / 2**20:,.1f} MiB" if s.nbytes else "", s.error or s.note)
+        out.print(table)
+        counts = {k: sum(s.state == k for s in states) for k in ("ok", "stale", "new", "failed", "deleted")}
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no documents"
+        out.print(f"{summary}; {sum(s.nbytes for s in states) / 2**20:,.1f} MiB cached", highlight=False)
+        return
+    outcomes, tokens, seconds = _run_index(lm, settings, folder, prune=prune)
+    if as_json:
+        print(json.dumps({"folder": folder, "tokens_read": tokens, "seconds": round(seconds, 3),
+                          "documents": [vars(o) for o in outcomes]}, ensure_ascii=False))
+        return
+    table = Table("document", "result", "tokens", "time", "note", title=f"Indexed {folder}")
+    for o in outcomes:
+        style = {"failed": "red", "indexed": "green", "deleted": "yellow"}.get(o.state, "")
+        table.add_row(os.path.relpath(o.path, folder), f"[{style}]{o.state}[/{style}]" if style else o.state,
+                      f"{o.tokens:,}" if o.tokens else "", f"{o.seconds:.1f}s" if o.state == "indexed" else "",
+                      o.error or o.note)
+    out.print(table)
+    counts = {k: sum(o.state == k for o in outcomes) for k in ("indexed", "skipped", "failed", "deleted", "pruned")}
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    rate = f"; {tokens:,} tokens read at {tokens / seconds:,.0f} tok/s" if tokens else ""
+    out.print(f"{summary}{rate}", highlight=False)
+    if counts["deleted"]:
+        out.print(f"Deleted files still have caches: run `landmark index {folder} --prune` to drop them.")
+
+
+@app.command()
+def passkey(
+    lengths: Annotated[str, typer.Option("--lengths", help="prompt lengths in tokens of the model's tokenizer, "
+                                         "comma-separated: 2k (= 2048), 32000, 1m")] = "2k,8k",
+    trials: Annotated[int, typer.Option("--trials", help="prompts per length; trial i uses seed SEED + i")] = 5,
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated: landmark (block retrieval), full "
+                                         "(full attention over the whole prompt), truncate (full attention over "
+                                         "the last tokens that fit the model's context)")] = "landmark,full,truncate",
+    top_k: TopKOpt = 8,
+    block_size: BlockOpt = 32,
+    model: ModelOpt = "default",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="seed of the first trial of each length")] = 0,
+    json_file: Annotated[Optional[str], typer.Option("--json", help="results file, one record per trial; if it "
+                                                     "exists, recorded trials are skipped and new ones added")] = None,
+    plot_file: Annotated[Optional[str], typer.Option("--plot", help="PNG of accuracy versus length, one line per "
+                                                     "method (needs matplotlib)")] = None,
+):
+    """The paper's passkey retrieval test: landmark retrieval vs. full attention vs. truncation."""
+    from pathlib import Path
+
+    from . import passkey as pk
+    from . import passkey_run as grid_run
+    from .engine import Settings
+    from .models import load_model
+
+    grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
+    try:
+        settings = Settings(top_k=top_k, block=block_size)
+    except ValueError as e:
+        raise LandmarkError(str(e), "see landmark passkey --help") from None
+    grid_run.check_device(device)
+    if plot_file:
+        pk.require_matplotlib()  # before hours of work, not after
+    lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    results = grid_run.Results(Path(json_file) if json_file else None, grid_run.grid_meta(lm, settings), device)
+    with grid_run.ConsoleListener(err) as listener:
+        records = grid_run.run_grid(lm, settings, grid, results, listener)
+    title = (f"Passkey retrieval: {lm.name} ({lm.model.cfg.context:,}-token context), "
+             f"landmark k={settings.top_k}, block {settings.block}")
+    out.print(pk.table(records, title))
+    if json_file:
+        err.print(f"[dim]{len(records)} trials recorded in {json_file}[/dim]", highlight=False)
+    if plot_file and records:
+        pk.plot(records, plot_file, title=f"Passkey retrieval: {lm.name}")
+        err.print(f"[dim]plot saved to {plot_file}[/dim]", highlight=False)
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ class Settings:
 class Answer:
     tokens: list[int]
     text: str
-    sources: list[tuple[int, float]]  # (block, score), best first
+    sources: list[tuple[int, int, float]]  # (entry, block, score), best first
     retrieved_per_step: int  # document tokens attended per step (sink + k blocks + window)
     prompt_tokens: int
     answer_s: float
@@ -91,7 +91,7 @@ class Answer:
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
 
-def _as_torch(a: np.ndarray) -> torch.Tensor:
+def as_torch(a: np.ndarray) -> torch.Tensor:
     """A (possibly read-only, memory-mapped) numpy array as a tensor, without copying."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -162,7 +162,7 @@ class Engine:
     def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None) -> None:
         s, c, m = self.s, self.cfg, self.m
         B, n = s.block, ids.shape[0]
-        kv = _as_torch(w.kv)
+        kv = as_torch(w.kv)
         last_valid = n - (w.kv.shape[3] - 1) * B
         for start in range(0, n, s.chunk_tokens):
             end = min(start + s.chunk_tokens, n)
@@ -210,6 +210,13 @@ class Engine:
         focus: the question's tokens within `suffix` (default: all of it)."""
         t0 = time.perf_counter()
         sess = Session(self, entry, capacity=len(suffix) + max_new_tokens)
+        return self.generate(sess, entry.n_tokens, suffix, max_new_tokens, stop_ids, on_token, n_sources, focus, t0)
+
+    @torch.inference_mode()
+    def generate(self, sess, context_tokens: int, suffix: list[int], max_new_tokens: int,
+                 stop_ids: set[int], on_token: Callable[[int], None] | None, n_sources: int,
+                 focus: slice | None, t0: float) -> Answer:
+        """Greedy decoding in a session (Session, or corpus.CorpusSession) that has read nothing yet."""
         logits = sess.step(torch.tensor(suffix), focus)
         first = time.perf_counter() - t0
         out: list[int] = []
@@ -224,7 +231,7 @@ class Engine:
                 logits = sess.step(torch.tensor([tok]))
         return Answer(tokens=out, text=self.lm.tokenizer.decode(out, skip_special_tokens=True),
                       sources=sess.sources(n_sources), retrieved_per_step=sess.retrieved_per_step,
-                      prompt_tokens=entry.n_tokens + len(suffix), answer_s=time.perf_counter() - t0,
+                      prompt_tokens=context_tokens + len(suffix), answer_s=time.perf_counter() - t0,
                       first_token_s=first)
 
 
@@ -248,7 +255,7 @@ class Session:
         self.e, self.entry = engine, entry
         s, c, m = engine.s, engine.cfg, engine.m
         B, n = s.block, entry.n_tokens
-        self.kv = _as_torch(entry.kv)
+        self.kv = as_torch(entry.kv)
         self.reps = torch.from_numpy(entry.reps)
         window = s.window_tokens if s.answer_window is None else s.answer_window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
@@ -333,12 +340,12 @@ class Session:
         self.n_dense, self.next_pos, self.steps = a + T, self.next_pos + T, self.steps + 1
         return m.logits(x[-1:])[0]
 
-    def sources(self, n: int) -> list[tuple[int, float]]:
-        """The blocks the question scored highest (over the layers that made the selection);
+    def sources(self, n: int) -> list[tuple[int, int, float]]:
+        """(entry 0, block, score) of the blocks the question scored highest (over the layers that made the selection);
         with the shared selection these include the local window, so a short document
         that needs no retrieval is still cited."""
         if not self.question_scores or self.question_scores[0].shape[1] == 0:
             return []
         votes = torch.stack(self.question_scores).mean((0, 1))  # [blocks scored]
         best = votes.topk(min(n, votes.shape[0]))
-        return [(int(i) + self.scored.start, float(v)) for v, i in zip(best.values, best.indices)]
+        return [(0, int(i) + self.scored.start, float(v)) for v, i in zip(best.values, best.indices)]

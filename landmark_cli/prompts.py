@@ -64,3 +64,9 @@ def ask_prompt(tokenizer, document: str, question: str) -> Prompt:
     if inside:
         p.focus = slice(inside[0], inside[-1] + 1)
     return p
+
+
+def document_prompt(tokenizer, document: str) -> Prompt:
+    """The cacheable part of `ask_prompt` (instruction + document) with no question: what
+    `landmark index` reads, so that `landmark ask FILE` later finds the same store entry."""
+    return ask_prompt(tokenizer, document, "")

@@ -119,7 +119,7 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
     assert (sess.shared == sess.shared[0]).all()
     assert sess.cand.start <= int(sess.shared.min()) and int(sess.shared.max()) < sess.cand.stop
-    cited = [b for b, _ in sess.sources(3)]
+    cited = [b for _, b, _ in sess.sources(3)]
     assert all(sess.cand.start <= b < entry.kv.shape[3] for b in cited)  # retrieved or in the window
 
 
@@ -128,7 +128,7 @@ def test_a_document_inside_the_window_is_still_cited(tiny, tmp_path):
     eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=64, chunk=32), root=tmp_path / "store")
     entry, _ = eng.read(ids)
     ans = eng.answer(entry, ids[:6], max_new_tokens=2)
-    assert ans.sources and all(1 <= b < entry.kv.shape[3] for b, _ in ans.sources)
+    assert ans.sources and all(d == 0 and 1 <= b < entry.kv.shape[3] for d, b, _ in ans.sources)
 
 
 def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):

@@ -1,0 +1,77 @@
+"""Answering over several cached documents (corpus.CorpusSession) on the tiny model."""
+
+import torch
+
+from landmark_cli.corpus import Candidates, CorpusSession
+from landmark_cli.engine import Engine, Settings
+from landmark_cli.landmarks import top_runs
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+EXACT = Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32")
+
+
+def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path):
+    """Every block retrieved, in order, padding dropped => the corpus path is full causal attention."""
+    ids = _ids(203, tiny.model.cfg.vocab_size)
+    doc, suffix = ids[:173], ids[173:]  # 173 = 21 blocks of 8 + 5: a partial last block
+    eng = Engine(tiny, EXACT, root=tmp_path / "store")
+    entry, _ = eng.read(doc)
+    sess = CorpusSession(eng, [entry], capacity=64)
+    got = sess.step(torch.tensor(suffix))
+    assert sess.retrieved_per_step == len(doc)
+    seq = list(ids)
+    for _ in range(3):
+        with torch.inference_mode():
+            full = tiny.model.forward(torch.tensor(seq))
+        assert (got - full[-1]).abs().max().item() < 1e-4
+        tok = int(got.argmax())
+        seq.append(tok)
+        got = sess.step(torch.tensor([tok]))
+
+
+def test_small_budget_differs_from_full_attention(tiny, tmp_path):
+    ids = _ids(203, tiny.model.cfg.vocab_size)
+    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                 root=tmp_path / "store")
+    entry, _ = eng.read(ids[:173])
+    sess = CorpusSession(eng, [entry], capacity=64)
+    got = sess.step(torch.tensor(ids[173:]))
+    assert sess.retrieved_per_step == 8 + 4 * 8  # sink + (top_k + window/block) blocks
+    with torch.inference_mode():
+        full = tiny.model.forward(torch.tensor(ids))
+    assert (got - full[-1]).abs().max().item() > 1e-3
+
+
+def test_candidates_span_every_document_and_sources_name_them(tiny, tmp_path):
+    vocab = tiny.model.cfg.vocab_size
+    s = Settings(block=8, top_k=3, sink=8, window=16, chunk=32)
+    eng = Engine(tiny, s, root=tmp_path / "store")
+    prefix = _ids(5, vocab, seed=9)  # a shared prompt prefix, as the index writes it
+    entries = []
+    for seed, n in ((1, 100), (2, 61), (3, 130)):
+        body = _ids(n, vocab, seed=seed)
+        spans = torch.tensor([[-1, -1]] * len(prefix) + [[i, i + 1] for i in range(n)]).numpy()
+        entries.append(eng.read(prefix + body, spans)[0])
+    cand = Candidates.of(entries, 8, sink_end=8)
+    # entry 0 starts after its sink; the others at their first document block (block 0 here)
+    assert cand.doc.tolist().count(0) == 14 - 1 and cand.doc.tolist().count(1) == 9
+    assert cand.doc.tolist().count(2) == 17
+    assert cand.valid[cand.doc == 1][-1] == (5 + 61) - 8 * 8  # partial last block
+    sess = CorpusSession(eng, entries, capacity=16)
+    sess.step(torch.tensor(_ids(6, vocab, seed=4)))
+    src = sess.sources(5)
+    assert len(src) == 5 and all(0 <= d < 3 for d, _, _ in src)
+    assert all(src[i][2] >= src[i + 1][2] for i in range(4))
+    chosen = sess.chosen
+    assert len(chosen) == 3 + 16 // 8 and sess.retrieved_per_step == 8 + int(cand.valid[chosen].sum())
+
+
+def test_runs_stop_at_document_boundaries():
+    votes = torch.tensor([0.0, 0.0, 9.0, 0.1, 0.2, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert top_runs(votes, 2, follow=1).tolist() == [2, 3]
+    assert top_runs(votes, 2, follow=1, group=group).tolist() == [2, 4]
