@@ -50,7 +50,7 @@ class Result:
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
-def read_locked(engine: Engine, ids, spans, progress=None, on_wait: Callable[[], None] | None = None):
+def read_locked(engine: Engine, ids, spans, progress=None, on_wait: Callable[[], None] | None = None, prefix=None):
     """engine.read under a per-entry file lock: a second process waits, then finds the cache."""
     engine.root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(engine.root / f"{engine.key(ids)}.lock"))
@@ -65,7 +65,7 @@ def read_locked(engine: Engine, ids, spans, progress=None, on_wait: Callable[[],
             raise StoreError("another landmark process has been reading this document for an hour",
                              "wait for it to finish or stop it") from None
     try:
-        return engine.read(ids, spans, progress)
+        return engine.read(ids, spans, progress, prefix)
     finally:
         lock.release()
 

@@ -122,11 +122,13 @@ class Engine:
             store.remove(path)
         return entry
 
-    def read(self, ids: list[int], spans: np.ndarray | None = None,
-             progress: Progress | None = None) -> tuple[store.Entry, bool]:
+    def read(self, ids: list[int], spans: np.ndarray | None = None, progress: Progress | None = None,
+             prefix: store.Entry | None = None) -> tuple[store.Entry, bool]:
         """Entry for the token stream `ids` (prompt prefix + document): cached or built now.
 
         spans [n_tokens, 2]: character span of each token in the document (-1 for prompt tokens).
+        prefix: an entry of this engine whose token stream starts like `ids` (an earlier
+        version of a document that grew): the reading chunks they share are copied, not read.
         Returns (entry, cached)."""
         entry = self.lookup(ids)
         if entry is not None:
@@ -137,8 +139,8 @@ class Engine:
         nb = -(-n // s.block)
         shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
                      head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
-        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "settings": s.reading()},
-                         kv_dtype=s.kv_dtype)
+        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "fingerprint": self.lm.fingerprint,
+                                                            "settings": s.reading()}, kv_dtype=s.kv_dtype)
         try:
             w.ids[:] = ids
             if spans is not None:
@@ -147,7 +149,11 @@ class Engine:
                     sp = sp[sp[:, 0] >= 0]
                     if len(sp):
                         w.spans[b] = (sp[:, 0].min(), sp[:, 1].max())
-            self._prefill(w, torch.tensor(ids), progress)
+            start = self.shared_prefix(prefix, ids) if prefix is not None else 0
+            if start:
+                w.kv[:, :, :, :start // s.block] = prefix.kv[:, :, :, :start // s.block]
+                w.reps[:, :, :start // s.block] = prefix.reps[:, :, :start // s.block]
+            self._prefill(w, torch.tensor(ids), progress, start)
             path = w.commit()
         except BaseException:
             w.abort()
@@ -157,14 +163,27 @@ class Engine:
             raise RuntimeError(f"the store entry just written at {path} does not validate")
         return entry, False
 
+    def shared_prefix(self, entry: store.Entry, ids: list[int]) -> int:
+        """Tokens at the start of `ids` whose reading `entry` already holds: the whole reading
+        chunks of their common prefix (reading a chunk depends only on the tokens up to its end).
+        0 if `entry` was read by another model or with other settings."""
+        meta = entry.meta
+        if meta.get("fingerprint") != self.lm.fingerprint or meta.get("settings") != self.s.reading():
+            return 0
+        n = min(entry.n_tokens, len(ids))
+        same = np.asarray(entry.ids[:n]) == np.asarray(ids[:n], dtype=entry.ids.dtype)
+        common = n if bool(same.all()) else int(same.argmin())
+        return min(common, len(ids) - 1) // self.s.chunk_tokens * self.s.chunk_tokens
+
     # ---- reading (chunked prefill with retrieval) --------------------------------------
     @torch.inference_mode()
-    def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None) -> None:
+    def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None, first: int = 0) -> None:
+        """Read ids[first:] chunk by chunk (`first` is a chunk boundary; blocks before it are filled)."""
         s, c, m = self.s, self.cfg, self.m
         B, n = s.block, ids.shape[0]
         kv = as_torch(w.kv)
         last_valid = n - (w.kv.shape[3] - 1) * B
-        for start in range(0, n, s.chunk_tokens):
+        for start in range(first, n, s.chunk_tokens):
             end = min(start + s.chunk_tokens, n)
             b0, b1 = start // B, -(-end // B)
             sink_end = min(s.sink_tokens, start)

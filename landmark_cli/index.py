@@ -132,7 +132,10 @@ class Indexer:
                         indexed_at=time.time()))
             return Outcome(str(path), "failed", error=msg)
         prompt = document_prompt(self.lm.tokenizer, doc.text)
-        entry, cached = read_locked(self.engine, prompt.ids, prompt.spans, progress)
+        previous = self.entry(row) if row is not None and row.status == "ok" else None
+        if previous is not None and self.engine.shared_prefix(previous, prompt.ids):
+            note = f"changed after token {self.engine.shared_prefix(previous, prompt.ids):,}: read from there"
+        entry, cached = read_locked(self.engine, prompt.ids, prompt.spans, progress, prefix=previous)
         man.put(Row(**base, tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name,
                     status="ok", error=None, indexed_at=time.time()))
         if row is not None and row.store_key and row.store_key != entry.path.name \

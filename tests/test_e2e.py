@@ -61,6 +61,40 @@ def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsy
     assert pages and all(isinstance(p, int) for p in pages)
 
 
+# questions whose answers sit in different documents of the example library (examples/library.py)
+LIBRARY_QUESTIONS = [
+    ("Which company bought the Lantern Bay Ferry Company in 1998?", "lantern_bay.pdf", "northshore"),
+    ("When was the Apache License, Version 2.0 published?", "licenses/Apache-2.0.txt", "2004"),
+    ("What is the date of version 3 of the GNU General Public License?", "licenses/GPL-3.txt", "2007"),
+]
+
+
+def test_folder_index_then_questions_across_documents(home, monkeypatch, capsys, tmp_path_factory):
+    """`landmark index` on 11 real documents (~64k tokens, a 77-page PDF among them), then
+    questions answered from different documents, citing the right file (and page)."""
+    sys.path.insert(0, "examples")
+    import library
+
+    monkeypatch.setenv("LANDMARK_HOME", str(home))  # shares the PDF's cache with the test above
+    lib = library.build(tmp_path_factory.mktemp("library"))
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["landmark", *map(str, args)])
+        main()
+        return json.loads(capsys.readouterr().out)
+
+    first = cli("index", lib, "--json")
+    assert {d["state"] for d in first["documents"]} <= {"indexed"} and len(first["documents"]) == 11
+    assert sum(d["tokens"] for d in first["documents"]) > 60000
+    assert {d["state"] for d in cli("index", lib, "--json")["documents"]} == {"skipped"}
+    for question, expected_file, keyword in LIBRARY_QUESTIONS:
+        r = cli("ask", lib, question, "--json", "--max-tokens", "24")
+        assert keyword in r["answer"].lower(), (question, r["answer"])
+        cited = [s for s in r["sources"] if s["path"] == str(lib.resolve() / expected_file)]
+        assert cited, (question, [s["path"] for s in r["sources"]])
+        assert all((s["page"] is not None) == expected_file.endswith(".pdf") for s in cited)
+
+
 def test_forward_matches_transformers_on_the_default_model(default_model):
     """Our compact forward vs transformers' forward on the converted default model (fp32)."""
     import torch

@@ -171,3 +171,24 @@ def test_padding_of_the_last_block_never_matches():
     got = exact_block_logits(q, keys, 1, valid_last=2)
     assert got[0, 0, 1] < -1.0  # padding (score 0) ignored
     assert exact_block_logits(q, keys, 1)[0, 0, 1] == 0.0  # without the mask the padding wins
+
+
+def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, monkeypatch):
+    """A document that grew is read from where it differs: same store contents, fewer chunks read."""
+    vocab = tiny.model.cfg.vocab_size
+    old = _ids(150, vocab, seed=5)
+    new = old[:110] + _ids(90, vocab, seed=6)  # differs from token 110: chunks [0, 96) are shared
+    s = Settings(block=8, top_k=2, sink=8, window=16, chunk=32)
+    full, _ = Engine(tiny, s, root=tmp_path / "a").read(new)
+    eng = Engine(tiny, s, root=tmp_path / "b")
+    donor, _ = eng.read(old)
+    assert eng.shared_prefix(donor, new) == 96
+    assert Engine(tiny, Settings(block=8, top_k=3, sink=8, window=16, chunk=32),
+                  root=tmp_path / "b").shared_prefix(donor, new) == 0  # other settings: nothing shared
+    chunks = []
+    real = tiny.model.embed
+    monkeypatch.setattr(tiny.model, "embed", lambda ids: chunks.append(len(ids)) or real(ids))
+    grown, cached = eng.read(new, prefix=donor)
+    assert not cached and sum(chunks) == len(new) - 96
+    for name in ("kv", "reps", "ids"):
+        assert np.array_equal(getattr(grown, name), getattr(full, name)), name

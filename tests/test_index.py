@@ -109,6 +109,19 @@ def test_interrupted_run_then_rerun_equals_uninterrupted(tiny, folder, tmp_path,
     assert rows() == interrupted
 
 
+def test_appended_file_is_read_from_where_it_changed(tiny, folder, monkeypatch):
+    ix = Indexer(tiny, S)
+    ix.run(folder)
+    (folder / "a.md").write_text(_text("ferry") + "\n" + _text("ferry", 10))
+    chunks = []
+    real = tiny.model.embed
+    monkeypatch.setattr(tiny.model, "embed", lambda ids: chunks.append(len(ids)) or real(ids))
+    out = ix.run(folder)
+    a = next(o for o in out if o.path.endswith("a.md"))
+    assert a.state == "indexed" and "read from there" in a.note
+    assert 0 < sum(chunks) < a.tokens / 2
+
+
 def test_damaged_cache_is_detected_and_rebuilt(tiny, folder):
     ix = Indexer(tiny, S)
     ix.run(folder)
