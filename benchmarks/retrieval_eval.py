@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from landmark_cli import passkey  # noqa: E402
 from landmark_cli.engine import Engine, Settings  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
+from landmark_cli.passkey_run import full_settings  # noqa: E402
 from landmark_cli.prompts import ask_prompt, raw_prompt  # noqa: E402
 
 NEEDLES = [  # (fact, question, expected answer keyword)
@@ -62,16 +63,6 @@ def parse_settings(spec: str) -> Settings:
         k, v = item.split("=")
         kw[k] = v if k in ("rep", "kv_dtype", "select") else int(v)  # band is not settable here
     return Settings(**kw)
-
-
-def full_settings(n_tokens: int, context: int) -> Settings:
-    """Settings under which landmark attention IS full causal attention on an n_tokens document
-    (every block retrieved, in order, fp32 store: the invariant tests/test_engine.py checks)."""
-    s = Settings(block=32, sink=64, window=1024, chunk=512, kv_dtype="float32", top_k=1)
-    top_k = (context - s.span()) // s.block + 1
-    if (top_k * s.block + s.sink_tokens + s.window_tokens) < n_tokens + 64:
-        raise SystemExit(f"{n_tokens} tokens do not fit the model's context of {context} for full attention")
-    return Settings(block=32, sink=64, window=1024, chunk=512, kv_dtype="float32", top_k=top_k)
 
 
 def run_passkey(args, lm, settings):

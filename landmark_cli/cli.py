@@ -292,13 +292,12 @@ def passkey(
     results = grid_run.Results(Path(json_file) if json_file else None, grid_run.grid_meta(lm, settings), device)
     with grid_run.ConsoleListener(err) as listener:
         records = grid_run.run_grid(lm, settings, grid, results, listener)
-    title = (f"Passkey retrieval: {lm.name} ({lm.model.cfg.context:,}-token context), "
-             f"landmark k={settings.top_k}, block {settings.block}")
+    title = f"Passkey retrieval: {lm.name} ({lm.model.cfg.context:,}-token context)"
     out.print(pk.table(records, title))
     if json_file:
         err.print(f"[dim]{len(records)} trials recorded in {json_file}[/dim]", highlight=False)
     if plot_file and records:
-        pk.plot(records, plot_file, title=f"Passkey retrieval: {lm.name}")
+        pk.plot(records, plot_file, title, context=lm.model.cfg.context)
         err.print(f"[dim]plot saved to {plot_file}[/dim]", highlight=False)
 
 
