@@ -55,6 +55,12 @@ def build(n_filler: int, seed: int, extra: int = 0) -> Case:
                 document="\n".join(lines) + "\n", question=QUESTION)
 
 
+def filler_only(n_filler: int) -> str:
+    """A document with no needle (task + filler): every prompt of about this length starts
+    like it up to its needle, so its reading can be shared (Engine.read's `prefix`)."""
+    return TASK + "\n" + " ".join([FILLER] * n_filler) + "\n"
+
+
 def prompt_tokens(tokenizer, case: Case) -> int:
     """Tokens of the prompt as the benchmark feeds it: document and question encoded apart."""
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (case.document, case.question))

@@ -142,6 +142,18 @@ def test_grid_records_every_trial_on_the_same_prompts(tiny, tmp_path):
     assert not any((run.home() / "passkey-tmp").iterdir())  # the trials' KV stores are gone
 
 
+def test_sharing_the_filler_prefix_changes_nothing_but_the_reading(tiny, tmp_path):
+    grid = run.Grid([1500], trials=3, methods=["landmark", "full"], seed=11)
+    plain = run.run_grid(tiny, SMALL, grid, _results(tiny, tmp_path / "a.json"), share_prefix=False)
+    shared = run.run_grid(tiny, SMALL, grid, _results(tiny, tmp_path / "b.json"))
+    keep = ("method", "seed", "tokens", "depth", "answer", "correct", "read_tokens", "retrieved_per_step")
+    assert [{k: r[k] for k in keep} for r in shared] == [{k: r[k] for k in keep} for r in plain]
+    assert all(r["reused_tokens"] == 0 for r in plain)
+    assert any(r["reused_tokens"] > 0 for r in shared if r["method"] == "landmark")
+    assert any(r["reused_tokens"] > 0 for r in shared if r["method"] == "full")
+    assert not any((run.home() / "passkey-tmp").iterdir())  # the shared prefixes are gone too
+
+
 def test_the_grid_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     grid = run.Grid([512], trials=3, methods=["landmark", "full"])
