@@ -92,17 +92,19 @@ def relevance(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1).mean(1)
 
 
-def top_runs(votes: torch.Tensor, k: int, follow: int, group: torch.Tensor | None = None) -> torch.Tensor:
-    """k block indices from scores votes [N]: the best blocks, each with up to `follow` blocks
-    after it (the text that follows a matching sentence often holds the answer), in order.
-    group [N]: which document each block belongs to; a run never crosses into the next one."""
+def top_runs(votes: torch.Tensor, k: int, follow: int, group: torch.Tensor | None = None,
+             lead: int = 0) -> torch.Tensor:
+    """k block indices from scores votes [N]: the best blocks, each with up to `lead` blocks
+    before it and `follow` blocks after it (the text around a matching sentence often holds
+    the answer), in order. group [N]: which document each block belongs to; a run never
+    crosses into another one."""
     n = votes.shape[0]
     k = min(k, n)
     chosen: list[int] = []
     for b in votes.argsort(descending=True).tolist():
-        for j in range(b, min(b + follow + 1, n)):
-            if group is not None and group[j] != group[b]:
-                break
+        for j in [b] + list(range(b - 1, b - lead - 1, -1)) + list(range(b + 1, b + follow + 1)):
+            if not 0 <= j < n or (group is not None and group[j] != group[b]):
+                continue
             if j not in chosen and len(chosen) < k:
                 chosen.append(j)
         if len(chosen) >= k:

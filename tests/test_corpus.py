@@ -20,7 +20,7 @@ def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path):
     doc, suffix = ids[:173], ids[173:]  # 173 = 21 blocks of 8 + 5: a partial last block
     eng = Engine(tiny, EXACT, root=tmp_path / "store")
     entry, _ = eng.read(doc)
-    sess = CorpusSession(eng, [entry], capacity=64)
+    sess = CorpusSession(eng, [entry], capacity=64, blocks=64)
     got = sess.step(torch.tensor(suffix))
     assert sess.retrieved_per_step == len(doc)
     seq = list(ids)
@@ -40,7 +40,7 @@ def test_small_budget_differs_from_full_attention(tiny, tmp_path):
     entry, _ = eng.read(ids[:173])
     sess = CorpusSession(eng, [entry], capacity=64)
     got = sess.step(torch.tensor(ids[173:]))
-    assert sess.retrieved_per_step == 8 + 4 * 8  # sink + (top_k + window/block) blocks
+    assert sess.retrieved_per_step == 8 + 2 * 2 * 8  # sink + 2 x top_k blocks
     with torch.inference_mode():
         full = tiny.model.forward(torch.tensor(ids))
     assert (got - full[-1]).abs().max().item() > 1e-3
@@ -67,7 +67,12 @@ def test_candidates_span_every_document_and_sources_name_them(tiny, tmp_path):
     assert len(src) == 5 and all(0 <= d < 3 for d, _, _ in src)
     assert all(src[i][2] >= src[i + 1][2] for i in range(4))
     chosen = sess.chosen
-    assert len(chosen) == 3 + 16 // 8 and sess.retrieved_per_step == 8 + int(cand.valid[chosen].sum())
+    assert len(chosen) == 2 * 3 and sess.retrieved_per_step == 8 + int(cand.valid[chosen].sum())
+    # runs stay inside a document; documents come in order of their best block, the best last
+    docs = cand.doc[chosen].tolist()
+    assert docs == sorted(docs, key=lambda d: max(float(sess.question_scores[i]) for i in chosen
+                                                  if int(cand.doc[i]) == d))
+    assert cand.doc[chosen][-1] == cand.doc[int(sess.question_scores.argmax())]
 
 
 def test_runs_stop_at_document_boundaries():
@@ -75,3 +80,5 @@ def test_runs_stop_at_document_boundaries():
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     assert top_runs(votes, 2, follow=1).tolist() == [2, 3]
     assert top_runs(votes, 2, follow=1, group=group).tolist() == [2, 4]
+    assert top_runs(votes, 3, follow=1, group=group, lead=1).tolist() == [1, 2, 4]
+    assert top_runs(votes, 4, follow=0, group=group, lead=3).tolist() == [0, 1, 2, 4]
