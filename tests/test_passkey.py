@@ -241,7 +241,6 @@ def test_table_has_a_row_per_length_and_a_column_per_method():
 
 
 def test_plot_is_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     pk.plot(RECORDS, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
