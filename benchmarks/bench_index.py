@@ -2,7 +2,7 @@
 
     python benchmarks/bench_index.py [--runs 3] [--json out.json]
 
-Builds the example library (examples/library.py: 11 documents, ~64k tokens, a 77-page
+Builds the example library (examples/library.py: 11 documents, ~65k tokens, a 77-page
 PDF among them) in a temporary folder with a fresh LANDMARK_HOME, then reports:
   - `landmark index` tokens/s on the cold library, and the time of a second run over the
     unchanged folder (which must read nothing);

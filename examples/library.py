@@ -1,4 +1,4 @@
-"""Assemble the example library: a folder of 11 real documents (about 64k tokens) for
+"""Assemble the example library: a folder of 11 real documents (about 65k tokens) for
 `landmark index` / `landmark ask DIR`.
 
     python examples/library.py /tmp/library
@@ -6,7 +6,8 @@
     landmark ask /tmp/library "When was the Apache License, Version 2.0 published?"
 
 It holds the company history examples/lantern_bay.pdf (77 pages), the six essays of
-examples/essays/ and four licence texts (examples/licenses/: GPL-3, LGPL-2.1, Apache-2.0,
+examples/essays/ (one as a 10-page PDF, built from its Markdown with build_pdf.py: where
+an essay has a PDF, the library takes the PDF) and four licence texts (examples/licenses/: GPL-3, LGPL-2.1, Apache-2.0,
 MPL-2.0, copied verbatim from Debian's /usr/share/common-licenses; their licences allow
 verbatim copies). Files are hard-linked where possible, else copied.
 """
@@ -27,7 +28,8 @@ def build(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name, source in CONTENTS.items():
         src = HERE / source
-        files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix in (".md", ".txt", ".pdf"))
+        files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix in (".md", ".txt", ".pdf")
+                                                   and not (p.suffix != ".pdf" and p.with_suffix(".pdf").exists()))
         for f in files:
             target = dest / f.relative_to(HERE)
             target.parent.mkdir(parents=True, exist_ok=True)

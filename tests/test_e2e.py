@@ -69,7 +69,7 @@ LIBRARY_QUESTIONS = [  # (question, file, answer keyword, where: PDF page or a w
 
 
 def test_folder_index_then_questions_across_documents(home, monkeypatch, capsys, tmp_path_factory):
-    """`landmark index` on 11 real documents (~64k tokens, a 77-page PDF among them), then
+    """`landmark index` on 11 real documents (~65k tokens, two PDFs among them), then
     questions answered from different documents, citing the right file (and page)."""
     sys.path.insert(0, "examples")
     import library
