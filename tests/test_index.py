@@ -3,19 +3,18 @@
 import json
 import os
 import sqlite3
-import sys
 
 import pytest
 from filelock import FileLock
 
 from landmark_cli import manifest as manifest_mod
 from landmark_cli import store
-from landmark_cli.cli import main
 from landmark_cli.engine import Settings
 from landmark_cli.errors import StoreError
 from landmark_cli.index import Indexer, manifest_path
 from landmark_cli.llama import Llama
 from pdf_fixtures import make_blank_pdf, make_text_pdf
+from test_cli import run
 
 S = Settings(block=16, top_k=2, sink=16, window=64, chunk=64)
 OPTS = ["--block-size", "16", "--top-k", "2", "--window", "64", "--sink", "16", "--chunk", "64"]
@@ -187,17 +186,6 @@ def test_manifest_from_a_newer_version_or_damaged_is_a_clear_error(tiny, folder)
 
 
 # ---- the CLI ------------------------------------------------------------------------------
-
-
-def run(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["landmark", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_index_then_ask_folder(capsys, monkeypatch, tiny_dir, folder):
