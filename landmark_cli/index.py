@@ -159,21 +159,22 @@ class Indexer:
         out = []
         for path in files:
             row = rows.pop(str(path), None)
-            out.append(self._state(path, row))
+            out.append(self._state(path, row)[0])
         out += [Outcome(r.path, "deleted", r.tokens) for r in rows.values()]
         return sorted(out, key=lambda o: o.path)
 
-    def _state(self, path: Path, row: Row | None) -> Outcome:
+    def _state(self, path: Path, row: Row | None) -> tuple[Outcome, store.Entry | None]:
+        """The file's state, and its validated store entry when it is "ok"."""
         if row is None:
-            return Outcome(str(path), "new")
+            return Outcome(str(path), "new"), None
         if file_sha256(path) != row.sha256:
-            return Outcome(str(path), "stale", row.tokens, note="changed since it was indexed")
+            return Outcome(str(path), "stale", row.tokens, note="changed since it was indexed"), None
         if row.status == "failed":
-            return Outcome(str(path), "failed", error=row.error)
+            return Outcome(str(path), "failed", error=row.error), None
         entry = self.entry(row)
         if entry is None:
-            return Outcome(str(path), "stale", row.tokens, note="cache missing or damaged")
-        return Outcome(str(path), "ok", row.tokens, nbytes=entry.nbytes())
+            return Outcome(str(path), "stale", row.tokens, note="cache missing or damaged"), None
+        return Outcome(str(path), "ok", row.tokens, nbytes=entry.nbytes()), entry
 
     def ready(self, folder: str | Path) -> tuple[list[tuple[Row, store.Entry]], list[Outcome]]:
         """For asking: (row, entry) of every document below `folder` that is indexed and
@@ -185,12 +186,9 @@ class Indexer:
         usable, left_out = [], []
         for path in files:
             row = rows.get(str(path))
-            if row is not None and row.status == "failed" and file_sha256(path) == row.sha256:
-                continue  # known to be unreadable
-            state = self._state(path, row)
-            entry = self.entry(row) if state.state == "ok" else None
-            if entry is None:
-                left_out.append(state)
-            else:
+            state, entry = self._state(path, row)
+            if entry is not None:
                 usable.append((row, entry))
+            elif state.state != "failed":  # a file known to be unreadable is not news
+                left_out.append(state)
         return usable, left_out
