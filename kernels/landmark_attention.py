@@ -65,19 +65,23 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
-    """Vectorised torch version (materialises [T, T] scores, float32); autograd-friendly."""
-    bt, hq, t, d = q.shape
+    """Vectorised torch version (materialises [Tq, T] scores, float32); autograd-friendly.
+
+    q may hold only the last Tq <= T positions of the sequence (a step of Tq new tokens
+    whose keys k, v [.., T, D] start with earlier context); is_landmark [Bt, T] flags keys."""
+    bt, hq, tq, d = q.shape
+    t = k.shape[2]
     group = hq // k.shape[1]
     scale = d**-0.5 if sm_scale is None else sm_scale
     k = k.repeat_interleave(group, dim=1).float()
     v = v.repeat_interleave(group, dim=1).float()
-    s = (q.float() @ k.transpose(-1, -2)) * scale  # [Bt, H, T, T]
+    s = (q.float() @ k.transpose(-1, -2)) * scale  # [Bt, H, Tq, T]
 
     lm = is_landmark.bool()
     blk = _block_ids(lm)
-    bi, bj = blk[:, None, :, None], blk[:, None, None, :]
+    bi, bj = blk[:, None, t - tq:, None], blk[:, None, None, :]
     lmj = lm[:, None, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(tq, t, dtype=torch.bool, device=q.device).tril(t - tq)
     own = (bi == bj) & causal & ~lmj
     gate = (bj < bi) & lmj
     inner = (bj < bi) & ~lmj

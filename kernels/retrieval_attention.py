@@ -51,7 +51,7 @@ TUNING = {"num_warps": 0, "num_stages": 2, "waves": 4, "BLOCK_N": 32}
 # ----------------------------------------------------------------------------- reference
 
 
-def _gather(store: torch.Tensor, block_idx: torch.Tensor) -> torch.Tensor:
+def gather_blocks(store: torch.Tensor, block_idx: torch.Tensor) -> torch.Tensor:
     """store[h, block_idx[h]] for every kv head, reading only the selected blocks."""
     idx = block_idx.to(store.device)
     return torch.stack([store[h].index_select(0, idx[h]) for h in range(store.shape[0])])
@@ -68,9 +68,9 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     qf = q.float().reshape(hkv, hq // hkv * t, d)  # [Hkv, G*T, D], rows (g, t)
 
     pos = ret_pos0 + torch.arange(kb * bsz, device=cos.device)
-    k_ret = _gather(k_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
+    k_ret = gather_blocks(k_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
     k_ret = apply_rope(k_ret, cos[pos].to(dev).float(), sin[pos].to(dev).float())
-    v_ret = _gather(v_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
+    v_ret = gather_blocks(v_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
     visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
 
     if landmark_keys is None:  # one softmax over [retrieved, dense]: PyTorch's fused attention
@@ -90,7 +90,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     s_ret = qf @ k_ret.transpose(1, 2) * scale  # [Hkv, G*T, K*B]
     # grouped softmax (trained landmarks): the outer softmax gates each block's inner one
     lm_pos = pos.view(kb, bsz)[:, -1]
-    k_lm = _gather(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]
+    k_lm = gather_blocks(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]
     k_lm = apply_rope(k_lm, cos[lm_pos].to(dev).float(), sin[lm_pos].to(dev).float())
     s_lm = qf @ k_lm.transpose(1, 2) * scale  # [Hkv, G*T, K]
     p = torch.softmax(torch.cat([s_lm, s_dense], dim=-1), dim=-1)

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from kernels.retrieval_attention import retrieval_attention
+from kernels.landmark_attention import landmark_attention_reference
+from kernels.retrieval_attention import gather_blocks, retrieval_attention
 from kernels.rope import apply_rope
 
 from . import store
+from .checkpoint import LandmarkSpec
 from .errors import LandmarkError
-from .landmarks import N_REPS, block_reps, block_scores, exact_block_logits, relevance, top_blocks, top_runs
+from .landmarks import (N_REPS, block_reps, block_scores, exact_block_logits, insert_landmarks,
+                        is_landmark_position, relevance, top_blocks, top_runs)
 from .models import LoadedModel
 from .paths import home
 
@@ -47,6 +50,7 @@ class Settings:
     band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) that make the shared selection
     answer_window: int | None = None  # local window while answering (None: same as `window`)
     follow: int = 1  # shared selection: blocks taken after each top block
+    landmarks: str = "auto"  # "trained": the model's own <landmark> tokens; "free": representatives; auto: trained if the model has them
 
     def __post_init__(self):
         if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
@@ -55,6 +59,8 @@ class Settings:
             raise ValueError(f"unknown representative {self.rep!r}; choose from {sorted(N_REPS)}")
         if self.select not in ("layer", "shared"):
             raise ValueError(f"unknown selection {self.select!r}; choose layer or shared")
+        if self.landmarks not in ("auto", "trained", "free"):
+            raise ValueError(f"unknown landmarks {self.landmarks!r}; choose auto, trained or free")
 
     def reading(self) -> dict:
         """The settings that shape the stored KV (the store key)."""
@@ -77,6 +83,22 @@ class Settings:
         return self.sink_tokens + self.top_k * self.block + self.window_tokens + self.chunk_tokens
 
 
+def trained_settings(s: Settings, spec: LandmarkSpec) -> Settings:
+    """Settings for a trained landmark model, as in the paper: blocks of mem_freq tokens +
+    their <landmark>, retrieval by the landmark keys per layer and KV head, no sink, and
+    every step inside the training context: k blocks + window + chunk <= train_context
+    (the chunk shrinks first, then the window)."""
+    B = spec.block
+    avail = spec.train_context // B * B - s.top_k * B
+    if avail < B:
+        raise LandmarkError(f"--top-k {s.top_k} blocks of {B} tokens leave no room for a chunk in the model's "
+                            f"training context of {spec.train_context} tokens",
+                            f"use --top-k {max(spec.train_context // B - 1, 0)} or less")
+    chunk = max(B, min(s.chunk // B * B, avail))
+    return replace(s, block=B, rep="landmark", select="layer", sink=0, chunk=chunk,
+                   window=max(0, min(s.window // B * B, avail - chunk)))
+
+
 @dataclass
 class Answer:
     tokens: list[int]
@@ -91,6 +113,23 @@ class Answer:
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
 
+def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos, sin) -> torch.Tensor:
+    """Trained mode: grouped-softmax attention of queries q [H, T, D] (RoPE'd) over k blocks
+    read from the store (sel [Hkv, k] block indices into k_store/v_store [Hkv, N, B, D],
+    pre-RoPE; placed at positions [0, k*B) and rotated there by the cos/sin tables) followed
+    by dense keys/values [Hkv, L, D] (RoPE'd; the last T are the queries' own) whose
+    landmark flags are dense_lm [L]. Every retrieved block ends with its landmark, which
+    gates the block's tokens; the torch reference of kernels/landmark_attention does the math."""
+    hkv, k = sel.shape
+    B, D = k_store.shape[2], k_store.shape[3]
+    kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
+    vr = gather_blocks(v_store, sel).reshape(hkv, k * B, D).to(q.dtype)
+    kr = apply_rope(kr, cos[:k * B], sin[:k * B])
+    lm = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_lm])
+    keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
+    return landmark_attention_reference(q[None], keys[None], vals[None], lm[None])[0]
+
+
 def as_torch(a: np.ndarray) -> torch.Tensor:
     """A (possibly read-only, memory-mapped) numpy array as a tensor, without copying."""
     with warnings.catch_warnings():
@@ -100,12 +139,26 @@ def as_torch(a: np.ndarray) -> torch.Tensor:
 
 class Engine:
     def __init__(self, lm: LoadedModel, settings: Settings = Settings(), root: Path | None = None):
+        if settings.landmarks == "trained" and lm.landmark is None:
+            raise LandmarkError(f"{lm.name} has no trained landmarks (a <landmark> token and mem_freq in its config)",
+                                "use --landmarks auto or free")
+        self.spec = lm.landmark if settings.landmarks != "free" else None  # trained mode when set
+        if self.spec is not None:
+            settings = trained_settings(settings, self.spec)
         self.lm, self.s = lm, settings
         self.m, self.cfg = lm.model, lm.model.cfg
         self.root = root or home() / "store"
-        if settings.span() > self.cfg.context:
+        limit = self.spec.train_context if self.spec else self.cfg.context
+        if settings.span() > limit:
             raise LandmarkError(f"sink + top_k*block + window + chunk = {settings.span()} tokens exceeds the "
-                                f"model's context of {self.cfg.context} tokens", "lower --top-k, --window or --chunk")
+                                f"model's context of {limit} tokens", "lower --top-k, --window or --chunk")
+
+    def stream(self, ids: list[int], spans: np.ndarray | None = None):
+        """The token stream the store holds for ids: in trained mode with a <landmark> after
+        every mem_freq tokens (spans get (-1, -1) rows for them)."""
+        if self.spec is None:
+            return ids, spans
+        return insert_landmarks(ids, spans, self.spec.mem_freq, self.spec.mem_id)
 
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
@@ -134,12 +187,14 @@ class Engine:
         if entry is not None:
             return entry, True
         store.sweep_temporaries(self.root)
+        key, given = self.key(ids), ids
+        ids, spans = self.stream(ids, spans)
         s, c = self.s, self.cfg
         n = len(ids)
         nb = -(-n // s.block)
         shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
                      head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
-        w = store.Writer(self.root, self.key(ids), shape, {"model": self.lm.name, "fingerprint": self.lm.fingerprint,
+        w = store.Writer(self.root, key, shape, {"model": self.lm.name, "fingerprint": self.lm.fingerprint,
                                                             "settings": s.reading()}, kv_dtype=s.kv_dtype)
         try:
             w.ids[:] = ids
@@ -149,7 +204,7 @@ class Engine:
                     sp = sp[sp[:, 0] >= 0]
                     if len(sp):
                         w.spans[b] = (sp[:, 0].min(), sp[:, 1].max())
-            start = self.shared_prefix(prefix, ids) if prefix is not None else 0
+            start = self.shared_prefix(prefix, given) if prefix is not None else 0
             if start:
                 w.kv[:, :, :, :start // s.block] = prefix.kv[:, :, :, :start // s.block]
                 w.reps[:, :, :start // s.block] = prefix.reps[:, :, :start // s.block]
@@ -166,7 +221,8 @@ class Engine:
     def shared_prefix(self, entry: store.Entry, ids: list[int]) -> int:
         """Tokens at the start of `ids` whose reading `entry` already holds: the whole reading
         chunks of their common prefix (reading a chunk depends only on the tokens up to its end).
-        0 if `entry` was read by another model or with other settings."""
+        0 if `entry` was read by another model or with other settings. Counted in stream tokens."""
+        ids = self.stream(ids)[0]
         meta = entry.meta
         if meta.get("fingerprint") != self.lm.fingerprint or meta.get("settings") != self.s.reading():
             return 0
@@ -216,6 +272,10 @@ class Engine:
         dk = torch.cat([sink[0].to(k.dtype), win[0].to(k.dtype), k], 1)
         dv = torch.cat([sink[1].to(v.dtype), win[1].to(v.dtype), v], 1)
         ct, st = m.rope.tables(sink_end + ret + 1)
+        if self.spec is not None:  # no sink; window and chunk start at block boundaries
+            lm = is_landmark_position(torch.arange(n_win + T), s.block)
+            return grouped_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv, lm,
+                                     kv[layer, 0], kv[layer, 1], sel, ct, st)
         return retrieval_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv,
                                    kv[layer, 0], kv[layer, 1], sel, ct, st, sink_end)
 
@@ -287,6 +347,10 @@ class Session:
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
         self.n_dense = self.sink_end + (n - win0)
         self.next_pos = self.sink_end + self.k * B + (n - win0)
+        self.stream_len = n  # trained mode: the stream position of the next token
+        if engine.spec is not None:  # room for the landmarks inserted among new tokens
+            capacity += capacity // engine.spec.mem_freq + 2
+            self.dense_lm = is_landmark_position(win0 + torch.arange(self.n_dense + capacity), B)
         self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
         cos, sin = m.rope.at(pos)
@@ -318,6 +382,12 @@ class Session:
             q, k, v = m.qkv(layer, x)
             self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
             self.dense[layer, 1, :, a:b] = v
+            if self.e.spec is not None:
+                att = grouped_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
+                                        self.dense[layer, 1, :, :b], self.dense_lm[:b], self.kv[layer, 0],
+                                        self.kv[layer, 1], choose(layer, q), self.ret_cos, self.ret_sin)
+                x = m.finish(layer, x, att)
+                continue
             att = retrieval_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
                                       self.dense[layer, 1, :, :b], self.kv[layer, 0], self.kv[layer, 1],
                                       choose(layer, q), self.ret_cos, self.ret_sin, self.sink_end)
@@ -342,6 +412,13 @@ class Session:
 
         focus: which of these tokens are the question (they make the shared selection)."""
         s, c, m = self.e.s, self.e.cfg, self.e.m
+        last = -1  # the position whose logits are returned: the last ordinary token
+        if self.e.spec is not None:
+            spec = self.e.spec
+            ids = torch.tensor(insert_landmarks(ids.tolist(), None, spec.mem_freq, spec.mem_id, self.stream_len)[0])
+            last = -2 if int(ids[-1]) == spec.mem_id and (self.stream_len + len(ids) - 1) % spec.block == spec.mem_freq \
+                else -1
+            self.stream_len += len(ids)
         T, a = ids.shape[0], self.n_dense
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
         x = m.embed(ids)
@@ -357,7 +434,7 @@ class Session:
         else:
             x = self._layers(x, cos, sin, a, self._per_layer(self.question_scores if self.steps == 0 else None))
         self.n_dense, self.next_pos, self.steps = a + T, self.next_pos + T, self.steps + 1
-        return m.logits(x[-1:])[0]
+        return m.logits(x[last:][:1])[0]
 
     def sources(self, n: int) -> list[tuple[int, int, float]]:
         """(entry 0, block, score) of the blocks the question scored highest (over the layers that made the selection);

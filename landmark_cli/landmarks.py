@@ -6,17 +6,22 @@ depend on where the block sits in the document):
 - "mean":   the mean key of the block; score = q . mean.
 - "minmax": per-channel min and max of the keys (Quest); score = sum_d max(q_d min_d,
   q_d max_d), an upper bound of q . k over the block.
+- "landmark": trained landmark models only: the key of the block's last token, its
+  `<landmark>`, which the model learned to make stand for the block; score = q . key.
 
 Scores of one query chunk are turned into one block ranking per KV head: a softmax over
 the candidate blocks for every query (and every query head of the GQA group), then the
 mean over queries. Normalising per query keeps one loud query from deciding alone.
+Trained landmarks take the maximum over queries instead, as the reference implementation
+does: a landmark's score is the attention the model itself would give it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-N_REPS = {"mean": 1, "minmax": 2}
+N_REPS = {"mean": 1, "minmax": 2, "landmark": 1}
 
 
 def block_reps(k: torch.Tensor, kind: str, valid: int | None = None) -> torch.Tensor:
@@ -31,12 +36,14 @@ def block_reps(k: torch.Tensor, kind: str, valid: int | None = None) -> torch.Te
         return k.mean(2, keepdim=True)
     if kind == "minmax":
         return torch.stack([k.amin(2), k.amax(2)], 2)
+    if kind == "landmark":
+        return k[:, :, -1:]
     raise ValueError(f"unknown representative {kind!r}; choose from {sorted(N_REPS)}")
 
 
 def block_logits(q: torch.Tensor, reps: torch.Tensor, kind: str) -> torch.Tensor:
     """q [Hkv, M, D] (queries grouped by KV head), reps [Hkv, N, R, D] -> raw scores [Hkv, M, N]."""
-    if kind == "mean":
+    if kind in ("mean", "landmark"):
         return q @ reps[:, :, 0].transpose(1, 2)
     if kind == "minmax":
         lo, hi = reps[:, :, 0], reps[:, :, 1]  # [Hkv, N, D]
@@ -56,8 +63,8 @@ def block_scores(q: torch.Tensor, reps: torch.Tensor, kind: str, n_kv_heads: int
     if reps.shape[1] == 0:
         return reps.new_zeros(n_kv_heads, 0)
     qg = group_queries(q.float(), n_kv_heads)
-    logits = block_logits(qg, reps.float(), kind) * q.shape[-1] ** -0.5
-    return logits.softmax(-1).mean(1)
+    p = (block_logits(qg, reps.float(), kind) * q.shape[-1] ** -0.5).softmax(-1)
+    return p.amax(1) if kind == "landmark" else p.mean(1)
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -110,3 +117,27 @@ def top_runs(votes: torch.Tensor, k: int, follow: int, group: torch.Tensor | Non
         if len(chosen) >= k:
             break
     return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def insert_landmarks(ids: list[int], spans, mem_freq: int, mem_id: int, pos: int = 0):
+    """Trained landmarks: a `mem_id` token after every `mem_freq` tokens of a stream, so
+    that stream position p holds a landmark exactly when p % (mem_freq + 1) == mem_freq.
+    pos: the stream position of ids[0] (to continue a stream). spans [n, 2] (or None) get
+    a (-1, -1) row per landmark. Returns (ids, spans)."""
+    B = mem_freq + 1
+    out, keep = [], []
+    for i, t in enumerate(ids):
+        out.append(t)
+        keep.append(i)
+        if (pos + len(out)) % B == mem_freq:
+            out.append(mem_id)
+            keep.append(-1)
+    if spans is not None:
+        idx = np.asarray(keep)
+        spans = np.where(idx[:, None] >= 0, np.asarray(spans)[np.maximum(idx, 0)], -1)
+    return out, spans
+
+
+def is_landmark_position(positions: torch.Tensor, block: int) -> torch.Tensor:
+    """Trained landmarks: which stream positions hold a <landmark> (blocks of `block` positions)."""
+    return positions % block == block - 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.landmark_attention import landmark_attention
 from kernels.rope import apply_rope
 
 
@@ -98,7 +99,7 @@ class Rope:
         return self.cos[:n], self.sin[:n]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.tables(int(positions.max()) + 1)
+        cos, sin = self.tables(int(positions.max()) + 1 if positions.numel() else 0)
         return cos[positions], sin[positions]
 
 
@@ -160,14 +161,20 @@ class Llama:
         """hidden [T, dim] -> logits [T, vocab] (callers pass only the positions they read)."""
         return rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps) @ self.lm_head.T
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Plain causal forward over ids [T] -> logits [T, vocab] (parity tests, baselines)."""
+    def forward(self, ids: torch.Tensor, is_landmark: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal forward over ids [T] -> logits [T, vocab] (parity tests, baselines).
+
+        is_landmark [T] bool: a trained landmark model's full forward, with the grouped
+        softmax (kernels/landmark_attention) in place of the ordinary one."""
         T = ids.shape[0]
         cos, sin = self.rope.tables(T)
         x = self.embed(ids)
         for i in range(self.cfg.n_layers):
             q, k, v = self.qkv(i, x)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
+            if is_landmark is None:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
+            else:
+                a = landmark_attention(q[None], k[None], v[None], is_landmark[None])[0]
             x = self.finish(i, x, a)
         return self.logits(x)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import LandmarkSpec, landmark_id, read_config
 from .errors import ModelError
 from .llama import Llama, LlamaConfig
 from .paths import home
@@ -36,6 +37,7 @@ class LoadedModel:
     model: Llama
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     hf_config: object
+    landmark: LandmarkSpec | None = None  # trained landmarks (reference format), or None
 
     @property
     def is_chat(self) -> bool:
@@ -161,14 +163,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                progress=lambda s: None) -> LoadedModel:
     """Load --model SPEC: our Llama over its weights, plus its tokenizer and HF config."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        cfg = AutoConfig.from_pretrained(d, local_files_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot read the config of {d}: {e}".splitlines()[0]) from e
+    cfg, lm_spec = read_config(d)
     _check_config(cfg, str(d))
     files = _weights_files(d)
     try:
@@ -176,6 +175,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     except Exception as e:
         raise ModelError(f"cannot load the tokenizer of {d}: {e}".splitlines()[0],
                          "the directory needs tokenizer.json or tokenizer.model") from e
+    if lm_spec is not None:
+        tid = landmark_id(tok)
+        if tid is None:
+            lm_spec = None  # mem_freq in the config but no <landmark> token: an ordinary model
+        elif tid != lm_spec.mem_id:
+            raise ModelError(f"{d}: config mem_id {lm_spec.mem_id} is not the tokenizer's <landmark> id {tid}",
+                             "the config and tokenizer come from different checkpoints")
     t0 = time.perf_counter()
     weights: dict[str, torch.Tensor] = {}
     for f in files:
@@ -186,4 +192,5 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     progress(f"Loaded {d.name} in {time.perf_counter() - t0:.1f}s")
     extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
     return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra),
-                       model=Llama(LlamaConfig.from_hf(cfg), weights), tokenizer=tok, hf_config=cfg)
+                       model=Llama(LlamaConfig.from_hf(cfg), weights), tokenizer=tok, hf_config=cfg,
+                       landmark=lm_spec)

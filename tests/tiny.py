@@ -35,3 +35,22 @@ def make_tiny_model(path: Path, *, vocab: int = 320, layers: int = 2, heads: int
                 p.mul_(4.0)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: int = 256, **kw) -> Path:
+    """A tiny model in the reference landmark format: [PAD] and <landmark> added to the
+    tokenizer (embedding rows = mean), config with mem_id, mem_freq, train_context_length."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from landmark_cli.checkpoint import LandmarkSpec, add_landmark_tokens, landmark_config, save_checkpoint
+
+    base = make_tiny_model(path.with_name(path.name + "-base"), **kw)
+    tok = AutoTokenizer.from_pretrained(base)
+    weights = load_file(base / "model.safetensors")
+    mem_id = add_landmark_tokens(tok, weights)
+    cfg = landmark_config(json.loads((base / "config.json").read_text()), LandmarkSpec(mem_id, mem_freq, train_context),
+                          vocab_size=len(tok))
+    return save_checkpoint(path, cfg, weights, tok)

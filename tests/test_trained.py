@@ -1,0 +1,71 @@
+"""Trained landmark models: reference-format loading and trained-mode inference."""
+
+import pytest
+import torch
+
+from landmark_cli.engine import Engine, Settings
+from landmark_cli.errors import LandmarkError
+from landmark_cli.landmarks import insert_landmarks
+from landmark_cli.models import load_model
+from tiny import make_tiny_landmark_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return load_model(str(make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model")))
+
+
+def test_reference_format_loads(trained):
+    spec = trained.landmark
+    assert spec is not None and spec.mem_freq == 7 and spec.train_context == 256
+    assert trained.tokenizer.convert_ids_to_tokens(spec.mem_id) == "<landmark>"
+    assert trained.tokenizer.pad_token == "[PAD]" and trained.tokenizer.pad_token_id == spec.mem_id - 1
+    emb = trained.model.w["model.embed_tokens.weight"]
+    torch.testing.assert_close(emb[spec.mem_id], emb[:spec.mem_id - 1].mean(0))  # mean-initialised rows
+
+
+def test_insert_landmarks_continues_a_stream():
+    ids, spans = insert_landmarks(list(range(10)), [[i, i + 1] for i in range(10)], 3, 99)
+    assert ids == [0, 1, 2, 99, 3, 4, 5, 99, 6, 7, 8, 99, 9]
+    assert spans[3].tolist() == [-1, -1] and spans[4].tolist() == [3, 4]
+    more, _ = insert_landmarks([10, 11, 12], None, 3, 99, pos=len(ids))
+    assert ids + more == insert_landmarks(list(range(13)), None, 3, 99)[0]
+
+
+@pytest.mark.parametrize("n_doc", [77, 84])  # ends mid-block / right after a landmark
+def test_trained_mode_equals_full_grouped_forward(trained, tmp_path, n_doc):
+    """Document within the training context, k covering every block: chunked reading with
+    retrieval, then answering token by token, gives the logits of the full grouped forward."""
+    spec = trained.landmark
+    eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
+    assert (eng.s.block, eng.s.rep, eng.s.sink, eng.s.chunk_tokens) == (8, "landmark", 0, 32)
+    g = torch.Generator().manual_seed(n_doc)
+    doc = torch.randint(2, spec.mem_id - 1, (n_doc,), generator=g).tolist()
+    suffix = torch.randint(2, spec.mem_id - 1, (9,), generator=g).tolist()
+    entry, cached = eng.read(doc)
+    assert not cached and entry.n_tokens == len(insert_landmarks(doc, None, 7, spec.mem_id)[0])
+
+    from landmark_cli.engine import Session
+
+    sess = Session(eng, entry, capacity=32)
+    got = [sess.step(torch.tensor(suffix)), sess.step(torch.tensor([5])), sess.step(torch.tensor([6]))]
+    for i, logits in enumerate(got):
+        seq = doc + suffix + [5, 6][:i]
+        stream = torch.tensor(insert_landmarks(seq, None, 7, spec.mem_id)[0])
+        full = trained.model.forward(stream, is_landmark=stream == spec.mem_id)
+        last = max(j for j in range(len(stream)) if int(stream[j]) != spec.mem_id)
+        torch.testing.assert_close(logits, full[last], atol=1e-4, rtol=1e-4)
+
+
+def test_trained_settings_fit_the_training_context(trained, tmp_path):
+    eng = Engine(trained, Settings(top_k=8), root=tmp_path)  # defaults: chunk 512, window 1024
+    assert eng.s.span() <= 256 and eng.s.chunk_tokens == 256 - 8 * 8 and eng.s.window == 0
+    with pytest.raises(LandmarkError, match="training context"):
+        Engine(trained, Settings(top_k=40), root=tmp_path)
+    free = Engine(trained, Settings(top_k=2, landmarks="free"), root=tmp_path)
+    assert free.spec is None and free.s.block == 32
+
+
+def test_landmarks_trained_needs_a_landmark_model(tiny, tmp_path):
+    with pytest.raises(LandmarkError, match="no trained landmarks"):
+        Engine(tiny, Settings(landmarks="trained"), root=tmp_path)
