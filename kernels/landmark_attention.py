@@ -39,6 +39,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from kernels._triton import HAVE_TRITON, tl, triton
 
@@ -97,6 +98,46 @@ def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
     g_blk = torch.zeros_like(s).scatter_add(-1, idx, p_outer * gate)  # landmark prob per block
     w = p_outer * own + pi * g_blk.gather(-1, idx)
     return (w @ v).to(q.dtype)
+
+
+def regular_block(is_landmark: torch.Tensor) -> int | None:
+    """B when every row has its landmarks exactly at positions p % B == B - 1 (the layout
+    of training and of reading a document), else None."""
+    t = is_landmark.shape[-1]
+    first = is_landmark[0].nonzero()
+    if first.numel() == 0:
+        return None
+    b = int(first[0]) + 1
+    pattern = torch.arange(t, device=is_landmark.device) % b == b - 1
+    return b if b > 1 and bool((is_landmark.bool() == pattern).all()) else None
+
+
+def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None):
+    """The reference semantics for the regular layout (a landmark at every position
+    p % block == block - 1; q, k, v all T positions), with the key axis viewed as
+    [blocks, block]: the within-block softmax is a softmax over the last dimension, so
+    there is no scatter or gather. Several times faster than the general reference on a
+    CPU (training); autograd-friendly."""
+    bt, hq, t, d = q.shape
+    group = hq // k.shape[1]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    nb = -(-t // block)
+    pad = nb * block - t  # padded keys sit after every query: causally invisible
+    k = F.pad(k.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
+    v = F.pad(v.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
+    s = ((q.float() @ k.transpose(-1, -2)) * scale).view(bt, hq, t, nb, block)
+
+    i = torch.arange(t, device=q.device)[:, None, None]
+    c = torch.arange(nb, device=q.device)[None, :, None]
+    u = torch.arange(block, device=q.device)[None, None, :]
+    bi, lm = i // block, u == block - 1
+    own = (c == bi) & (c * block + u <= i) & ~lm  # [T, nb, block]
+    gate = (c < bi) & lm
+    inner = (c < bi) & ~lm
+    p_outer = _masked_softmax(s.flatten(-2), (own | gate).flatten(-2)).view_as(s)
+    pi = _masked_softmax(s, inner)
+    w = p_outer * own + pi * (p_outer[..., -1:] * gate[..., -1:])
+    return (w.flatten(-2) @ v).to(q.dtype)
 
 
 def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
@@ -365,6 +406,9 @@ def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto"):
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if impl == "torch" or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
+        block = regular_block(is_landmark) if q.shape[2] == k.shape[2] else None
+        if block is not None:
+            return landmark_attention_blocks(q, k, v, block, sm_scale=scale)
         return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")

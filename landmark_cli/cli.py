@@ -27,6 +27,8 @@ WindowOpt = Annotated[int, typer.Option("--window", help="local window: recent t
 SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always attended")]
 ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per reading step")]
 RepOpt = Annotated[str, typer.Option("--rep", help="block representative while reading: mean | minmax")]
+LandmarksOpt = Annotated[str, typer.Option("--landmarks", help="auto (trained if the model has a <landmark> token "
+                                           "and mem_freq, else free) | trained | free (block representatives)")]
 SelectOpt = Annotated[str, typer.Option("--select", help="answer-time block selection: shared (one set chosen "
                                         "by a band of middle layers) | layer (per layer and KV head)")]
 
@@ -36,11 +38,12 @@ def _group() -> None:
     """Ask questions about long documents with a LLaMA-family model and Landmark Attention."""
 
 
-def _settings(top_k, block, window, sink, chunk, rep, select):
+def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto"):
     from .engine import Settings
 
     try:
-        return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep, select=select)
+        return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep, select=select,
+                        landmarks=landmarks)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark ask --help") from None
 
@@ -72,6 +75,7 @@ def ask(
     chunk: ChunkOpt = 512,
     rep: RepOpt = "mean",
     select: SelectOpt = "shared",
+    landmarks: LandmarksOpt = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
                                               "documents first")] = False,
@@ -84,7 +88,7 @@ def ask(
     from .ask import ask_folder
     from .documents import find_documents, load_document
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, select)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks)
     folder = Path(path).expanduser().is_dir()
     if folder:
         if not find_documents(path):  # fail fast, before loading the model
@@ -206,6 +210,7 @@ def index(
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
     rep: RepOpt = "mean",
+    landmarks: LandmarksOpt = "auto",
     status: Annotated[bool, typer.Option("--status", help="show what is indexed, stale, new or failed; "
                                          "read nothing")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="drop the caches of files that were deleted")] = False,
@@ -217,7 +222,7 @@ def index(
     from .documents import find_documents
     from .index import Indexer
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, "shared")
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, "shared", landmarks)
     find_documents(folder)  # a missing folder fails before the model loads
     lm, _ = _load(model)
     if status:
@@ -264,6 +269,7 @@ def passkey(
                                          "the last tokens that fit the model's context)")] = "landmark,full,truncate",
     top_k: TopKOpt = 8,
     block_size: BlockOpt = 32,
+    landmarks: LandmarksOpt = "auto",
     model: ModelOpt = "default",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="seed of the first trial of each length")] = 0,
@@ -282,7 +288,7 @@ def passkey(
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     try:
-        settings = Settings(top_k=top_k, block=block_size)
+        settings = Settings(top_k=top_k, block=block_size, landmarks=landmarks)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark passkey --help") from None
     grid_run.check_device(device)
@@ -299,6 +305,108 @@ def passkey(
     if plot_file and records:
         pk.plot(records, plot_file, title, context=lm.model.cfg.context)
         err.print(f"[dim]plot saved to {plot_file}[/dim]", highlight=False)
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option("--data", help="folder of PDF, .txt and .md files to train on")],
+    out_dir: Annotated[str, typer.Option("--out", help="directory for the trained checkpoint (reference "
+                                         "format; rewritten at every save, resumable)")],
+    model: ModelOpt = "default",
+    block_size: Annotated[int, typer.Option("--block-size", help="tokens per block: a <landmark> after each "
+                                            "(the paper: 50)")] = 50,
+    context: Annotated[int, typer.Option("--context", help="training context in tokens, landmarks "
+                                         "included")] = 512,
+    steps: Annotated[int, typer.Option("--steps", help="optimizer steps")] = 1000,
+    batch: Annotated[int, typer.Option("--batch", help="sequences per micro-batch")] = 8,
+    accum: Annotated[int, typer.Option("--accum", help="micro-batches per step (gradient accumulation)")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="peak learning rate (AdamW; warm-up, then cosine decay)")] = 3e-4,
+    warmup: Annotated[int, typer.Option("--warmup", help="warm-up steps")] = 50,
+    save_every: Annotated[int, typer.Option("--save-every", help="steps between checkpoints")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="random seed (data order)")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda (bf16 autocast, fused Triton kernel)")] = "cpu",
+    restart: Annotated[bool, typer.Option("--restart", help="start from the base model even if OUT holds a "
+                                          "run to resume")] = False,
+):
+    """Fine-tune a LLaMA-family model with landmark tokens and the grouped softmax (the paper's recipe)."""
+    from .finetune import TrainConfig
+    from .finetune import finetune as run_finetune
+
+    try:
+        cfg = TrainConfig(block_size=block_size, context=context, steps=steps, batch=batch, accum=accum, lr=lr,
+                          warmup=warmup, save_every=save_every, seed=seed)
+    except ValueError as e:
+        raise LandmarkError(str(e), "see landmark finetune --help") from None
+    with Progress(TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("", total=steps, info="")
+
+        def on_step(i) -> None:
+            info = f"loss {i.loss:.3f}, lr {i.lr:.1e}, {i.tokens_per_s:,.0f} tok/s"
+            bar.update(task, completed=i.step, info=info)
+            if not err.is_terminal and (i.step % 10 == 0 or i.step == i.steps):
+                err.print(f"step {i.step}/{i.steps}: {info}", highlight=False)
+
+        r = run_finetune(model, data, out_dir, cfg, device=device, restart=restart, on_step=on_step,
+                         progress=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+    out.print(f"Trained {r['steps']} steps in {r['seconds']:,.0f}s; loss {r['first_loss']:.3f} -> "
+              f"{r['last_loss']:.3f}; checkpoint in {r['out']} (ask with `landmark ask FILE QUESTION --model "
+              f"{r['out']}`)", highlight=False, soft_wrap=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+@app.command()
+def recover(
+    base: Annotated[str, typer.Option("--base", help="the original LLaMA-7B in Hugging Face format "
+                                      "(safetensors weights)")],
+    diff: Annotated[str, typer.Option("--diff", help="the weight diff (epfml/landmark-attention-llama7b-wdiff, "
+                                      "as safetensors)")],
+    out_dir: Annotated[str, typer.Option("--out", help="directory to write the recovered model to (must not "
+                                         "exist)")],
+    dtype: Annotated[str, typer.Option("--dtype", help="of the written weights: float32 (the diff's, "
+                                       "lossless) | float16 | bfloat16 (half the size)")] = "float32",
+    no_check: Annotated[bool, typer.Option("--no-check", help="skip the passkey test of the recovered "
+                                           "model (2 trials at 2k tokens)")] = False,
+):
+    """Rebuild the Landmark Attention paper's fine-tuned LLaMA-7B from LLaMA and the released weight diff."""
+    from . import passkey_run as grid_run
+    from .recover import passkey_check
+    from .recover import recover as run_recover
+
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]Recovering"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("", total=None, info="")
+        shown = {"pct": -10}
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=f"{_size(done)}/{_size(total)} {name}")
+            pct = 100 * done // max(total, 1)
+            if not err.is_terminal and (pct >= shown["pct"] + 10 or done == total):  # a line per 10%
+                shown["pct"] = pct
+                err.print(f"recovering: {pct}% ({_size(done)}/{_size(total)})", highlight=False)
+
+        r = run_recover(base, diff, out_dir, dtype=dtype, progress=progress,
+                        warn=lambda m: err.print(f"[yellow]Warning:[/yellow] {m}", highlight=False))
+    check = (f"checksum {r.checksum_got:.4f} matches {r.checksum_expected:.4f}" if r.checksum_expected is not None
+             else "no checksum to compare with")
+    out.print(f"Recovered {r.tensors} tensors ({_size(r.bytes)}, {r.dtype}) into {r.out} in "
+              f"{time.perf_counter() - started:,.0f}s; {check}; <landmark> = {r.mem_id}",
+              highlight=False, soft_wrap=True)
+    if no_check:
+        return
+    with grid_run.ConsoleListener(err) as listener:
+        correct, trials = passkey_check(r.out, listener=listener, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    if correct == trials:
+        out.print(f"Passkey check: {correct}/{trials} correct at 2k tokens", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[yellow]Warning:[/yellow] passkey check: {correct}/{trials} correct at 2k tokens; the model "
+                  f"was written, but may not be the paper's (try `landmark passkey --model {r.out}`)", highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

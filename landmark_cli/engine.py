@@ -412,12 +412,9 @@ class Session:
 
         focus: which of these tokens are the question (they make the shared selection)."""
         s, c, m = self.e.s, self.e.cfg, self.e.m
-        last = -1  # the position whose logits are returned: the last ordinary token
-        if self.e.spec is not None:
+        if self.e.spec is not None:  # landmarks go in as the stream needs them (the model never writes one)
             spec = self.e.spec
             ids = torch.tensor(insert_landmarks(ids.tolist(), None, spec.mem_freq, spec.mem_id, self.stream_len)[0])
-            last = -2 if int(ids[-1]) == spec.mem_id and (self.stream_len + len(ids) - 1) % spec.block == spec.mem_freq \
-                else -1
             self.stream_len += len(ids)
         T, a = ids.shape[0], self.n_dense
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
@@ -434,7 +431,10 @@ class Session:
         else:
             x = self._layers(x, cos, sin, a, self._per_layer(self.question_scores if self.steps == 0 else None))
         self.n_dense, self.next_pos, self.steps = a + T, self.next_pos + T, self.steps + 1
-        return m.logits(x[last:][:1])[0]
+        logits = m.logits(x[-1:])[0]
+        if self.e.spec is not None:  # after a landmark the model predicts the next token (reference convention)
+            logits[self.e.spec.mem_id] = float("-inf")
+        return logits
 
     def sources(self, n: int) -> list[tuple[int, int, float]]:
         """(entry 0, block, score) of the blocks the question scored highest (over the layers that made the selection);

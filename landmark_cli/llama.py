@@ -140,20 +140,20 @@ class Llama:
         return F.embedding(ids, self.w["model.embed_tokens.weight"])
 
     def qkv(self, i: int, x: torch.Tensor):
-        """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied."""
+        """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied.
+        (A leading batch dimension passes through: [Bt, T, dim] -> [Bt, H, T, D] etc.)"""
         c, L = self.cfg, self.layers[i]
         h = rms_norm(x, L["attn_norm"], c.norm_eps) @ L["qkv"].T
-        T = x.shape[0]
         q, k, v = h.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
-        q = q.view(T, c.n_heads, c.head_dim).transpose(0, 1)  # [H, T, D]
-        k = k.view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)  # [Hkv, T, D]
-        v = v.view(T, c.n_kv_heads, c.head_dim).transpose(0, 1)
+        q = q.unflatten(-1, (c.n_heads, c.head_dim)).transpose(-3, -2)  # [H, T, D]
+        k = k.unflatten(-1, (c.n_kv_heads, c.head_dim)).transpose(-3, -2)  # [Hkv, T, D]
+        v = v.unflatten(-1, (c.n_kv_heads, c.head_dim)).transpose(-3, -2)
         return q, k, v
 
     def finish(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """residual stream x [T, dim] + attention output attn [H, T, D] -> next hidden [T, dim]"""
         c, L = self.cfg, self.layers[i]
-        x = x + attn.transpose(0, 1).reshape(x.shape[0], -1) @ L["o"].T
+        x = x + attn.transpose(-3, -2).flatten(-2) @ L["o"].T
         gate, up = (rms_norm(x, L["mlp_norm"], c.norm_eps) @ L["gate_up"].T).chunk(2, -1)
         return x + (F.silu(gate) * up) @ L["down"].T
 
@@ -162,19 +162,45 @@ class Llama:
         return rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps) @ self.lm_head.T
 
     def forward(self, ids: torch.Tensor, is_landmark: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal forward over ids [T] -> logits [T, vocab] (parity tests, baselines).
+        """Causal forward over ids [T] (or a batch [Bt, T]) -> logits [T, vocab] (parity
+        tests, baselines, `landmark finetune`).
 
-        is_landmark [T] bool: a trained landmark model's full forward, with the grouped
-        softmax (kernels/landmark_attention) in place of the ordinary one."""
-        T = ids.shape[0]
-        cos, sin = self.rope.tables(T)
+        is_landmark (shaped like ids, bool): a trained landmark model's full forward, with
+        the grouped softmax (kernels/landmark_attention) in place of the ordinary one."""
+        T = ids.shape[-1]
         x = self.embed(ids)
+        cos, sin = (t.to(x.device) for t in self.rope.tables(T))
         for i in range(self.cfg.n_layers):
             q, k, v = self.qkv(i, x)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if is_landmark is None:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
-            else:
+            elif ids.dim() == 1:
                 a = landmark_attention(q[None], k[None], v[None], is_landmark[None])[0]
+            else:
+                a = landmark_attention(q, k, v, is_landmark)
             x = self.finish(i, x, a)
         return self.logits(x)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The tensors the forward reads (fused per layer), for training them in place."""
+        out = [self.w["model.embed_tokens.weight"], self.w["model.norm.weight"]]
+        if self.lm_head is not out[0]:
+            out.append(self.lm_head)
+        return out + [t for L in self.layers for t in L.values()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Hugging Face-named weights from the (possibly trained) fused tensors."""
+        c = self.cfg
+        sd = {"model.embed_tokens.weight": self.w["model.embed_tokens.weight"], "model.norm.weight": self.w["model.norm.weight"]}
+        if self.lm_head is not sd["model.embed_tokens.weight"]:
+            sd["lm_head.weight"] = self.lm_head
+        for i, L in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            q, k, v = L["qkv"].split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim])
+            gate, up = L["gate_up"].chunk(2)
+            sd.update({p + "input_layernorm.weight": L["attn_norm"], p + "self_attn.q_proj.weight": q,
+                       p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                       p + "self_attn.o_proj.weight": L["o"], p + "post_attention_layernorm.weight": L["mlp_norm"],
+                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": L["down"]})
+        return {k: v.detach().contiguous() for k, v in sd.items()}

@@ -51,7 +51,8 @@ def full_settings(n_tokens: int, context: int, reserve: int = 64) -> Settings:
     from an fp32 store (the invariant tests/test_engine.py checks).
 
     Blocks are covered when sink + k*block + window >= n_tokens, and the engine needs
-    sink + k*block + window + chunk <= context, so the chunk shrinks near the context."""
+    sink + k*block + window + chunk <= context, so the chunk shrinks near the context.
+    A trained landmark model runs here as the plain LLaMA it is (no landmark tokens)."""
     block, sink = 32, 64
     window = min(1024, context // 4 // block * block)
     chunk = min(512, (context - n_tokens - block + 1) // block * block)
@@ -63,7 +64,7 @@ def full_settings(n_tokens: int, context: int, reserve: int = 64) -> Settings:
                             f"for exact full attention (at most {full_capacity(context, reserve, sink):,})")
     top_k = (context - sink - window - chunk) // block
     return Settings(block=block, sink=sink, window=window, chunk=chunk, kv_dtype="float32", top_k=top_k,
-                    select="layer")
+                    select="layer", landmarks="free")
 
 
 def full_capacity(context: int, reserve: int, chunk: int = 512) -> int:

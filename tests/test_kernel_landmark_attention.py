@@ -186,3 +186,16 @@ def test_reference_queries_at_the_end(tq):
     full = la.landmark_attention_reference(q, k, v, is_lm)
     step = la.landmark_attention_reference(q[:, :, -tq:], k, v, is_lm)
     assert_close(step, full[:, :, -tq:], 1e-6, 1e-6, "out")
+
+
+@pytest.mark.parametrize("t,block,group", [(29, 6, 3), (32, 8, 1), (7, 3, 2)])
+def test_regular_blocks_match_reference(t, block, group):
+    """The regular-layout path (training, reading) = the general reference, values and gradients."""
+    q, k, v = inputs(t, group, hkv=1)
+    is_lm = (torch.arange(t) % block == block - 1).expand(q.shape[0], t)
+    assert la.regular_block(is_lm) == block and la.regular_block(landmarks(t, "random")) is None
+    dout = torch.randn(q.shape)
+    ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
+    fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], block, **kw), q, k, v, is_lm, dout)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        assert_close(a, b, 2e-5, 2e-5, name)

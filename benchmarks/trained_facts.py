@@ -1,0 +1,238 @@
+"""Trained landmarks end to end: a small LLaMA trained from scratch by `landmark finetune`
+on synthetic facts, then asked about facts in documents far longer than its context.
+
+    python benchmarks/trained_facts.py                    # the full run (about 20 min on 2 cores)
+    python benchmarks/trained_facts.py --steps 40 --docs 1  # a quick smoke run
+
+Steps: (1) write a training corpus of short "documents" in which facts ("The code of
+Tavor is 4821.") sit among filler sentences and questions about them follow
+("Question: What is the code of Tavor?\nAnswer: 4821"), in the same prompt layout that
+`landmark ask` uses for models without a chat template; (2) train a byte-level BPE
+tokenizer on it and write a randomly initialised LLaMA; (3) `landmark finetune` it at a
+short context; (4) build long documents (8k tokens by default, 16x the training context
+of 512) each holding several facts at random depths, and ask `landmark ask` about every
+fact; (5) the same questions with the same model without retrieval, truncated to its
+training context (the last tokens of the prompt, full grouped attention): the baseline.
+Results go to benchmarks/results/trained_facts_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from landmark_cli.prompts import INSTRUCTION  # noqa: E402
+
+FILLER = [
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The river runs to the sea.", "A cold wind blows from the north.", "The market opens at dawn.",
+    "Birds sing in the old oak tree.", "The road winds over the hill.", "Rain falls on the quiet town.",
+    "The baker lights the oven early.", "Boats rest in the harbour.", "The clock in the square is slow.",
+    "Children play by the fountain.", "The lamp burns until midnight.", "Snow covers the far mountains.",
+    "The ferry leaves every hour.", "A dog sleeps by the door.", "The library is closed on Sunday.",
+]
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+CODAS = ["", "n", "r", "l", "s", "m", "th", "x"]
+
+
+def names(n: int, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    out: set[str] = set()
+    while len(out) < n:
+        w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(2)) + rng.choice(CODAS)
+        out.add(w.capitalize())
+    return sorted(out)
+
+
+def fact(name: str, code: int) -> str:
+    return f"The code of {name} is {code}."
+
+
+def question(name: str) -> str:
+    return f"What is the code of {name}?"
+
+
+def training_document(rng: random.Random, pool: list[str]) -> str:
+    """One short training document: 1-4 facts among 4-40 filler sentences, then questions
+    about them (and sometimes a fact restated and asked again mid-text)."""
+    chosen = rng.sample(pool, rng.randint(1, 4))
+    codes = {n: rng.randint(1000, 9999) for n in chosen}
+    sentences = [rng.choice(FILLER) for _ in range(rng.randint(4, 40))]
+    for n in chosen:
+        sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
+    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer: {codes[n]}" for n in rng.sample(chosen, len(chosen)))
+    return f"{INSTRUCTION}\n\nDocument:\n{' '.join(sentences)}{qa}\n\n"
+
+
+def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str]) -> None:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "facts.txt").write_text("".join(training_document(rng, pool) for _ in range(n_docs)))
+
+
+def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int) -> tuple[str, dict[str, int]]:
+    chosen = rng.sample(pool, n_facts)
+    codes = {n: rng.randint(1000, 9999) for n in chosen}
+    sentences = [rng.choice(FILLER) for _ in range(n_sentences)]
+    for n in chosen:
+        sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
+    return " ".join(sentences), codes
+
+
+def make_base(out: Path, corpus: Path, *, vocab: int, dim: int, layers: int, heads: int, kv_heads: int,
+              seed: int) -> Path:
+    """A randomly initialised LlamaForCausalLM + a byte-level BPE tokenizer trained on the corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(p) for p in corpus.glob("*.txt")], vocab_size=vocab, min_frequency=2,
+              special_tokens=["<s>", "</s>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=dim, intermediate_size=dim * 8 // 3 // 32 * 32,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=16384, rope_theta=10000.0, tie_word_embeddings=True,
+                      bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def first_number(text: str) -> int | None:
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+@torch.inference_mode()
+def truncated_answer(lm, prompt, max_new: int = 6) -> str:
+    """The model without retrieval: full grouped attention over the last train_context
+    tokens of the prompt (landmarks in place), greedy."""
+    from landmark_cli.landmarks import insert_landmarks
+
+    spec = lm.landmark
+    seq = prompt.ids + prompt.suffix
+    out: list[int] = []
+    for _ in range(max_new):
+        stream = insert_landmarks(seq + out, None, spec.mem_freq, spec.mem_id)[0]
+        x = torch.tensor(stream[-(spec.train_context // spec.block * spec.block - 1):])
+        logits = lm.model.forward(x, is_landmark=x == spec.mem_id)[-1]
+        logits[spec.mem_id] = float("-inf")
+        tok = int(logits.argmax())
+        if tok in lm.stop_ids():
+            break
+        out.append(tok)
+    return lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int, top_k: int, seed: int,
+             pool: list[str]) -> dict:
+    from landmark_cli.ask import ask
+    from landmark_cli.engine import Settings
+    from landmark_cli.models import load_model
+    from landmark_cli.prompts import ask_prompt
+
+    lm = load_model(str(model_dir))
+    settings = Settings(top_k=top_k)
+    rng = random.Random(seed)
+    per_sentence = len(lm.tokenizer(" ".join(FILLER), add_special_tokens=False)["input_ids"]) / len(FILLER)
+    records = []
+    for d in range(docs):
+        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence))
+        path = work / f"doc{d}.txt"
+        path.write_text(text)
+        for name, code in codes.items():
+            q = question(name)
+            t0 = time.perf_counter()
+            res = ask(lm, path, q, settings, max_new_tokens=6)
+            got = first_number(res.answer)
+            base = truncated_answer(lm, ask_prompt(lm.tokenizer, text, q))
+            records.append({"doc": d, "name": name, "expected": code, "answer": res.answer,
+                            "correct": got == code, "truncated_answer": base,
+                            "truncated_correct": first_number(base) == code,
+                            "depth": round(text.index(fact(name, code)) / len(text), 3),
+                            "stream_tokens": res.document_tokens, "retrieved_per_step": res.retrieved_per_step,
+                            "cached": res.cached, "seconds": round(time.perf_counter() - t0, 3)})
+            print(f"doc {d} {name}: expected {code}, landmark {res.answer!r}, truncated {base!r}", flush=True)
+    n = len(records)
+    return {"questions": n, "landmark_accuracy": sum(r["correct"] for r in records) / n,
+            "truncated_accuracy": sum(r["truncated_correct"] for r in records) / n,
+            "settings": {"top_k": top_k, "block": lm.landmark.block, "train_context": lm.landmark.train_context},
+            "records": records}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=31)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--train-docs", type=int, default=20000)
+    ap.add_argument("--docs", type=int, default=10, help="long documents to ask about")
+    ap.add_argument("--facts", type=int, default=4, help="facts per long document")
+    ap.add_argument("--tokens", type=int, default=8192, help="length of the long documents")
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/trained_facts_cpu.json"))
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from landmark_cli.finetune import TrainConfig, finetune
+    from landmark_cli.passkey_run import machine
+
+    work = Path(a.work)
+    pool = names(400)
+    train_pool, test_pool = pool[:300], pool[300:]  # the long documents ask about names never trained on
+    corpus = work / "corpus"
+    write_corpus(corpus, a.train_docs, a.seed, train_pool)
+    base = make_base(work / "base", corpus, vocab=1024, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                     seed=a.seed)
+    cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
+                      warmup=min(100, a.steps // 10 + 1), save_every=max(1, a.steps // 5), seed=a.seed)
+
+    def show(info):
+        if info.step % 25 == 0 or info.step == info.steps:
+            print(f"step {info.step}/{info.steps} loss {info.loss:.3f} lr {info.lr:.2e} {info.tokens_per_s:,.0f} tok/s",
+                  flush=True)
+
+    t0 = time.perf_counter()
+    summary = finetune(str(base), corpus, work / "model", cfg, restart=True, on_step=show, progress=print)
+    train_s = time.perf_counter() - t0
+    from safetensors.torch import load_file
+
+    n_params = sum(v.numel() for v in load_file(work / "model" / "model.safetensors").values())
+    print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps} steps in {train_s / 60:.1f} min; "
+          f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}", flush=True)
+    ev = evaluate(work / "model", work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
+                  seed=a.seed + 1, pool=test_pool)
+    print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
+          f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
+    result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
+              "train": {**summary, "seconds": round(train_s, 1), "torch_threads": torch.get_num_threads()},
+              **ev}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""`landmark finetune`: the paper's recipe on any LLaMA-family model.
+
+Add `<landmark>` (and `[PAD]`, as the reference does; new embedding rows = the mean of
+the others), cut the training text into windows of `context // (block + 1)` blocks, put
+a landmark after every `block` tokens, and train next-token prediction over the whole
+stream (landmarks included, the reference's `include_landmark_in_loss`) with the grouped
+softmax (kernels/landmark_attention: the fused Triton kernel on CUDA, the torch
+reference elsewhere). AdamW, linear warm-up then cosine decay, gradient accumulation.
+
+The output directory is a checkpoint in the reference format (checkpoint.py) that
+`landmark ask` loads in trained mode. Every `save_every` steps it is rewritten
+atomically together with the training state (optimizer moments, step, random state),
+so an interrupted run resumes from the last save with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import LandmarkSpec, add_landmark_tokens, landmark_config, landmark_id, read_config, write_dir
+from .errors import LandmarkError
+from .llama import Llama, LlamaConfig
+
+STATE_FILE, STATE_META = "train_state.safetensors", "train_state.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    block_size: int = 50  # ordinary tokens per landmark block (mem_freq)
+    context: int = 512  # training context in tokens, landmarks included
+    steps: int = 1000  # optimizer steps
+    batch: int = 8  # sequences per micro-batch
+    accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    warmup: int = 50  # steps of linear warm-up
+    min_lr: float = 0.1  # the cosine ends at min_lr * lr
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 200
+
+    def __post_init__(self):
+        for name in ("block_size", "context", "steps", "batch", "accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        if not (self.lr > 0 and 0 <= self.min_lr <= 1 and self.warmup >= 0):
+            raise ValueError("lr must be > 0, warmup >= 0")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+    @property
+    def blocks(self) -> int:
+        return self.context // (self.block_size + 1)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+
+
+def load_base(model_dir: Path, block_size: int, context: int):
+    """Weights, tokenizer and config of the base model, with <landmark> added if missing.
+    Returns (Llama in float32, tokenizer, config dict to save, LandmarkSpec)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from .models import _check_config, _weights_files
+
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg, spec = read_config(model_dir)
+    _check_config(cfg, str(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    weights: dict[str, torch.Tensor] = {}
+    for f in _weights_files(model_dir):
+        weights.update({k: v.float() for k, v in load_file(f).items()})
+    mem_id = landmark_id(tok)
+    if spec is not None and mem_id is not None:
+        if spec.mem_freq != block_size:
+            raise LandmarkError(f"{model_dir} was trained with blocks of {spec.mem_freq} tokens, not {block_size}",
+                                f"pass --block-size {spec.mem_freq} to continue its training")
+    else:
+        mem_id = add_landmark_tokens(tok, weights)
+    spec = LandmarkSpec(mem_id, block_size, context)
+    cfg.vocab_size = len(tok)
+    lm = Llama(LlamaConfig.from_hf(cfg), weights)
+    return lm, tok, landmark_config(cfg.to_dict(), spec, len(tok)), spec
+
+
+def corpus_tokens(folder: Path, tokenizer, progress: Callable[[str], None] = lambda s: None) -> np.ndarray:
+    """Every PDF/TXT/MD under `folder` through the document loaders, tokenized and
+    joined with the end-of-text token. Unreadable files are skipped with a message."""
+    from .documents import find_documents, load_document
+    from .errors import DocumentError
+
+    files = find_documents(folder)
+    if not files:
+        raise LandmarkError(f"no PDF, .txt or .md files under {folder}", "point --data at a folder of documents")
+    eos = tokenizer.eos_token_id
+    parts: list[np.ndarray] = []
+    for f in files:
+        try:
+            text = load_document(f).text
+        except DocumentError as e:
+            progress(f"skipping {f}: {e}")
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        parts.append(np.asarray(ids + ([eos] if eos is not None else []), dtype=np.int64))
+    if not parts:
+        raise LandmarkError(f"none of the {len(files)} files under {folder} could be read")
+    return np.concatenate(parts)
+
+
+def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: torch.Generator) -> torch.Tensor:
+    """[batch, blocks * (block_size + 1)] random windows of the corpus, a landmark after
+    every block_size tokens (so every row ends with a landmark)."""
+    n = cfg.blocks * cfg.block_size
+    starts = torch.randint(0, len(tokens) - n + 1, (cfg.batch,), generator=gen)
+    rows = torch.from_numpy(np.stack([tokens[s:s + n] for s in starts.tolist()]))
+    rows = rows.view(cfg.batch, cfg.blocks, cfg.block_size)
+    lm = torch.full((cfg.batch, cfg.blocks, 1), spec.mem_id, dtype=rows.dtype)
+    return torch.cat([rows, lm], -1).flatten(1)
+
+
+def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec) -> torch.Tensor:
+    """Mean next-token cross-entropy over the stream (landmarks included)."""
+    logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def _optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _save(out: Path, model: Llama, tok, config: dict, opt, step: int, gen: torch.Generator, cfg: TrainConfig,
+          losses: list[float]) -> None:
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        weights = {k: v.cpu() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            weights.pop("lm_head.weight", None)
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tok.save_pretrained(tmp)
+        state = {"rng": gen.get_state()}
+        for i, p in enumerate(model.parameters()):
+            st = opt.state.get(p)
+            if st:
+                state[f"m.{i}"], state[f"v.{i}"] = st["exp_avg"].cpu(), st["exp_avg_sq"].cpu()
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / STATE_FILE)
+        (tmp / STATE_META).write_text(json.dumps({"step": step, "config": asdict(cfg), "losses": losses}) + "\n")
+
+    write_dir(out, fill)
+
+
+def _resume(out: Path, model: Llama, opt, gen: torch.Generator, cfg: TrainConfig) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((out / STATE_META).read_text())
+    same = {k: v for k, v in meta["config"].items() if k != "save_every"}
+    if same != {k: v for k, v in asdict(cfg).items() if k != "save_every"}:
+        raise LandmarkError(f"{out} holds a run with other settings ({meta['config']})",
+                            "resume with the same options, or pass --restart to train from the base model again")
+    state = load_file(out / STATE_FILE)
+    gen.set_state(state["rng"])
+    for i, p in enumerate(model.parameters()):
+        if f"m.{i}" in state:
+            opt.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": state[f"m.{i}"].to(p.device),
+                            "exp_avg_sq": state[f"v.{i}"].to(p.device)}
+    return int(meta["step"]), list(meta["losses"])
+
+
+def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
+             device: str = "cpu", restart: bool = False, on_step: Callable[[StepInfo], None] | None = None,
+             progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Train `base` (a --model value) on the documents under `data`; write OUT. Returns a summary."""
+    from .models import resolve_dir
+
+    out = Path(out).expanduser()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LandmarkError(f"unknown device {device!r}", "use --device cpu or --device cuda")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise LandmarkError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})",
+                            "use --device cpu, or install a CUDA build of torch (see README)")
+    if cfg.blocks < 2:
+        raise LandmarkError(f"--context {cfg.context} holds fewer than 2 blocks of {cfg.block_size} + 1 tokens",
+                            "raise --context or lower --block-size")
+    resuming = not restart and (out / STATE_META).is_file()
+    src = out if resuming else resolve_dir(base, progress)
+    model, tok, config, spec = load_base(src, cfg.block_size, cfg.context)
+    tokens = corpus_tokens(Path(data).expanduser(), tok, progress)
+    need = cfg.blocks * cfg.block_size
+    if len(tokens) < need:
+        raise LandmarkError(f"the documents under {data} hold {len(tokens):,} tokens, fewer than one training "
+                            f"window of {need:,}", "add text or lower --context")
+    if device != "cpu":
+        model = Llama(model.cfg, {k: v.to(device) for k, v in model.w.items()})
+    params = model.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = _optimizer(params, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, losses = _resume(out, model, opt, gen, cfg) if resuming else (0, [])
+    if resuming:
+        progress(f"resuming {out} at step {step}/{cfg.steps}")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
+                                                                                                        enabled=False)
+    t_start, tokens_seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        total = 0.0
+        for _ in range(cfg.accum):
+            batch = sample_batch(tokens, cfg, spec, gen).to(device)
+            with amp:
+                loss = loss_of(model, batch, spec) / cfg.accum
+            loss.backward()
+            total += loss.item()
+            tokens_seen += batch.numel()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(round(total, 5))
+        if on_step:
+            on_step(StepInfo(step, cfg.steps, total, cfg.lr_at(step - 1),
+                             cfg.batch * cfg.accum * cfg.context / (time.perf_counter() - t0)))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _save(out, model, tok, config, opt, step, gen, cfg, losses)
+    elapsed = time.perf_counter() - t_start
+    return {"out": str(out), "steps": step, "first_loss": losses[0] if losses else None,
+            "last_loss": float(np.mean(losses[-10:])) if losses else None, "seconds": elapsed,
+            "tokens": tokens_seen, "mem_id": spec.mem_id, "block_size": cfg.block_size, "context": cfg.context}

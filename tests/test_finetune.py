@@ -1,0 +1,77 @@
+"""`landmark finetune`: the loss falls, the checkpoint loads in trained mode, runs resume exactly."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from landmark_cli.ask import ask
+from landmark_cli.engine import Settings
+from landmark_cli.errors import LandmarkError
+from landmark_cli.finetune import STATE_META, TrainConfig, finetune
+from landmark_cli.models import load_model
+from test_cli import run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import trained_facts  # noqa: E402
+
+CFG = TrainConfig(block_size=7, context=64, steps=20, batch=4, lr=3e-3, warmup=3, save_every=10)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    trained_facts.write_corpus(folder, 200, seed=0, pool=trained_facts.names(50))
+    return folder
+
+
+def test_loss_falls_and_checkpoint_loads(tiny_dir, corpus, tmp_path):
+    out = tmp_path / "model"
+    r = finetune(str(tiny_dir), corpus, out, CFG)
+    losses = json.loads((out / STATE_META).read_text())["losses"]
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < 0.8 * losses[0]
+    lm = load_model(str(out))
+    assert lm.landmark is not None and lm.landmark.mem_freq == 7 and lm.landmark.train_context == 64
+    assert r["mem_id"] == lm.landmark.mem_id
+    doc = tmp_path / "doc.txt"
+    doc.write_text(trained_facts.long_document(__import__("random").Random(0), trained_facts.names(50), 2, 60)[0])
+    res = ask(lm, doc, "What is the code of Kite?", Settings(top_k=2), max_new_tokens=4)
+    assert res.retrieved_per_step <= 64 and res.document_tokens > 64  # the document is beyond the context
+
+
+def test_interrupted_run_resumes_exactly(tiny_dir, corpus, tmp_path):
+    whole = tmp_path / "whole"
+    finetune(str(tiny_dir), corpus, whole, CFG)
+
+    def stop_at_13(info):
+        if info.step == 13:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(tiny_dir), corpus, part, CFG, on_step=stop_at_13)
+    assert json.loads((part / STATE_META).read_text())["step"] == 10  # the last save survives
+    finetune(str(tiny_dir), corpus, part, CFG)
+    a, b = load_file(whole / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LandmarkError, match="other settings"):
+        finetune(str(tiny_dir), corpus, part, TrainConfig(block_size=7, context=64, steps=20, batch=2))
+
+
+def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m"
+    code, stdout, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out", out,
+                               "--block-size", 7, "--context", 64, "--steps", 3, "--batch", 2)
+    assert code == 0, stderr
+    assert "Trained 3 steps" in stdout and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama_with_landmark"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", empty, "--out", tmp_path / "x")
+    assert code == 1 and "no PDF, .txt or .md files" in stderr
+    code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out",
+                          tmp_path / "y", "--context", 8)
+    assert code == 1 and "fewer than 2 blocks" in stderr
