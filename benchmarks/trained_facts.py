@@ -6,7 +6,7 @@ on synthetic facts, then asked about facts in documents far longer than its cont
 
 Steps: (1) write a training corpus of short "documents" in which facts ("The code of
 Tavor is 4821.") sit among filler sentences and questions about them follow
-("Question: What is the code of Tavor?\nAnswer: 4821"), in the same prompt layout that
+("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 4821."), in the prompt layout that
 `landmark ask` uses for models without a chat template; (2) train a byte-level BPE
 tokenizer on it and write a randomly initialised LLaMA; (3) `landmark finetune` it at a
 short context; (4) build long documents (8k tokens by default, 16x the training context
@@ -64,14 +64,15 @@ def question(name: str) -> str:
 
 
 def training_document(rng: random.Random, pool: list[str]) -> str:
-    """One short training document: 1-4 facts among 4-40 filler sentences, then questions
-    about them (and sometimes a fact restated and asked again mid-text)."""
-    chosen = rng.sample(pool, rng.randint(1, 4))
+    """One short training document: 2-5 facts among 3-25 filler sentences, then a question
+    about each, answered by restating its fact (so that answering is copying what
+    follows the fact's own words)."""
+    chosen = rng.sample(pool, rng.randint(2, 5))
     codes = {n: rng.randint(1000, 9999) for n in chosen}
-    sentences = [rng.choice(FILLER) for _ in range(rng.randint(4, 40))]
+    sentences = [rng.choice(FILLER) for _ in range(rng.randint(3, 25))]
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
-    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer: {codes[n]}" for n in rng.sample(chosen, len(chosen)))
+    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer: {fact(n, codes[n])}" for n in rng.sample(chosen, len(chosen)))
     return f"{INSTRUCTION}\n\nDocument:\n{' '.join(sentences)}{qa}\n\n"
 
 
@@ -117,7 +118,7 @@ def first_number(text: str) -> int | None:
 
 
 @torch.inference_mode()
-def truncated_answer(lm, prompt, max_new: int = 6) -> str:
+def truncated_answer(lm, prompt, max_new: int = 14) -> str:
     """The model without retrieval: full grouped attention over the last train_context
     tokens of the prompt (landmarks in place), greedy."""
     from landmark_cli.landmarks import insert_landmarks
@@ -156,7 +157,7 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
         for name, code in codes.items():
             q = question(name)
             t0 = time.perf_counter()
-            res = ask(lm, path, q, settings, max_new_tokens=6)
+            res = ask(lm, path, q, settings, max_new_tokens=14)
             got = first_number(res.answer)
             base = truncated_answer(lm, ask_prompt(lm.tokenizer, text, q))
             records.append({"doc": d, "name": name, "expected": code, "answer": res.answer,
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/trained_facts_cpu.json"))
     a = ap.parse_args(argv)
     if a.threads:
@@ -202,6 +204,12 @@ def main(argv=None) -> int:
     work = Path(a.work)
     pool = names(400)
     train_pool, test_pool = pool[:300], pool[300:]  # the long documents ask about names never trained on
+    if a.eval_only:
+        ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
+                      seed=a.seed + 1, pool=test_pool)
+        print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
+              f"truncated: {ev['truncated_accuracy']:.0%}")
+        return 0
     corpus = work / "corpus"
     write_corpus(corpus, a.train_docs, a.seed, train_pool)
     base = make_base(work / "base", corpus, vocab=1024, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
