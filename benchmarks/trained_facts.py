@@ -5,8 +5,8 @@ on synthetic facts, then asked about facts in documents far longer than its cont
     python benchmarks/trained_facts.py --steps 40 --docs 1  # a quick smoke run
 
 Steps: (1) write a training corpus of short "documents" in which facts ("The code of
-Tavor is 4821.") sit among filler sentences and questions about them follow
-("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 4821."), in the prompt layout that
+Tavor is 48.") sit among filler sentences and questions about them follow
+("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48."), in the prompt layout that
 `landmark ask` uses for models without a chat template; (2) train a byte-level BPE
 tokenizer on it and write a randomly initialised LLaMA; (3) `landmark finetune` it at a
 short context; (4) build long documents (8k tokens by default, 16x the training context
@@ -46,13 +46,22 @@ VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 CODAS = ["", "n", "r", "l", "s", "m", "th", "x"]
 
 
+CODES = (10, 99)  # facts' codes: two digits (chance: about 1 in 90)
+
+
+def code(rng: random.Random) -> int:
+    return rng.randint(*CODES)
+
+
 def names(n: int, seed: int = 1234) -> list[str]:
     rng = random.Random(seed)
     out: set[str] = set()
     while len(out) < n:
         w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(2)) + rng.choice(CODAS)
         out.add(w.capitalize())
-    return sorted(out)
+    shuffled = sorted(out)
+    rng.shuffle(shuffled)
+    return shuffled
 
 
 def fact(name: str, code: int) -> str:
@@ -64,12 +73,12 @@ def question(name: str) -> str:
 
 
 def training_document(rng: random.Random, pool: list[str]) -> str:
-    """One short training document: 2-5 facts among 3-25 filler sentences, then a question
+    """One short training document: 3-8 facts among 0-10 filler sentences, then a question
     about each, answered by restating its fact (so that answering is copying what
-    follows the fact's own words)."""
-    chosen = rng.sample(pool, rng.randint(2, 5))
-    codes = {n: rng.randint(1000, 9999) for n in chosen}
-    sentences = [rng.choice(FILLER) for _ in range(rng.randint(3, 25))]
+    follows the fact's own words). Dense in facts: the answers are what teaches."""
+    chosen = rng.sample(pool, rng.randint(3, 8))
+    codes = {n: code(rng) for n in chosen}
+    sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, 10))]
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
     qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer: {fact(n, codes[n])}" for n in rng.sample(chosen, len(chosen)))
@@ -84,7 +93,7 @@ def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str]) -> None:
 
 def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int) -> tuple[str, dict[str, int]]:
     chosen = rng.sample(pool, n_facts)
-    codes = {n: rng.randint(1000, 9999) for n in chosen}
+    codes = {n: code(rng) for n in chosen}
     sentences = [rng.choice(FILLER) for _ in range(n_sentences)]
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
@@ -193,6 +202,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--names", type=int, default=5000, help="names in the training corpus (many: so that the "
+                    "model learns to copy them rather than to know them)")
+    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary (large enough for most names to be "
+                    "one token)")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/trained_facts_cpu.json"))
     a = ap.parse_args(argv)
@@ -202,8 +215,9 @@ def main(argv=None) -> int:
     from landmark_cli.passkey_run import machine
 
     work = Path(a.work)
-    pool = names(400)
-    train_pool, test_pool = pool[:300], pool[300:]  # the long documents ask about names never trained on
+    work.mkdir(parents=True, exist_ok=True)
+    pool = names(a.names + 400)
+    train_pool, test_pool = pool[:a.names], pool[a.names:]  # the long documents ask about names never trained on
     if a.eval_only:
         ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                       seed=a.seed + 1, pool=test_pool)
@@ -212,7 +226,7 @@ def main(argv=None) -> int:
         return 0
     corpus = work / "corpus"
     write_corpus(corpus, a.train_docs, a.seed, train_pool)
-    base = make_base(work / "base", corpus, vocab=1024, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+    base = make_base(work / "base", corpus, vocab=a.vocab, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      seed=a.seed)
     cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
                       warmup=min(100, a.steps // 10 + 1), save_every=max(1, a.steps // 5), seed=a.seed)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from . import passkey, store
-from .engine import Engine, Settings
+from .engine import Engine, Settings, trained_settings
 from .errors import LandmarkError
 from .models import LoadedModel
 from .paths import home
@@ -98,10 +98,16 @@ def machine() -> dict:
 
 
 def grid_meta(lm: LoadedModel, settings: Settings, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """What must match for trials of two runs to be comparable."""
+    """What must match for trials of two runs to be comparable: the settings the landmark
+    method really runs with (a trained landmark model adjusts them, engine.trained_settings)."""
+    if lm.landmark is not None and settings.landmarks != "free":
+        settings = trained_settings(settings, lm.landmark)
+    landmark = asdict(settings)
+    if lm.landmark is None:
+        landmark.pop("landmarks")  # means nothing without trained landmarks (and older files lack it)
     return _json({"format": FORMAT, "benchmark": "passkey",
                   "model": {"name": lm.name, "fingerprint": lm.fingerprint, "context": lm.model.cfg.context},
-                  "settings": {"landmark": asdict(settings), "max_new_tokens": max_new_tokens}})
+                  "settings": {"landmark": landmark, "max_new_tokens": max_new_tokens}})
 
 
 def _difference(theirs: dict, ours: dict) -> str:
