@@ -99,6 +99,16 @@ def trained_settings(s: Settings, spec: LandmarkSpec) -> Settings:
                    window=max(0, min(s.window // B * B, avail - chunk)))
 
 
+def effective_settings(lm: LoadedModel, s: Settings) -> tuple[Settings, LandmarkSpec | None]:
+    """The settings an engine for this model really reads and answers with, and the
+    model's trained landmarks when they are used (None: training-free landmarks)."""
+    if s.landmarks == "trained" and lm.landmark is None:
+        raise LandmarkError(f"{lm.name} has no trained landmarks (a <landmark> token and mem_freq in its config)",
+                            "use --landmarks auto or free")
+    spec = lm.landmark if s.landmarks != "free" else None
+    return (s, None) if spec is None else (trained_settings(s, spec), spec)
+
+
 @dataclass
 class Answer:
     tokens: list[int]
@@ -139,12 +149,7 @@ def as_torch(a: np.ndarray) -> torch.Tensor:
 
 class Engine:
     def __init__(self, lm: LoadedModel, settings: Settings = Settings(), root: Path | None = None):
-        if settings.landmarks == "trained" and lm.landmark is None:
-            raise LandmarkError(f"{lm.name} has no trained landmarks (a <landmark> token and mem_freq in its config)",
-                                "use --landmarks auto or free")
-        self.spec = lm.landmark if settings.landmarks != "free" else None  # trained mode when set
-        if self.spec is not None:
-            settings = trained_settings(settings, self.spec)
+        settings, self.spec = effective_settings(lm, settings)  # spec set: trained mode
         self.lm, self.s = lm, settings
         self.m, self.cfg = lm.model, lm.model.cfg
         self.root = root or home() / "store"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from . import passkey, store
-from .engine import Engine, Settings, trained_settings
+from .engine import Engine, Settings, effective_settings
 from .errors import LandmarkError
 from .models import LoadedModel
 from .paths import home
@@ -99,10 +99,8 @@ def machine() -> dict:
 
 def grid_meta(lm: LoadedModel, settings: Settings, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """What must match for trials of two runs to be comparable: the settings the landmark
-    method really runs with (a trained landmark model adjusts them, engine.trained_settings)."""
-    if lm.landmark is not None and settings.landmarks != "free":
-        settings = trained_settings(settings, lm.landmark)
-    landmark = asdict(settings)
+    method really runs with (a trained landmark model adjusts them)."""
+    landmark = asdict(effective_settings(lm, settings)[0])
     if lm.landmark is None:
         landmark.pop("landmarks")  # means nothing without trained landmarks (and older files lack it)
     return _json({"format": FORMAT, "benchmark": "passkey",
