@@ -72,16 +72,20 @@ def question(name: str) -> str:
     return f"What is the code of {name}?"
 
 
+def answer(code: int) -> str:
+    return f" {code}."
+
+
 def training_document(rng: random.Random, pool: list[str]) -> str:
     """One short training document: 3-8 facts among 0-10 filler sentences, then a question
-    about each, answered by restating its fact (so that answering is copying what
-    follows the fact's own words). Dense in facts: the answers are what teaches."""
+    about each, answered with its code. Dense in facts: the answers are what teaches (a
+    code is random, so the only way to predict an answer is to find its fact)."""
     chosen = rng.sample(pool, rng.randint(3, 8))
     codes = {n: code(rng) for n in chosen}
     sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, 10))]
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
-    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer: {fact(n, codes[n])}" for n in rng.sample(chosen, len(chosen)))
+    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer:{answer(codes[n])}" for n in rng.sample(chosen, len(chosen)))
     return f"{INSTRUCTION}\n\nDocument:\n{' '.join(sentences)}{qa}\n\n"
 
 
@@ -100,17 +104,22 @@ def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences
     return " ".join(sentences), codes
 
 
-def make_base(out: Path, corpus: Path, *, vocab: int, dim: int, layers: int, heads: int, kv_heads: int,
-              seed: int) -> Path:
-    """A randomly initialised LlamaForCausalLM + a byte-level BPE tokenizer trained on the corpus."""
-    from tokenizers import ByteLevelBPETokenizer
+def make_base(out: Path, corpus: Path, *, dim: int, layers: int, heads: int, kv_heads: int, seed: int) -> Path:
+    """A randomly initialised LlamaForCausalLM + a word-level tokenizer over the corpus's
+    words and punctuation, so that every name and every code is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train([str(p) for p in corpus.glob("*.txt")], vocab_size=vocab, min_frequency=2,
-              special_tokens=["<s>", "</s>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    split = pre_tokenizers.Whitespace()
+    words: set[str] = set()
+    for p in sorted(corpus.glob("*.txt")):
+        for line in p.read_text().splitlines():
+            words.update(w for w, _ in split.pre_tokenize_str(line))
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "[UNK]", *sorted(words)])}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    wl.pre_tokenizer = split
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
     tok.save_pretrained(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=dim, intermediate_size=dim * 8 // 3 // 32 * 32,
@@ -202,10 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--names", type=int, default=5000, help="names in the training corpus (many: so that the "
-                    "model learns to copy them rather than to know them)")
-    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary (large enough for most names to be "
-                    "one token)")
+    ap.add_argument("--names", type=int, default=500, help="names in the corpus; every document pairs them with "
+                    "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/trained_facts_cpu.json"))
     a = ap.parse_args(argv)
@@ -216,17 +223,16 @@ def main(argv=None) -> int:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    pool = names(a.names + 400)
-    train_pool, test_pool = pool[:a.names], pool[a.names:]  # the long documents ask about names never trained on
+    pool = names(a.names)  # one token each; the long documents pair them with codes drawn afresh
     if a.eval_only:
         ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                      seed=a.seed + 1, pool=test_pool)
+                      seed=a.seed + 1, pool=pool)
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
     corpus = work / "corpus"
-    write_corpus(corpus, a.train_docs, a.seed, train_pool)
-    base = make_base(work / "base", corpus, vocab=a.vocab, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+    write_corpus(corpus, a.train_docs, a.seed, pool)
+    base = make_base(work / "base", corpus, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      seed=a.seed)
     cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
                       warmup=min(100, a.steps // 10 + 1), save_every=max(1, a.steps // 5), seed=a.seed)
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
     print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps} steps in {train_s / 60:.1f} min; "
           f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}", flush=True)
     ev = evaluate(work / "model", work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                  seed=a.seed + 1, pool=test_pool)
+                  seed=a.seed + 1, pool=pool)
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
     result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
