@@ -45,6 +45,8 @@ from kernels._triton import HAVE_TRITON, tl, triton
 # launch settings (benchmarks sweep them): num_warps 0 = 4 for up to 32 query rows, else 8;
 # BLOCK_N = keys per tile (grouped mode: at least 64, so that a 64-token block is one tile);
 # waves = programs per SM that the key splits aim at
+# the reference: above this many query tokens (reading chunks) PyTorch's fused attention is faster
+DECODE_ROWS = 32
 TUNING = {"num_warps": 0, "num_stages": 2, "waves": 4, "BLOCK_N": 32}
 
 
@@ -73,7 +75,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     v_ret = gather_blocks(v_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
     visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
 
-    if landmark_keys is None:  # one softmax over [retrieved, dense]: PyTorch's fused attention
+    if landmark_keys is None and t > DECODE_ROWS:  # one softmax over [retrieved, dense]: PyTorch's fused attention
         g = hq // hkv
         k_all = torch.cat([k_ret, k_dense.float()], 1).repeat_interleave(g, 0)  # [Hq, K*B + L, D]
         v_all = torch.cat([v_ret, v_dense.float()], 1).repeat_interleave(g, 0)
@@ -88,6 +90,11 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     s_dense = qf @ k_dense.float().transpose(1, 2) * scale  # [Hkv, G*T, L]
     s_dense = s_dense.masked_fill(~visible.repeat(hq // hkv, 1), float("-inf"))
     s_ret = qf @ k_ret.transpose(1, 2) * scale  # [Hkv, G*T, K*B]
+    if landmark_keys is None:  # a few queries (answering): the same softmax, GQA by grouping the
+        # query rows per kv head instead of copying K/V per query head (2x faster per token)
+        p = torch.softmax(torch.cat([s_ret, s_dense], dim=-1), dim=-1)
+        out = p[..., :kb * bsz] @ v_ret + p[..., kb * bsz:] @ v_dense.float()
+        return out.reshape(hq, t, d).to(q.dtype)
     # grouped softmax (trained landmarks): the outer softmax gates each block's inner one
     lm_pos = pos.view(kb, bsz)[:, -1]
     k_lm = gather_blocks(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]

@@ -100,7 +100,8 @@ def test_rope_matches_transformers():
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("t,group,b,k", [(1, 1, 3, 0), (5, 3, 7, 2), (4, 1, 16, 3)])
+@pytest.mark.parametrize("t,group,b,k", [(1, 1, 3, 0), (5, 3, 7, 2), (4, 1, 16, 3),
+                                         (ra.DECODE_ROWS + 3, 2, 5, 2)])  # the fused-attention path for chunks
 def test_reference_matches_naive(t, group, b, k, grouped):
     args = make(t, group, b, k, grouped=grouped)
     assert_close(ra.retrieval_attention_reference(**args), naive(**args), 2e-5, 2e-5)
