@@ -59,9 +59,21 @@ def gather_blocks(store: torch.Tensor, block_idx: torch.Tensor) -> torch.Tensor:
     return torch.stack([store[h].index_select(0, idx[h]) for h in range(store.shape[0])])
 
 
+def rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, device=None):
+    """The selected blocks as dense float32 keys (RoPE'd at their new positions ret_pos0 +
+    j*B + t) and values: ([Hkv, K*B, D], [Hkv, K*B, D])."""
+    hkv, kb, bsz, d = k_store.shape[0], block_idx.shape[1], k_store.shape[2], k_store.shape[3]
+    pos = ret_pos0 + torch.arange(kb * bsz, device=cos.device)
+    k_ret = gather_blocks(k_store, block_idx).to(device).float().reshape(hkv, kb * bsz, d)
+    k_ret = apply_rope(k_ret, cos[pos].to(device).float(), sin[pos].to(device).float())
+    v_ret = gather_blocks(v_store, block_idx).to(device).float().reshape(hkv, kb * bsz, d)
+    return k_ret, v_ret
+
+
 def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin,
-                                  ret_pos0, *, sm_scale=None, landmark_keys=None):
-    """Plain torch version (the CPU path); same arguments as retrieval_attention."""
+                                  ret_pos0, *, sm_scale=None, landmark_keys=None, rotated=None):
+    """Plain torch version (the CPU path); same arguments as retrieval_attention.
+    rotated: rotated_blocks(...) of these arguments, when the caller keeps them across steps."""
     hq, t, d = q.shape
     hkv, l, _ = k_dense.shape
     kb, bsz = block_idx.shape[1], k_store.shape[2]
@@ -69,10 +81,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     dev = q.device
     qf = q.float().reshape(hkv, hq // hkv * t, d)  # [Hkv, G*T, D], rows (g, t)
 
-    pos = ret_pos0 + torch.arange(kb * bsz, device=cos.device)
-    k_ret = gather_blocks(k_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
-    k_ret = apply_rope(k_ret, cos[pos].to(dev).float(), sin[pos].to(dev).float())
-    v_ret = gather_blocks(v_store, block_idx).to(dev).float().reshape(hkv, kb * bsz, d)
+    k_ret, v_ret = rotated or rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, dev)
     visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
 
     if landmark_keys is None and t > DECODE_ROWS:  # one softmax over [retrieved, dense]: PyTorch's fused attention
@@ -96,7 +105,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
         out = p[..., :kb * bsz] @ v_ret + p[..., kb * bsz:] @ v_dense.float()
         return out.reshape(hq, t, d).to(q.dtype)
     # grouped softmax (trained landmarks): the outer softmax gates each block's inner one
-    lm_pos = pos.view(kb, bsz)[:, -1]
+    lm_pos = ret_pos0 + torch.arange(kb, device=cos.device) * bsz + bsz - 1
     k_lm = gather_blocks(landmark_keys, block_idx).to(dev).float()  # [Hkv, K, D]
     k_lm = apply_rope(k_lm, cos[lm_pos].to(dev).float(), sin[lm_pos].to(dev).float())
     s_lm = qf @ k_lm.transpose(1, 2) * scale  # [Hkv, G*T, K]
@@ -362,7 +371,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
 
 
 def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0,
-                        *, sm_scale=None, landmark_keys=None, impl="auto"):
+                        *, sm_scale=None, landmark_keys=None, impl="auto", rotated=None):
     """Attention of T queries over dense context + retrieved store blocks (module docstring).
 
     q: [Hq, T, D] (RoPE'd); k_dense, v_dense: [Hkv, L, D], L >= T, keys RoPE'd;
@@ -371,6 +380,8 @@ def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, s
     each row equal: the kernel reads the first halves); landmark_keys: optional [Hkv, N, D]
     pre-RoPE landmark keys (grouped softmax). Returns [Hq, T, D] in q.dtype.
     impl: "auto" (Triton when every tensor is on CUDA and triton imports), "torch", "triton".
+    rotated: for the torch path, rotated_blocks(...) kept by a caller whose selection does
+    not change between steps (the kernel reads the blocks in place and ignores it).
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
@@ -386,7 +397,7 @@ def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, s
                                                    and d & (d - 1) == 0)):
         return retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_idx,
                                              cos, sin, ret_pos0, sm_scale=scale,
-                                             landmark_keys=landmark_keys)
+                                             landmark_keys=landmark_keys, rotated=rotated)
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     if not all(x.device == q.device for x in tensors):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kernels.landmark_attention import landmark_attention_reference
-from kernels.retrieval_attention import gather_blocks, retrieval_attention
+from kernels.retrieval_attention import gather_blocks, retrieval_attention, rotated_blocks
 from kernels.rope import apply_rope
 
 from . import store
@@ -368,6 +368,7 @@ class Session:
         self.question_scores: list[torch.Tensor] = []  # per layer [Hkv, blocks], first step
         self.scored = self.cand  # the blocks question_scores cover
         self.shared: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
+        self.rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: its blocks, RoPE'd
         self.steps = 0
 
     def _per_layer(self, record: list | None):
@@ -393,9 +394,16 @@ class Session:
                                         self.kv[layer, 1], choose(layer, q), self.ret_cos, self.ret_sin)
                 x = m.finish(layer, x, att)
                 continue
+            sel = choose(layer, q)
+            rotated = None
+            if sel is self.shared:  # the same blocks at every step: gather and rotate them once
+                if layer not in self.rotated:
+                    self.rotated[layer] = rotated_blocks(self.kv[layer, 0], self.kv[layer, 1], sel, self.ret_cos,
+                                                         self.ret_sin, self.sink_end, x.device)
+                rotated = self.rotated[layer]
             att = retrieval_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
                                       self.dense[layer, 1, :, :b], self.kv[layer, 0], self.kv[layer, 1],
-                                      choose(layer, q), self.ret_cos, self.ret_sin, self.sink_end)
+                                      sel, self.ret_cos, self.ret_sin, self.sink_end, rotated=rotated)
             x = m.finish(layer, x, att)
         return x
 
