@@ -31,6 +31,8 @@ LandmarksOpt = Annotated[str, typer.Option("--landmarks", help="auto (trained if
                                            "and mem_freq, else free) | trained | free (block representatives)")]
 SelectOpt = Annotated[str, typer.Option("--select", help="answer-time block selection: shared (one set chosen "
                                         "by a band of middle layers) | layer (per layer and KV head)")]
+OrderOpt = Annotated[str, typer.Option("--order", help="shared selection: where the retrieved passages go, "
+                                       "best-last (best nearest the question) | document (document order)")]
 
 
 @app.callback()
@@ -38,12 +40,12 @@ def _group() -> None:
     """Ask questions about long documents with a LLaMA-family model and Landmark Attention."""
 
 
-def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto"):
+def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto", order="best-last"):
     from .engine import Settings
 
     try:
         return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep, select=select,
-                        landmarks=landmarks)
+                        landmarks=landmarks, order=order)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark ask --help") from None
 
@@ -75,6 +77,7 @@ def ask(
     chunk: ChunkOpt = 512,
     rep: RepOpt = "mean",
     select: SelectOpt = "shared",
+    order: OrderOpt = "best-last",
     landmarks: LandmarksOpt = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
@@ -88,7 +91,7 @@ def ask(
     from .ask import ask_folder
     from .documents import find_documents, load_document
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order)
     folder = Path(path).expanduser().is_dir()
     if folder:
         if not find_documents(path):  # fail fast, before loading the model

@@ -8,7 +8,8 @@ generated token) attends to, per layer and KV head:
 placed contiguously at positions 0, 1, 2, ... so the model never sees a distance larger
 than sink + k*block + window + chunk, whatever the document length. Retrieved blocks are
 the top-k by landmark score (landmarks.py) among the complete blocks between the sink
-and the window, kept in document order. Keys are stored pre-RoPE and rotated at their
+and the window, kept in document order (while answering with the shared selection,
+passages of adjacent blocks go best last: Settings.order). Keys are stored pre-RoPE and rotated at their
 new positions when attended.
 """
 
@@ -50,6 +51,7 @@ class Settings:
     band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) that make the shared selection
     answer_window: int | None = None  # local window while answering (None: same as `window`)
     follow: int = 1  # shared selection: blocks taken after each top block
+    order: str = "best-last"  # shared selection: passages "best-last" (nearest the question) or in "document" order
     landmarks: str = "auto"  # "trained": the model's own <landmark> tokens; "free": representatives; auto: trained if the model has them
 
     def __post_init__(self):
@@ -59,6 +61,8 @@ class Settings:
             raise ValueError(f"unknown representative {self.rep!r}; choose from {sorted(N_REPS)}")
         if self.select not in ("layer", "shared"):
             raise ValueError(f"unknown selection {self.select!r}; choose layer or shared")
+        if self.order not in ("best-last", "document"):
+            raise ValueError(f"unknown order {self.order!r}; choose best-last or document")
         if self.landmarks not in ("auto", "trained", "free"):
             raise ValueError(f"unknown landmarks {self.landmarks!r}; choose auto, trained or free")
 
@@ -437,7 +441,8 @@ class Session:
             self._layers(x, cos, sin, a, self._band_scorer(focus or slice(None), logits), stop=self.band.stop)
             n_cand = self.cand.stop - self.cand.start  # candidates come first among the cited blocks
             votes = torch.stack([relevance(lg[..., :n_cand]) for lg in logits]).mean((0, 1))
-            self.shared = (top_runs(votes, self.k, s.follow) + self.cand.start).expand(c.n_kv_heads, -1)
+            chosen = top_runs(votes, self.k, s.follow, best_last=s.order == "best-last")
+            self.shared = (chosen + self.cand.start).expand(c.n_kv_heads, -1)
             self.question_scores, self.scored = [relevance(lg) for lg in logits], self.cited
         if self.shared is not None:
             x = self._layers(x, cos, sin, a, lambda layer, q: self.shared)

@@ -100,11 +100,15 @@ def relevance(logits: torch.Tensor) -> torch.Tensor:
 
 
 def top_runs(votes: torch.Tensor, k: int, follow: int, group: torch.Tensor | None = None,
-             lead: int = 0) -> torch.Tensor:
+             lead: int = 0, best_last: bool = False) -> torch.Tensor:
     """k block indices from scores votes [N]: the best blocks, each with up to `lead` blocks
     before it and `follow` blocks after it (the text around a matching sentence often holds
-    the answer), in order. group [N]: which document each block belongs to; a run never
-    crosses into another one."""
+    the answer), in document order. group [N]: which document each block belongs to; a run
+    never crosses into another one.
+
+    best_last: order the passages instead by their best score, the best one last (nearest
+    the question); a passage is a maximal run of adjacent chosen blocks and keeps its own
+    order, so choosing every block still gives document order."""
     n = votes.shape[0]
     k = min(k, n)
     chosen: list[int] = []
@@ -116,7 +120,17 @@ def top_runs(votes: torch.Tensor, k: int, follow: int, group: torch.Tensor | Non
                 chosen.append(j)
         if len(chosen) >= k:
             break
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    chosen.sort()
+    if best_last:
+        runs: list[list[int]] = []
+        for j in chosen:
+            if runs and j == runs[-1][-1] + 1 and (group is None or group[j] == group[runs[-1][-1]]):
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        runs.sort(key=lambda r: float(votes[r].max()))
+        chosen = [j for r in runs for j in r]
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def insert_landmarks(ids: list[int], spans, mem_freq: int, mem_id: int, pos: int = 0):

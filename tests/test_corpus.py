@@ -82,3 +82,12 @@ def test_runs_stop_at_document_boundaries():
     assert top_runs(votes, 2, follow=1, group=group).tolist() == [2, 4]
     assert top_runs(votes, 3, follow=1, group=group, lead=1).tolist() == [1, 2, 4]
     assert top_runs(votes, 4, follow=0, group=group, lead=3).tolist() == [0, 1, 2, 4]
+
+
+def test_best_last_orders_passages_by_score_and_keeps_each_in_order():
+    votes = torch.tensor([0.1, 0.9, 0.2, 0.0, 0.5, 0.3, 0.0])
+    assert top_runs(votes, 4, follow=1).tolist() == [1, 2, 4, 5]  # document order
+    assert top_runs(votes, 4, follow=1, best_last=True).tolist() == [4, 5, 1, 2]  # best passage nearest the question
+    touching = torch.tensor([0.0, 0.9, 0.0, 0.8, 0.0])
+    assert top_runs(touching, 4, follow=1, best_last=True).tolist() == [1, 2, 3, 4]  # adjacent runs are one passage
+    assert top_runs(votes, 7, follow=1, best_last=True).tolist() == list(range(7))  # everything: document order
