@@ -9,8 +9,8 @@ placed contiguously at positions 0, 1, 2, ... so the model never sees a distance
 than sink + k*block + window + chunk, whatever the document length. Retrieved blocks are
 the top-k by landmark score (landmarks.py) among the complete blocks between the sink
 and the window, kept in document order (while answering with the shared selection,
-passages of adjacent blocks go best last: Settings.order). Keys are stored pre-RoPE and rotated at their
-new positions when attended.
+passages of adjacent blocks go best last: Settings.order). Keys are stored pre-RoPE and
+rotated at their new positions when attended.
 """
 
 from __future__ import annotations
