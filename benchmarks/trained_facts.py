@@ -6,13 +6,15 @@ on synthetic facts, then asked about facts in documents far longer than its cont
 
 Steps: (1) write a training corpus of short "documents" in which facts ("The code of
 Tavor is 48.") sit among filler sentences and questions about them follow
-("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48."), in the prompt layout that
-`landmark ask` uses for models without a chat template; (2) train a byte-level BPE
-tokenizer on it and write a randomly initialised LLaMA; (3) `landmark finetune` it at a
-short context; (4) build long documents (8k tokens by default, 16x the training context
-of 512) each holding several facts at random depths, and ask `landmark ask` about every
-fact; (5) the same questions with the same model without retrieval, truncated to its
-training context (the last tokens of the prompt, full grouped attention): the baseline.
+("Question: What is the code of Tavor?\nAnswer: 48."), in the prompt layout that
+`landmark ask` uses for models without a chat template; (2) build a word-level tokenizer
+over the corpus (every name and every code one token) and write a randomly initialised
+LLaMA; (3) `landmark finetune` it at a short context; (4) build long documents (8k
+tokens by default, 16x the training context of 512) each holding several facts at
+random depths, the same names paired with codes drawn afresh, and ask `landmark ask`
+about every fact; (5) the same questions with the same model without retrieval,
+truncated to its training context (the last tokens of the prompt, full grouped
+attention): the baseline.
 Results go to benchmarks/results/trained_facts_cpu.json.
 """
 
