@@ -15,7 +15,8 @@ random depths, the same names paired with codes drawn afresh, and ask `landmark 
 about every fact; (5) the same questions with the same model without retrieval,
 truncated to its training context (the last tokens of the prompt, full grouped
 attention): the baseline.
-Results go to benchmarks/results/trained_facts_cpu.json.
+Results go to benchmarks/results/trained_facts_cpu.json (trained_facts_cuda.json with
+--device cuda: training on the GPU, asking on the CPU).
 """
 
 from __future__ import annotations
@@ -212,11 +213,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="length of the long documents")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="where to train: cpu | cuda (asking runs on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--names", type=int, default=500, help="names in the corpus; every document pairs them with "
                     "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/trained_facts_cpu.json"))
+    ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -245,7 +247,8 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    summary = finetune(str(base), corpus, work / "model", cfg, restart=True, on_step=show, progress=print)
+    summary = finetune(str(base), corpus, work / "model", cfg, device=a.device, restart=True, on_step=show,
+                       progress=print)
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
 
@@ -259,8 +262,9 @@ def main(argv=None) -> int:
     result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
               "train": {**summary, "seconds": round(train_s, 1), "torch_threads": torch.get_num_threads()},
               **ev}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -75,3 +75,15 @@ def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch
     code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out",
                           tmp_path / "y", "--context", 8)
     assert code == 1 and "fewer than 2 blocks" in stderr
+
+
+def test_lookup_probe_measures_the_answer_tokens(tmp_path):
+    import lookup_probe
+
+    assert lookup_probe.answer_flags([5, 9, 7, 30, 7, 30], answer=9, colon=7, codes={30}) == [0, 0, 0, 1, 0, 0]
+    out = tmp_path / "curve.json"
+    assert lookup_probe.main(["--steps", "4", "--every", "2", "--docs", "60", "--dim", "32", "--context", "64",
+                              "--block", "7", "--batch", "4", "--json", str(out)]) == 0
+    curve = json.loads(out.read_text())["curve"]
+    assert [r["step"] for r in curve] == [2, 4]
+    assert all(r["answers"] > 0 and r["answer_loss"] > 1.0 for r in curve)  # 4 steps learn no lookup
