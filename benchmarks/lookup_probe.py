@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lookup-probe-") as tmp:
         curve = probe(a, Path(tmp))
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "curve": curve}, indent=1) + "\n")
+        from landmark_cli.passkey_run import machine
+
+        Path(a.json).write_text(json.dumps({"machine": machine(), "args": vars(a), "curve": curve}, indent=1) + "\n")
     return 0
 
 
