@@ -90,14 +90,11 @@ def probe(a, work: Path) -> list[dict]:
         flags += answer_flags(d, answer, colon, codes)
     # one array holding both, so that sample_batch cuts the same windows from each
     stream = np.asarray(ids, dtype=np.int64) * 2 + np.asarray(flags, dtype=np.int64)
-    if a.block:
-        cfg = TrainConfig(block_size=a.block, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
-                          warmup=min(100, a.steps // 10 + 1), seed=a.seed)
-        fill = LandmarkSpec(spec.mem_id * 2, a.block, a.context)  # a landmark, flag 0
-    else:  # one block holding the whole window: no landmark inserted before its end
-        cfg = TrainConfig(block_size=a.context, context=a.context + 1, steps=a.steps, batch=a.batch, lr=a.lr,
-                          warmup=min(100, a.steps // 10 + 1), seed=a.seed)
-        fill = LandmarkSpec(spec.mem_id * 2, a.context, a.context + 1)
+    # --block 0: one block holding the whole window, so no landmark is inserted before its end
+    block_size, context = (a.block, a.context) if a.block else (a.context, a.context + 1)
+    cfg = TrainConfig(block_size=block_size, context=context, steps=a.steps, batch=a.batch, lr=a.lr,
+                      warmup=min(100, a.steps // 10 + 1), seed=a.seed)
+    fill = LandmarkSpec(spec.mem_id * 2, block_size, context)  # landmarks as (id, flag 0) in the packed stream
     if a.device != "cpu":
         from landmark_cli.llama import Llama
 
