@@ -114,20 +114,21 @@ def regular_block(is_landmark: torch.Tensor) -> int | None:
 
 def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None):
     """The reference semantics for the regular layout (a landmark at every position
-    p % block == block - 1; q, k, v all T positions), with the key axis viewed as
-    [blocks, block]: the within-block softmax is a softmax over the last dimension, so
-    there is no scatter or gather. Several times faster than the general reference on a
-    CPU (training); autograd-friendly."""
-    bt, hq, t, d = q.shape
+    p % block == block - 1 of the T keys; q the last Tq <= T positions, like the general
+    reference), with the key axis viewed as [blocks, block]: the within-block softmax is a
+    softmax over the last dimension, so there is no scatter or gather. Several times
+    faster than the general reference on a CPU (training, reading); autograd-friendly."""
+    bt, hq, tq, d = q.shape
+    t = k.shape[2]
     group = hq // k.shape[1]
     scale = d**-0.5 if sm_scale is None else sm_scale
     nb = -(-t // block)
     pad = nb * block - t  # padded keys sit after every query: causally invisible
     k = F.pad(k.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
     v = F.pad(v.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
-    s = ((q.float() @ k.transpose(-1, -2)) * scale).view(bt, hq, t, nb, block)
+    s = ((q.float() @ k.transpose(-1, -2)) * scale).view(bt, hq, tq, nb, block)
 
-    i = torch.arange(t, device=q.device)[:, None, None]
+    i = torch.arange(t - tq, t, device=q.device)[:, None, None]
     c = torch.arange(nb, device=q.device)[None, :, None]
     u = torch.arange(block, device=q.device)[None, None, :]
     bi, lm = i // block, u == block - 1
@@ -406,7 +407,7 @@ def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto"):
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if impl == "torch" or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
-        block = regular_block(is_landmark) if q.shape[2] == k.shape[2] else None
+        block = regular_block(is_landmark)
         if block is not None:
             return landmark_attention_blocks(q, k, v, block, sm_scale=scale)
         return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)

@@ -128,6 +128,7 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     all their blocks); sources name the file. Documents not indexed yet are left out and
     reported through `on_left_out`; none indexed at all is an error."""
     from .corpus import CorpusSession
+    from .corpus_trained import TrainedCorpusSession
     from .index import Indexer
 
     indexer = Indexer(lm, settings)
@@ -142,7 +143,8 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     engine = indexer.engine
     prompt = ask_prompt(lm.tokenizer, "", question)
     t0 = time.perf_counter()
-    sess = CorpusSession(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
+    session = TrainedCorpusSession if engine.spec is not None else CorpusSession
+    sess = session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
     stream, flush = _streamer(lm.tokenizer, on_token)
     ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
                           stream, 3, prompt.focus, t0)

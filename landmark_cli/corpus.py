@@ -33,7 +33,6 @@ from kernels.retrieval_attention import retrieval_attention
 from kernels.rope import apply_rope
 
 from . import store
-from .errors import LandmarkError
 from .engine import as_torch
 from .landmarks import block_scores, exact_block_logits, relevance, top_blocks, top_runs
 
@@ -81,8 +80,7 @@ class CorpusSession:
     def __init__(self, engine, entries: list[store.Entry], capacity: int, blocks: int | None = None):
         """blocks: how many to retrieve (default 2 x top_k)."""
         if engine.spec is not None:
-            raise LandmarkError("asking a folder with a trained landmark model is not supported yet",
-                                "ask one document at a time, or pass --landmarks free")
+            raise ValueError("trained landmark models answer a folder through corpus_trained.TrainedCorpusSession")
         self.e, self.entries = engine, entries
         s, c, m = engine.s, engine.cfg, engine.m
         B = s.block

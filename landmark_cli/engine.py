@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.landmark_attention import landmark_attention_reference
+from kernels.landmark_attention import landmark_attention
 from kernels.retrieval_attention import gather_blocks, retrieval_attention, rotated_blocks
 from kernels.rope import apply_rope
 
@@ -133,7 +133,7 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     pre-RoPE; placed at positions [0, k*B) and rotated there by the cos/sin tables) followed
     by dense keys/values [Hkv, L, D] (RoPE'd; the last T are the queries' own) whose
     landmark flags are dense_lm [L]. Every retrieved block ends with its landmark, which
-    gates the block's tokens; the torch reference of kernels/landmark_attention does the math."""
+    gates the block's tokens; the torch path of kernels/landmark_attention does the math."""
     hkv, k = sel.shape
     B, D = k_store.shape[2], k_store.shape[3]
     kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
@@ -141,7 +141,7 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     kr = apply_rope(kr, cos[:k * B], sin[:k * B])
     lm = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_lm])
     keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
-    return landmark_attention_reference(q[None], keys[None], vals[None], lm[None])[0]
+    return landmark_attention(q[None], keys[None], vals[None], lm[None], impl="torch")[0]
 
 
 def as_torch(a: np.ndarray) -> torch.Tensor:
@@ -453,6 +453,19 @@ class Session:
         if self.e.spec is not None:  # after a landmark the model predicts the next token (reference convention)
             logits[self.e.spec.mem_id] = float("-inf")
         return logits
+
+    @torch.inference_mode()
+    def close(self) -> torch.Tensor:
+        """Trained mode, on a fresh session of a stream that ends inside a block: the
+        `<landmark>` run after the stream, as if its block ended there (per-layer retrieval,
+        grouped softmax, like a landmark read in place). Returns its pre-RoPE key and value
+        [layers, 2, Hkv, D]: the partial block's landmark for a folder question."""
+        m, a = self.e.m, self.n_dense
+        self.dense_lm[a] = True
+        cos, sin = m.rope.at(torch.tensor([self.next_pos]))
+        self._layers(m.embed(torch.tensor([self.e.spec.mem_id])), cos, sin, a, self._per_layer(None))
+        k = apply_rope(self.dense[:, 0, :, a:a + 1], cos, -sin)[:, :, 0]  # rotated back: pre-RoPE
+        return torch.stack([k, self.dense[:, 1, :, a]], 1)
 
     def sources(self, n: int) -> list[tuple[int, int, float]]:
         """(entry 0, block, score) of the blocks the question scored highest (over the layers that made the selection);

@@ -222,3 +222,18 @@ def test_cli_ask_index_flag_and_missing_folder(capsys, monkeypatch, tiny_dir, fo
     assert json.loads(out)["documents"] == 3
     code, out, err = run(capsys, monkeypatch, "index", tmp_path / "nowhere", "--model", tiny_dir)
     assert code == 1 and "does not exist" in err
+
+
+def test_cli_ask_folder_with_a_trained_landmark_model(capsys, monkeypatch, folder, tmp_path):
+    """The paper's retrieval across a folder: index with the model's own landmarks, then ask."""
+    from tiny import make_tiny_landmark_model
+
+    model = str(make_tiny_landmark_model(tmp_path / "lm"))
+    code, out, err = run(capsys, monkeypatch, "index", folder, "--model", model, "--top-k", "2")
+    assert code == 0, err
+    code, out, err = run(capsys, monkeypatch, "ask", folder, "Who was the captain?", "--model", model, "--top-k",
+                         "2", "--json", "--max-tokens", "3")
+    assert code == 0, err
+    a = json.loads(out)
+    assert a["documents"] == 3 and a["sources"]
+    assert all(s["path"].startswith(str(folder.resolve())) and s["text"] for s in a["sources"])

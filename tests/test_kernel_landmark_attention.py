@@ -199,3 +199,6 @@ def test_regular_blocks_match_reference(t, block, group):
     fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], block, **kw), q, k, v, is_lm, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
         assert_close(a, b, 2e-5, 2e-5, name)
+    for tq in (1, block + 1):  # a step of the last tq queries (reading, answering)
+        step = la.landmark_attention_blocks(q[:, :, -tq:], k, v, block)
+        assert_close(step, la.landmark_attention_reference(q[:, :, -tq:], k, v, is_lm), 2e-5, 2e-5, "step")

@@ -1,5 +1,6 @@
 """Trained landmark models: reference-format loading and trained-mode inference."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,48 @@ def test_trained_settings_fit_the_training_context(trained, tmp_path):
 def test_landmarks_trained_needs_a_landmark_model(tiny, tmp_path):
     with pytest.raises(LandmarkError, match="no trained landmarks"):
         Engine(tiny, Settings(landmarks="trained"), root=tmp_path)
+
+
+@pytest.mark.parametrize("n_doc", [75, 77])  # ends inside a block (closed by a landmark) / right after one
+def test_folder_session_equals_full_grouped_forward(trained, tmp_path, n_doc):
+    """`ask DIR` with a trained model, one document, k covering every block: the folder
+    session gives the logits of the full grouped forward over the document's stream, ended
+    by a landmark, then the question as a fresh stream."""
+    from landmark_cli.corpus_trained import TrainedCorpusSession
+
+    spec = trained.landmark
+    eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
+    g = torch.Generator().manual_seed(n_doc)
+    doc = torch.randint(2, spec.mem_id - 1, (n_doc,), generator=g).tolist()
+    suffix = torch.randint(2, spec.mem_id - 1, (9,), generator=g).tolist()
+    entry, _ = eng.read(doc)
+    sess = TrainedCorpusSession(eng, [entry], capacity=32)
+    assert len(sess.closing) == (n_doc % 7 != 0)
+    got = [sess.step(torch.tensor(suffix)), sess.step(torch.tensor([5])), sess.step(torch.tensor([6]))]
+    stream = insert_landmarks(doc, None, 7, spec.mem_id)[0]
+    stream += [spec.mem_id] * (stream[-1] != spec.mem_id)
+    for i, logits in enumerate(got):
+        seq = torch.tensor(stream + insert_landmarks(suffix + [5, 6][:i], None, 7, spec.mem_id)[0])
+        want = trained.model.forward(seq, is_landmark=seq == spec.mem_id)[-1].clone()
+        want[spec.mem_id] = float("-inf")
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_folder_question_retrieves_across_documents_within_budget(trained, tmp_path):
+    """Several documents, a small budget: each head reads k blocks (partial ones closed),
+    never more than the training context, and the sources name blocks of the documents."""
+    from landmark_cli.corpus_trained import TrainedCorpusSession
+
+    spec = trained.landmark
+    eng = Engine(trained, Settings(top_k=3, window=0), root=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    entries = [eng.read(torch.randint(2, spec.mem_id - 1, (n,), generator=g).tolist(),
+                        np.stack([np.arange(n), np.arange(1, n + 1)], 1))[0] for n in (40, 61, 90)]
+    sess = TrainedCorpusSession(eng, entries, capacity=16)
+    assert len(sess.cand) == sum(-(-e.n_tokens // 8) for e in entries) and len(sess.closing) == 3
+    logits = sess.step(torch.tensor([3, 4, 5, 6]))
+    assert torch.isfinite(logits[:spec.mem_id]).all() and logits[spec.mem_id] == float("-inf")
+    assert sess.k == 3 and sess.retrieved_per_step == 24 <= spec.train_context
+    src = sess.sources(5)
+    assert len(src) == 5 and {d for d, _, _ in src} <= {0, 1, 2}
+    assert all(0 <= b < entries[d].kv.shape[3] for d, b, _ in src)
