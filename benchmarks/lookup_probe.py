@@ -1,16 +1,20 @@
 """How fast does a small LLaMA learn the in-context lookup that trained_facts.py needs?
 
     python benchmarks/lookup_probe.py                      # 2 layers, dim 64, one head of 64
-    python benchmarks/lookup_probe.py --block 0 --steps 3000   # ordinary causal attention
+    python benchmarks/lookup_probe.py --dim 128 --heads 2 --kv-heads 2 --steps 1000
+    python benchmarks/lookup_probe.py --train-facts 3-8 --code-only --filler 10 --steps 4000
+                                                           # several facts: the name must match too
+    python benchmarks/lookup_probe.py --block 0            # ordinary causal attention
 
-Trains a randomly initialised model on the training documents of trained_facts.py the
-way `landmark finetune` does (its batches, optimizer and schedule; next-token loss on
-every token; the grouped softmax when --block > 0) and every --every steps prints the
-mean loss on the *answer* tokens alone: the codes after "Answer:", which only the fact in
-the same document predicts (chance: ln 90 = 4.50 nats; a learned lookup: near 0). The
-overall loss hides this: it falls as the model learns the templates, while the answers
-can stay at chance. Use it to try model shapes, learning rates and corpora before a
-20-minute `trained_facts.py` run, or on a GPU (--device cuda).
+Trains a randomly initialised model on the training documents of trained_facts.py (the
+same Style options) the way `landmark finetune` does (its batches, optimizer and
+schedule; next-token loss on every token; the grouped softmax when --block > 0) and
+every --every steps prints the mean loss on the *answer* tokens alone: the code in each
+answer (alone or in the restated fact), which only the fact in the same document
+predicts (chance: ln 90 = 4.50 nats; a learned lookup: near 0). The overall loss hides
+this: it falls as the model learns the templates, while the answers can stay at chance.
+Use it to try model shapes, learning rates and corpora before a `trained_facts.py`
+run, or on a GPU (--device cuda).
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from landmark_cli.checkpoint import LandmarkSpec  # noqa: E402
 from landmark_cli.finetune import TrainConfig, _optimizer, load_base, sample_batch  # noqa: E402
 
 
-def answer_flags(ids: list[int], answer: int, colon: int, codes: set[int]) -> list[int]:
-    """1 where a token is the code that answers a question ("Answer" ":" code), else 0."""
-    return [int(i >= 2 and t in codes and ids[i - 1] == colon and ids[i - 2] == answer) for i, t in enumerate(ids)]
+def answer_flags(ids: list[int], answer: int, codes: set[int]) -> list[int]:
+    """1 where a token is the code that answers a question (a code at most 8 tokens after
+    "Answer": the code alone, or the fact restated), else 0."""
+    return [int(t in codes and answer in ids[max(0, i - 8):i]) for i, t in enumerate(ids)]
 
 
 def main(argv=None) -> int:
@@ -56,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--names", type=int, default=500)
     ap.add_argument("--docs", type=int, default=20000, help="training documents")
+    trained_facts.style_args(ap)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -74,20 +80,22 @@ def main(argv=None) -> int:
 
 def probe(a, work: Path) -> list[dict]:
     pool = trained_facts.names(a.names)
-    trained_facts.write_corpus(work / "corpus", a.docs, a.seed, pool)
+    style = trained_facts.style_of(a)
+    trained_facts.write_corpus(work / "corpus", a.docs, a.seed, pool, style)
     base = trained_facts.make_base(work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads,
                                    kv_heads=a.kv_heads, seed=a.seed)
     block = a.block or 64  # with --block 0 the landmark token is added but never inserted
     model, tok, _, spec = load_base(base, block, a.context)
-    answer, colon = tok.convert_tokens_to_ids(["Answer", ":"])
+    answer = tok.convert_tokens_to_ids("Answer")
     codes = set(tok.convert_tokens_to_ids([str(c) for c in range(trained_facts.CODES[0], trained_facts.CODES[1] + 1)]))
     rng = random.Random(a.seed)
     ids: list[int] = []
     flags: list[int] = []
     for _ in range(a.docs):
-        d = tok(trained_facts.training_document(rng, pool), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        d = tok(trained_facts.training_document(rng, pool, style), add_special_tokens=False)["input_ids"]
+        d.append(tok.eos_token_id)
         ids += d
-        flags += answer_flags(d, answer, colon, codes)
+        flags += answer_flags(d, answer, codes)
     # one array holding both, so that sample_batch cuts the same windows from each
     stream = np.asarray(ids, dtype=np.int64) * 2 + np.asarray(flags, dtype=np.int64)
     # --block 0: one block holding the whole window, so no landmark is inserted before its end

@@ -1,20 +1,22 @@
 """Trained landmarks end to end: a small LLaMA trained from scratch by `landmark finetune`
 on synthetic facts, then asked about facts in documents far longer than its context.
 
-    python benchmarks/trained_facts.py                    # the full run (about 20 min on 2 cores)
+    python benchmarks/trained_facts.py                    # the full run (about 15 min on 2 cores)
     python benchmarks/trained_facts.py --steps 40 --docs 1  # a quick smoke run
+    python benchmarks/trained_facts.py --eval-only /tmp/landmark-trained-facts/model --tokens 200
+                                                          # ask again, about shorter documents
 
-Steps: (1) write a training corpus of short "documents" in which facts ("The code of
-Tavor is 48.") sit among filler sentences and questions about them follow
-("Question: What is the code of Tavor?\nAnswer: 48."), in the prompt layout that
-`landmark ask` uses for models without a chat template; (2) build a word-level tokenizer
-over the corpus (every name and every code one token) and write a randomly initialised
-LLaMA; (3) `landmark finetune` it at a short context; (4) build long documents (8k
-tokens by default, 16x the training context of 512) each holding several facts at
-random depths, the same names paired with codes drawn afresh, and ask `landmark ask`
-about every fact; (5) the same questions with the same model without retrieval,
-truncated to its training context (the last tokens of the prompt, full grouped
-attention): the baseline.
+Steps: (1) write a training corpus of short "documents" in which a fact ("The code of
+Tavor is 48.", stated 1-3 times) sits among filler sentences and a question about it
+follows ("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48."), in
+the prompt layout that `landmark ask` uses for models without a chat template (Style:
+--train-facts, --repeats, --code-only); (2) build a word-level tokenizer over the corpus
+(every name and every code one token) and write a randomly initialised LLaMA;
+(3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
+default) each holding --facts facts at random depths, the same names paired with codes
+drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
+same model without retrieval, truncated to its training context (the last tokens of
+the prompt, full grouped attention): the baseline.
 Results go to benchmarks/results/trained_facts_cpu.json (trained_facts_cuda.json with
 --device cuda: training on the GPU, asking on the CPU).
 """
@@ -27,6 +29,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,27 +78,66 @@ def question(name: str) -> str:
     return f"What is the code of {name}?"
 
 
-def answer(code: int) -> str:
-    return f" {code}."
+def answer(name: str, code: int, restate: bool) -> str:
+    return f" {fact(name, code)}" if restate else f" {code}."
 
 
-def training_document(rng: random.Random, pool: list[str]) -> str:
-    """One short training document: 3-8 facts among 0-10 filler sentences, then a question
-    about each, answered with its code. Dense in facts: the answers are what teaches (a
-    code is random, so the only way to predict an answer is to find its fact)."""
-    chosen = rng.sample(pool, rng.randint(3, 8))
+@dataclass(frozen=True)
+class Style:
+    """How the training documents are written. The defaults are the ones a small model
+    learns from on a CPU budget (benchmarks/lookup_probe.py): one fact per document,
+    stated 1-3 times (each restatement is one more lookup to learn from), answered with
+    the fact restated ("The code of X is N."), whose code then follows the same words as
+    in the document. With several facts per document the model must also match the
+    name: not learned within 20 CPU minutes (README)."""
+
+    facts: tuple[int, int] = (1, 1)  # facts per document, min-max
+    repeats: int = 3  # each fact stated 1..repeats times
+    restate: bool = True  # answers restate the fact; else the code alone
+    filler: int = 30  # 0..filler filler sentences per document (about 6 tokens each)
+
+
+def training_document(rng: random.Random, pool: list[str], style: Style = Style()) -> str:
+    """One short training document: its facts among 0-`filler` filler sentences, then a question
+    about each, answered. A code is random, so the only way to predict an answer (or a
+    restated fact's code) is to find the fact in the document."""
+    chosen = rng.sample(pool, rng.randint(*style.facts))
     codes = {n: code(rng) for n in chosen}
-    sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, 10))]
+    sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, style.filler))]
     for n in chosen:
-        sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
-    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer:{answer(codes[n])}" for n in rng.sample(chosen, len(chosen)))
+        for _ in range(rng.randint(1, style.repeats)):
+            sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
+    qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer:{answer(n, codes[n], style.restate)}"
+                 for n in rng.sample(chosen, len(chosen)))
     return f"{INSTRUCTION}\n\nDocument:\n{' '.join(sentences)}{qa}\n\n"
 
 
-def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str]) -> None:
+def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str], style: Style = Style()) -> None:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "facts.txt").write_text("".join(training_document(rng, pool) for _ in range(n_docs)))
+    (folder / "facts.txt").write_text("".join(training_document(rng, pool, style) for _ in range(n_docs)))
+
+
+def fact_range(text: str) -> tuple[int, int]:
+    """'3-8' or '1' -> (3, 8) or (1, 1): facts per training document (argparse type)."""
+    lo, _, hi = text.partition("-")
+    r = (int(lo), int(hi or lo))
+    if not 1 <= r[0] <= r[1]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return r
+
+
+def style_args(ap: argparse.ArgumentParser) -> None:
+    d = Style()
+    ap.add_argument("--train-facts", type=fact_range, default=d.facts, metavar="MIN-MAX",
+                    help="facts per training document (1: find the fact; several: also match its name)")
+    ap.add_argument("--repeats", type=int, default=d.repeats, help="each fact stated 1..N times in its document")
+    ap.add_argument("--code-only", action="store_true", help="answers give the code alone, not the fact restated")
+    ap.add_argument("--filler", type=int, default=d.filler, help="0..N filler sentences per training document")
+
+
+def style_of(a: argparse.Namespace) -> Style:
+    return Style(facts=a.train_facts, repeats=a.repeats, restate=not a.code_only, filler=a.filler)
 
 
 def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int) -> tuple[str, dict[str, int]]:
@@ -198,18 +240,19 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--train-docs", type=int, default=20000)
-    ap.add_argument("--docs", type=int, default=10, help="long documents to ask about")
-    ap.add_argument("--facts", type=int, default=4, help="facts per long document")
+    style_args(ap)
+    ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
+    ap.add_argument("--facts", type=int, default=1, help="facts per long document")
     ap.add_argument("--tokens", type=int, default=8192, help="length of the long documents")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -235,7 +278,7 @@ def main(argv=None) -> int:
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
     corpus = work / "corpus"
-    write_corpus(corpus, a.train_docs, a.seed, pool)
+    write_corpus(corpus, a.train_docs, a.seed, pool, style_of(a))
     base = make_base(work / "base", corpus, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      seed=a.seed)
     cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,

@@ -64,7 +64,8 @@ class TrainedCorpusSession:
     def _blocks(self, layer: int, head: int, chosen: list[int]):
         """The chosen candidates' pre-RoPE keys, values [n, D] and landmark flags [n], end to end."""
         B, m = self.e.s.block, self.e.m
-        ks, vs, lms = [], [], []
+        empty = torch.zeros(0, self.e.cfg.head_dim, dtype=m.dtype)
+        ks, vs, lms = [empty], [empty], [torch.zeros(0, dtype=torch.bool)]
         for i in chosen:
             d, b, valid = int(self.cand.doc[i]), int(self.cand.block[i]), int(self.cand.valid[i])
             kv = self.kv[d][layer, :, head, b, :valid].to(m.dtype)  # [2, valid, D]

@@ -80,7 +80,8 @@ def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch
 def test_lookup_probe_measures_the_answer_tokens(tmp_path):
     import lookup_probe
 
-    assert lookup_probe.answer_flags([5, 9, 7, 30, 7, 30], answer=9, colon=7, codes={30}) == [0, 0, 0, 1, 0, 0]
+    ids = [30, 9, 7, 30] + [1] * 8 + [30]  # a code before "Answer" (9), one after it, one 9 tokens after
+    assert lookup_probe.answer_flags(ids, answer=9, codes={30}) == [0, 0, 0, 1] + [0] * 9
     out = tmp_path / "curve.json"
     assert lookup_probe.main(["--steps", "4", "--every", "2", "--docs", "60", "--dim", "32", "--context", "64",
                               "--block", "7", "--batch", "4", "--json", str(out)]) == 0
