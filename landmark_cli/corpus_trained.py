@@ -51,7 +51,7 @@ class TrainedCorpusSession:
             n_full = int((self.cand.valid[sl] == B).sum())
             reps.append(torch.from_numpy(entries[d].reps[:, :, b0:b0 + n_full, 0]).float())  # [L, Hkv, n, D]
             reps += [self.closing[i][:, 0, :, None].float() for i in range(sl.start + n_full, sl.stop)]
-        self.reps = torch.cat(reps, 2)[:, :, :, None] if reps else None  # [L, Hkv, N, 1, D]
+        self.reps = torch.cat(reps, 2)[:, :, :, None]  # [L, Hkv, N, 1, D] (N >= 1: the first document's start)
         self.k = min(s.top_k + s.window_tokens // B, len(self.cand))
         self.top = self.k * B  # the question's first position: every head's blocks end here
         capacity += capacity // spec.mem_freq + 2  # room for the landmarks inserted among new tokens
@@ -64,7 +64,7 @@ class TrainedCorpusSession:
     def _blocks(self, layer: int, head: int, chosen: list[int]):
         """The chosen candidates' pre-RoPE keys, values [n, D] and landmark flags [n], end to end."""
         B, m = self.e.s.block, self.e.m
-        empty = torch.zeros(0, self.e.cfg.head_dim, dtype=m.dtype)
+        empty = torch.zeros(0, self.e.cfg.head_dim, dtype=m.dtype)  # k may be 0 (--top-k 0, no window)
         ks, vs, lms = [empty], [empty], [torch.zeros(0, dtype=torch.bool)]
         for i in chosen:
             d, b, valid = int(self.cand.doc[i]), int(self.cand.block[i]), int(self.cand.valid[i])
@@ -94,13 +94,10 @@ class TrainedCorpusSession:
             self.dense[layer, 1, :, a:b] = v
             qr = apply_rope(q, cos, sin)
             out = []
-            if self.reps is None:  # nothing to retrieve
-                chosen = torch.zeros(c.n_kv_heads, 0, dtype=torch.long)
-            else:
-                scores = block_scores(q, self.reps[layer], "landmark", c.n_kv_heads)
-                if a == 0:
-                    self.question_scores.append(scores)
-                chosen = top_blocks(scores, self.k)
+            scores = block_scores(q, self.reps[layer], "landmark", c.n_kv_heads)
+            if a == 0:
+                self.question_scores.append(scores)
+            chosen = top_blocks(scores, self.k)
             for h in range(c.n_kv_heads):
                 rk, rv, rlm = self._blocks(layer, h, chosen[h].tolist())
                 rc, rs = m.rope.at(torch.arange(self.top - rk.shape[0], self.top))
