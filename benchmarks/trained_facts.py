@@ -10,7 +10,8 @@ Steps: (1) write a training corpus of short "documents" in which a fact ("The co
 Tavor is 48.", stated 1-3 times) sits among filler sentences and a question about it
 follows ("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48."), in
 the prompt layout that `landmark ask` uses for models without a chat template (Style:
---train-facts, --repeats, --code-only); (2) build a word-level tokenizer over the corpus
+--train-facts, --repeats, --code-only, --filler, --numbers: filler sentences carrying
+numbers from the codes' range, which the long documents then carry too); (2) build a word-level tokenizer over the corpus
 (every name and every code one token) and write a randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
@@ -46,6 +47,15 @@ FILLER = [
     "The baker lights the oven early.", "Boats rest in the harbour.", "The clock in the square is slow.",
     "Children play by the fountain.", "The lamp burns until midnight.", "Snow covers the far mountains.",
     "The ferry leaves every hour.", "A dog sleeps by the door.", "The library is closed on Sunday.",
+]
+# Filler that carries a number from the codes' range: with these in the documents,
+# "copy the number in sight" is wrong; the model has to find the number that follows
+# "The code of X is". Used with Style.numbers > 0.
+NUMBERED = [
+    "The ferry leaves every {} minutes.", "Room {} is on the left.", "The bus {} stops by the bridge.",
+    "We walked {} miles today.", "The baker sold {} loaves.", "There are {} boats in the harbour.",
+    "The tower has {} steps.", "Train {} leaves from the east platform.", "The old map shows {} wells.",
+    "The choir has {} voices.",
 ]
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -95,6 +105,12 @@ class Style:
     repeats: int = 3  # each fact stated 1..repeats times
     restate: bool = True  # answers restate the fact; else the code alone
     filler: int = 30  # 0..filler filler sentences per document (about 6 tokens each)
+    numbers: float = 0.0  # share of filler sentences that carry a number (NUMBERED)
+
+
+def filler_sentences(rng: random.Random, n: int, numbers: float) -> list[str]:
+    return [rng.choice(NUMBERED).format(code(rng)) if rng.random() < numbers else rng.choice(FILLER)
+            for _ in range(n)]
 
 
 def training_document(rng: random.Random, pool: list[str], style: Style = Style()) -> str:
@@ -103,7 +119,7 @@ def training_document(rng: random.Random, pool: list[str], style: Style = Style(
     restated fact's code) is to find the fact in the document."""
     chosen = rng.sample(pool, rng.randint(*style.facts))
     codes = {n: code(rng) for n in chosen}
-    sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, style.filler))]
+    sentences = filler_sentences(rng, rng.randint(0, style.filler), style.numbers)
     for n in chosen:
         for _ in range(rng.randint(1, style.repeats)):
             sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
@@ -134,16 +150,20 @@ def style_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=d.repeats, help="each fact stated 1..N times in its document")
     ap.add_argument("--code-only", action="store_true", help="answers give the code alone, not the fact restated")
     ap.add_argument("--filler", type=int, default=d.filler, help="0..N filler sentences per training document")
+    ap.add_argument("--numbers", type=float, default=d.numbers,
+                    help="share of filler sentences carrying a number (in training and in the long documents)")
 
 
 def style_of(a: argparse.Namespace) -> Style:
-    return Style(facts=a.train_facts, repeats=a.repeats, restate=not a.code_only, filler=a.filler)
+    return Style(facts=a.train_facts, repeats=a.repeats, restate=not a.code_only, filler=a.filler,
+                 numbers=a.numbers)
 
 
-def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int) -> tuple[str, dict[str, int]]:
+def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int,
+                  numbers: float = 0.0) -> tuple[str, dict[str, int]]:
     chosen = rng.sample(pool, n_facts)
     codes = {n: code(rng) for n in chosen}
-    sentences = [rng.choice(FILLER) for _ in range(n_sentences)]
+    sentences = filler_sentences(rng, n_sentences, numbers)
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
     return " ".join(sentences), codes
@@ -202,7 +222,7 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
 
 
 def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int, top_k: int, seed: int,
-             pool: list[str]) -> dict:
+             pool: list[str], numbers: float = 0.0) -> dict:
     from landmark_cli.ask import ask
     from landmark_cli.engine import Settings
     from landmark_cli.models import load_model
@@ -214,7 +234,7 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
     per_sentence = len(lm.tokenizer(" ".join(FILLER), add_special_tokens=False)["input_ids"]) / len(FILLER)
     records = []
     for d in range(docs):
-        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence))
+        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence), numbers)
         path = work / f"doc{d}.txt"
         path.write_text(text)
         for name, code in codes.items():
@@ -273,7 +293,7 @@ def main(argv=None) -> int:
     pool = names(a.names)  # one token each; the long documents pair them with codes drawn afresh
     if a.eval_only:
         ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                      seed=a.seed + 1, pool=pool)
+                      seed=a.seed + 1, pool=pool, numbers=a.numbers)
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
@@ -299,7 +319,7 @@ def main(argv=None) -> int:
     print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps} steps in {train_s / 60:.1f} min; "
           f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}", flush=True)
     ev = evaluate(work / "model", work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                  seed=a.seed + 1, pool=pool)
+                  seed=a.seed + 1, pool=pool, numbers=a.numbers)
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
     result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,

@@ -88,3 +88,28 @@ def test_lookup_probe_measures_the_answer_tokens(tmp_path):
     curve = json.loads(out.read_text())["curve"]
     assert [r["step"] for r in curve] == [2, 4]
     assert all(r["answers"] > 0 and r["answer_loss"] > 1.0 for r in curve)  # 4 steps learn no lookup
+
+
+def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
+    import random
+
+    import landmark_ranks
+
+    rng, pool = random.Random(0), trained_facts.names(50)
+    numbered = trained_facts.filler_sentences(rng, 20, 1.0)
+    assert all(10 <= int(w.strip(".")) <= 99 for s in numbered for w in s.split() if w.strip(".").isdigit())
+    assert all(any(w.isdigit() for w in s.split()) for s in numbered)
+    assert not any(c.isdigit() for s in trained_facts.filler_sentences(rng, 20, 0.0) for c in s)
+    text, codes = trained_facts.long_document(rng, pool, 1, 30, numbers=0.5)
+    assert text.count("The code of") == 1 and sum(w.strip(".").isdigit() for w in text.split()) > 5
+
+    base = trained_facts.make_base(tmp_path / "base", corpus, dim=32, layers=2, heads=2, kv_heads=1, seed=0)
+    finetune(str(base), corpus, tmp_path / "m", TrainConfig(block_size=7, context=64, steps=2, batch=2))
+    lm = load_model(str(tmp_path / "m"))
+    stream, code_id = landmark_ranks.fact_stream(lm, random.Random(1), trained_facts.names(500)[:50], 64, 0.0)
+    r = landmark_ranks.ranks(lm, stream, code_id)
+    assert r is not None
+    per_layer, _, n_blocks = r
+    assert len(per_layer) == 2 and all(len(h) == 2 and all(0 <= x < n_blocks for x in h) for h in per_layer)
+    assert landmark_ranks.main([str(tmp_path / "m"), "--trials", "3"]) == 0
+    assert "layer 1 head 1" in capsys.readouterr().out

@@ -1,0 +1,117 @@
+"""Have a trained model's landmarks learned to stand for their blocks? Rank of the fact's block.
+
+    python benchmarks/landmark_ranks.py /tmp/landmark-trained-facts/model [--tokens 256] [--numbers 0.1]
+
+For documents written like trained_facts.py's long documents (one fact among filler,
+--numbers: share of filler sentences carrying a number), of about --tokens tokens, asked
+in the `landmark ask` prompt layout and followed by the start of the answer ("The code of
+X is"), runs the model's full grouped-softmax forward over the whole stream and, at the
+query that must produce the code, ranks every earlier block by its landmark score in
+each layer and KV-group head: pre-RoPE (q . k of the landmark), as `landmark ask`
+retrieves. Prints, per (layer, head), how often the fact's block was ranked first and
+how often it was in the top --top, beside chance; and how often the forward produced the
+code. Retrieval over a long document can only work through heads whose fact-block rank
+is far above chance. (Note: a first-layer landmark key is the same for every block, so
+first-layer ranks are ties, at chance by construction.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import trained_facts as tf  # noqa: E402
+from kernels.landmark_attention import landmark_attention  # noqa: E402
+from kernels.rope import apply_rope  # noqa: E402
+from landmark_cli.landmarks import insert_landmarks  # noqa: E402
+from landmark_cli.models import load_model  # noqa: E402
+from landmark_cli.prompts import ask_prompt  # noqa: E402
+
+
+def fact_stream(lm, rng, pool, tokens: int, numbers: float):
+    """(stream ids with landmarks, the code's token id): a document of about `tokens` tokens."""
+    tok, spec = lm.tokenizer, lm.landmark
+    per = len(tok(" ".join(tf.FILLER), add_special_tokens=False)["input_ids"]) / len(tf.FILLER)
+    text, codes = tf.long_document(rng, pool, 1, max(1, int(tokens / per)), numbers)
+    (name, c), = codes.items()
+    p = ask_prompt(tok, text, tf.question(name))
+    ids = p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
+    return torch.tensor(insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0]), tok.convert_tokens_to_ids(str(c))
+
+
+@torch.inference_mode()
+def ranks(lm, stream: torch.Tensor, code_id: int):
+    """Per layer, per query head: rank of the block holding the code (0 = best) among the
+    blocks before the query's own; and whether the forward predicts the code. None when
+    the code is in the query's own block."""
+    m, spec = lm.model, lm.landmark
+    lmk = stream == spec.mem_id
+    blk = torch.cumsum(lmk.int(), 0) - lmk.int()
+    where = (stream == code_id).nonzero().flatten()
+    if where.numel() == 0 or int(blk[where[0]]) == int(blk[-1]):
+        return None
+    fact_block = int(blk[where[0]])
+    gates = (lmk & (blk < blk[-1])).nonzero().flatten()  # the candidate blocks' landmarks
+    x = m.embed(stream)
+    cos, sin = m.rope.tables(len(stream))
+    out = []
+    for layer in range(m.cfg.n_layers):
+        q, k, v = m.qkv(layer, x)
+        group = q.shape[0] // k.shape[0]
+        per_head = []
+        for h in range(q.shape[0]):
+            order = blk[gates][(k[h // group, gates] @ q[h, -1]).argsort(descending=True)].tolist()
+            per_head.append(order.index(fact_block))
+        out.append(per_head)
+        att = landmark_attention(apply_rope(q, cos, sin)[None], apply_rope(k, cos, sin)[None], v[None], lmk[None])[0]
+        x = m.finish(layer, x, att)
+    return out, int(m.logits(x[-1:])[0].argmax()) == code_id, len(gates)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=0, help="document length (default: the training context)")
+    ap.add_argument("--numbers", type=float, default=0.0, help="share of filler sentences carrying a number")
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=11)
+    a = ap.parse_args(argv)
+    lm = load_model(a.model)
+    if lm.landmark is None:
+        raise SystemExit(f"{a.model} has no trained landmarks")
+    rng, pool = random.Random(a.seed), tf.names(500)
+    first: dict = {}
+    top: dict = {}
+    n = correct = blocks = 0
+    for _ in range(a.trials):
+        r = ranks(lm, *fact_stream(lm, rng, pool, a.tokens or lm.landmark.train_context, a.numbers))
+        if r is None:
+            continue
+        per_layer, ok, nb = r
+        n, correct, blocks = n + 1, correct + ok, blocks + nb
+        for layer, hs in enumerate(per_layer):
+            for h, rank in enumerate(hs):
+                first[layer, h] = first.get((layer, h), 0) + (rank == 0)
+                top[layer, h] = top.get((layer, h), 0) + (rank < a.top)
+    if not n:
+        raise SystemExit("no usable trial (the fact fell in the question's block every time)")
+    nb = blocks / n
+    print(f"{a.model}: {n} documents of ~{a.tokens or lm.landmark.train_context} tokens, ~{nb:.0f} candidate "
+          f"blocks; the forward produced the code in {correct}/{n}")
+    print(f"fact's block ranked first / in the top {a.top} (chance {1 / nb:.0%} / {min(1, a.top / nb):.0%}):")
+    for layer, h in sorted(first):
+        print(f"  layer {layer} head {h}: {first[layer, h] / n:4.0%} / {top[layer, h] / n:4.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
