@@ -11,7 +11,8 @@ Tavor is 48.", stated 1-3 times) sits among filler sentences and a question abou
 follows ("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48."), in
 the prompt layout that `landmark ask` uses for models without a chat template (Style:
 --train-facts, --repeats, --code-only, --filler, --numbers: filler sentences carrying
-numbers from the codes' range, which the long documents then carry too); (2) build a word-level tokenizer over the corpus
+numbers from the codes' range, which the long documents then carry too, --parts: numbers
+per code); (2) build a word-level tokenizer over the corpus
 (every name and every code one token) and write a randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
@@ -62,11 +63,11 @@ VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 CODAS = ["", "n", "r", "l", "s", "m", "th", "x"]
 
 
-CODES = (10, 99)  # facts' codes: two digits (chance: about 1 in 90)
+CODES = (10, 99)  # a code is 1 or more two-digit numbers, one token each (chance: 1 in 90 per number)
 
 
-def code(rng: random.Random) -> int:
-    return rng.randint(*CODES)
+def code(rng: random.Random, parts: int = 1) -> str:
+    return " ".join(str(rng.randint(*CODES)) for _ in range(parts))
 
 
 def names(n: int, seed: int = 1234) -> list[str]:
@@ -80,7 +81,7 @@ def names(n: int, seed: int = 1234) -> list[str]:
     return shuffled
 
 
-def fact(name: str, code: int) -> str:
+def fact(name: str, code: str) -> str:
     return f"The code of {name} is {code}."
 
 
@@ -88,7 +89,7 @@ def question(name: str) -> str:
     return f"What is the code of {name}?"
 
 
-def answer(name: str, code: int, restate: bool) -> str:
+def answer(name: str, code: str, restate: bool) -> str:
     return f" {fact(name, code)}" if restate else f" {code}."
 
 
@@ -106,6 +107,8 @@ class Style:
     restate: bool = True  # answers restate the fact; else the code alone
     filler: int = 30  # 0..filler filler sentences per document (about 6 tokens each)
     numbers: float = 0.0  # share of filler sentences that carry a number (NUMBERED)
+    parts: int = 1  # numbers per code ("48" or "48 17 ..."): with more than one, copying a code is a
+    # sequence to follow, which a first layer cannot do alone
 
 
 def filler_sentences(rng: random.Random, n: int, numbers: float) -> list[str]:
@@ -118,7 +121,7 @@ def training_document(rng: random.Random, pool: list[str], style: Style = Style(
     about each, answered. A code is random, so the only way to predict an answer (or a
     restated fact's code) is to find the fact in the document."""
     chosen = rng.sample(pool, rng.randint(*style.facts))
-    codes = {n: code(rng) for n in chosen}
+    codes = {n: code(rng, style.parts) for n in chosen}
     sentences = filler_sentences(rng, rng.randint(0, style.filler), style.numbers)
     for n in chosen:
         for _ in range(rng.randint(1, style.repeats)):
@@ -152,17 +155,18 @@ def style_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--filler", type=int, default=d.filler, help="0..N filler sentences per training document")
     ap.add_argument("--numbers", type=float, default=d.numbers,
                     help="share of filler sentences carrying a number (in training and in the long documents)")
+    ap.add_argument("--parts", type=int, default=d.parts, help="two-digit numbers per code (\"48 17\": 2)")
 
 
 def style_of(a: argparse.Namespace) -> Style:
     return Style(facts=a.train_facts, repeats=a.repeats, restate=not a.code_only, filler=a.filler,
-                 numbers=a.numbers)
+                 numbers=a.numbers, parts=a.parts)
 
 
 def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int,
-                  numbers: float = 0.0) -> tuple[str, dict[str, int]]:
+                  numbers: float = 0.0, parts: int = 1) -> tuple[str, dict[str, str]]:
     chosen = rng.sample(pool, n_facts)
-    codes = {n: code(rng) for n in chosen}
+    codes = {n: code(rng, parts) for n in chosen}
     sentences = filler_sentences(rng, n_sentences, numbers)
     for n in chosen:
         sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
@@ -195,9 +199,10 @@ def make_base(out: Path, corpus: Path, *, dim: int, layers: int, heads: int, kv_
     return out
 
 
-def first_number(text: str) -> int | None:
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else None
+def answered_code(text: str, parts: int) -> str | None:
+    """The first `parts` numbers of an answer, as a code ("48 17"); None if fewer."""
+    found = re.findall(r"\d+", text)
+    return " ".join(found[:parts]) if len(found) >= parts else None
 
 
 @torch.inference_mode()
@@ -222,7 +227,7 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
 
 
 def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int, top_k: int, seed: int,
-             pool: list[str], numbers: float = 0.0) -> dict:
+             pool: list[str], style: Style = Style()) -> dict:
     from landmark_cli.ask import ask
     from landmark_cli.engine import Settings
     from landmark_cli.models import load_model
@@ -234,18 +239,18 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
     per_sentence = len(lm.tokenizer(" ".join(FILLER), add_special_tokens=False)["input_ids"]) / len(FILLER)
     records = []
     for d in range(docs):
-        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence), numbers)
+        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence), style.numbers, style.parts)
         path = work / f"doc{d}.txt"
         path.write_text(text)
         for name, code in codes.items():
             q = question(name)
             t0 = time.perf_counter()
             res = ask(lm, path, q, settings, max_new_tokens=14)
-            got = first_number(res.answer)
+            got = answered_code(res.answer, style.parts)
             base = truncated_answer(lm, ask_prompt(lm.tokenizer, text, q))
             records.append({"doc": d, "name": name, "expected": code, "answer": res.answer,
                             "correct": got == code, "truncated_answer": base,
-                            "truncated_correct": first_number(base) == code,
+                            "truncated_correct": answered_code(base, style.parts) == code,
                             "depth": round(text.index(fact(name, code)) / len(text), 3),
                             "stream_tokens": res.document_tokens, "retrieved_per_step": res.retrieved_per_step,
                             "cached": res.cached, "seconds": round(time.perf_counter() - t0, 3)})
@@ -281,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--names", type=int, default=500, help="names in the corpus; every document pairs them with "
                     "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
+    ap.add_argument("--corpus-only", action="store_true",
+                    help="write the training corpus to WORK/corpus and stop (to train on it with `landmark finetune`)")
     ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -293,12 +300,15 @@ def main(argv=None) -> int:
     pool = names(a.names)  # one token each; the long documents pair them with codes drawn afresh
     if a.eval_only:
         ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                      seed=a.seed + 1, pool=pool, numbers=a.numbers)
+                      seed=a.seed + 1, pool=pool, style=style_of(a))
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
     corpus = work / "corpus"
     write_corpus(corpus, a.train_docs, a.seed, pool, style_of(a))
+    if a.corpus_only:
+        print(f"corpus written to {corpus}")
+        return 0
     base = make_base(work / "base", corpus, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      seed=a.seed)
     cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
@@ -319,7 +329,7 @@ def main(argv=None) -> int:
     print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps} steps in {train_s / 60:.1f} min; "
           f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}", flush=True)
     ev = evaluate(work / "model", work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                  seed=a.seed + 1, pool=pool, numbers=a.numbers)
+                  seed=a.seed + 1, pool=pool, style=style_of(a))
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
     result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
