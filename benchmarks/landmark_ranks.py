@@ -9,8 +9,8 @@ X is"), runs the model's full grouped-softmax forward over the whole stream and,
 query that must produce the code, ranks every earlier block by its landmark score in
 each layer and KV-group head: pre-RoPE (q . k of the landmark), as `landmark ask`
 retrieves. Prints, per (layer, head), how often the fact's block was ranked first and
-its mean relative rank (0: always first, 1: always last; chance 0.5); and how often the forward produced the
-code. Retrieval over a long document can only work through heads whose fact-block rank
+its mean relative rank (0: always first, 1: always last; chance 0.5); and how often the
+forward produced the code. Retrieval over a long document can only work through heads whose fact-block rank
 is far above chance. (Note: a first-layer landmark key is the same for every block, so
 first-layer ranks are ties, at chance by construction.)
 """
@@ -39,12 +39,12 @@ from landmark_cli.prompts import ask_prompt  # noqa: E402
 def fact_stream(lm, rng, pool, tokens: int, numbers: float, parts: int = 1):
     """(stream ids with landmarks, the code's first token id): a document of about `tokens` tokens."""
     tok, spec = lm.tokenizer, lm.landmark
-    per = len(tok(" ".join(tf.FILLER), add_special_tokens=False)["input_ids"]) / len(tf.FILLER)
-    text, codes = tf.long_document(rng, pool, 1, max(1, int(tokens / per)), numbers, parts)
+    text, codes = tf.long_document(rng, pool, 1, tf.sentences_for(tok, tokens), numbers, parts)
     (name, c), = codes.items()
     p = ask_prompt(tok, text, tf.question(name))
     ids = p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
-    return torch.tensor(insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0]), tok.convert_tokens_to_ids(c.split()[0])
+    stream = torch.tensor(insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0])
+    return stream, tok.convert_tokens_to_ids(c.split()[0])
 
 
 @torch.inference_mode()

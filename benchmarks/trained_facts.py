@@ -173,6 +173,12 @@ def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences
     return " ".join(sentences), codes
 
 
+def sentences_for(tokenizer, tokens: int) -> int:
+    """How many filler sentences make a document of about `tokens` tokens."""
+    per = len(tokenizer(" ".join(FILLER), add_special_tokens=False)["input_ids"]) / len(FILLER)
+    return max(1, int(tokens / per))
+
+
 def make_base(out: Path, corpus: Path, *, dim: int, layers: int, heads: int, kv_heads: int, seed: int) -> Path:
     """A randomly initialised LlamaForCausalLM + a word-level tokenizer over the corpus's
     words and punctuation, so that every name and every code is one token."""
@@ -236,10 +242,10 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
     lm = load_model(str(model_dir))
     settings = Settings(top_k=top_k)
     rng = random.Random(seed)
-    per_sentence = len(lm.tokenizer(" ".join(FILLER), add_special_tokens=False)["input_ids"]) / len(FILLER)
     records = []
     for d in range(docs):
-        text, codes = long_document(rng, pool, facts, int(tokens / per_sentence), style.numbers, style.parts)
+        text, codes = long_document(rng, pool, facts, sentences_for(lm.tokenizer, tokens),
+                                    style.numbers, style.parts)
         path = work / f"doc{d}.txt"
         path.write_text(text)
         for name, code in codes.items():
