@@ -7,8 +7,8 @@ For documents written like trained_facts.py's long documents (one fact among fil
 in the `landmark ask` prompt layout and followed by the start of the answer ("The code of
 X is"), runs the model's full grouped-softmax forward over the whole stream and, at the
 query that must produce the code, ranks every earlier block by its landmark score in
-each layer and KV-group head: pre-RoPE (q . k of the landmark), as `landmark ask`
-retrieves. Prints, per (layer, head), how often the fact's block was ranked first and
+each layer and KV head with `landmark ask`'s own scoring (landmarks.block_scores:
+pre-RoPE q . k of the landmark, best query head of the group). Prints, per (layer, head), how often the fact's block was ranked first and
 its mean relative rank (0: always first, 1: always last; chance 0.5); and how often the
 forward produced the code. Retrieval over a long document can only work through heads whose fact-block rank
 is far above chance. (Note: a first-layer landmark key is the same for every block, so
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import trained_facts as tf  # noqa: E402
 from kernels.landmark_attention import landmark_attention  # noqa: E402
 from kernels.rope import apply_rope  # noqa: E402
-from landmark_cli.landmarks import insert_landmarks  # noqa: E402
+from landmark_cli.landmarks import block_scores, insert_landmarks  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 
@@ -49,7 +49,7 @@ def fact_stream(lm, rng, pool, tokens: int, numbers: float, parts: int = 1):
 
 @torch.inference_mode()
 def ranks(lm, stream: torch.Tensor, code_id: int):
-    """Per layer, per query head: rank of the block holding the code (0 = best) among the
+    """Per layer, per KV head: rank of the block holding the code (0 = best) among the
     blocks before the query's own; and whether the forward predicts the code. None when
     the code is in the query's own block."""
     m, spec = lm.model, lm.landmark
@@ -65,12 +65,8 @@ def ranks(lm, stream: torch.Tensor, code_id: int):
     out = []
     for layer in range(m.cfg.n_layers):
         q, k, v = m.qkv(layer, x)
-        group = q.shape[0] // k.shape[0]
-        per_head = []
-        for h in range(q.shape[0]):
-            order = blk[gates][(k[h // group, gates] @ q[h, -1]).argsort(descending=True)].tolist()
-            per_head.append(order.index(fact_block))
-        out.append(per_head)
+        scores = block_scores(q[:, -1:], k[:, gates, None], "landmark", k.shape[0])  # [Hkv, blocks], as ask ranks
+        out.append([blk[gates][row.argsort(descending=True)].tolist().index(fact_block) for row in scores])
         att = landmark_attention(apply_rope(q, cos, sin)[None], apply_rope(k, cos, sin)[None], v[None], lmk[None])[0]
         x = m.finish(layer, x, att)
     return out, int(m.logits(x[-1:])[0].argmax()) == code_id, len(gates)

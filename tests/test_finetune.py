@@ -103,7 +103,7 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     text, codes = trained_facts.long_document(rng, pool, 1, 30, numbers=0.5)
     assert text.count("The code of") == 1 and sum(w.strip(".").isdigit() for w in text.split()) > 5
 
-    base = trained_facts.make_base(tmp_path / "base", corpus, dim=32, layers=2, heads=2, kv_heads=1, seed=0)
+    base = trained_facts.make_base(tmp_path / "base", corpus, dim=32, layers=2, heads=2, kv_heads=2, seed=0)
     finetune(str(base), corpus, tmp_path / "m", TrainConfig(block_size=7, context=64, steps=2, batch=2))
     lm = load_model(str(tmp_path / "m"))
     stream, code_id = landmark_ranks.fact_stream(lm, random.Random(1), trained_facts.names(500)[:50], 64, 0.0)
