@@ -5,6 +5,8 @@
     python benchmarks/lookup_probe.py --train-facts 3-8 --code-only --filler 10 --steps 4000
                                                            # several facts: the name must match too
     python benchmarks/lookup_probe.py --block 0            # ordinary causal attention
+    python benchmarks/lookup_probe.py --retrieve 2 --local-layers 1
+                                                           # retrieval in the loop (below)
 
 Trains a randomly initialised model on the training documents of trained_facts.py (the
 same Style options) the way `landmark finetune` does (its batches, optimizer and
@@ -15,6 +17,14 @@ predicts (chance: ln 90 = 4.50 nats; a learned lookup: near 0). The overall loss
 this: it falls as the model learns the templates, while the answers can stay at chance.
 Use it to try model shapes, learning rates and corpora before a `trained_facts.py`
 run, or on a GPU (--device cuda).
+
+Retrieval in the loop (not the paper's recipe; an experiment): with --retrieve N each
+query of a layer reads, besides its own block, only N earlier blocks sampled without
+replacement from its own gate distribution (pre-RoPE landmark scores, as `landmark ask`
+ranks blocks; Gumbel top-N), so that a landmark that does not stand for its block costs
+the answer in training as it does at 8k. --local-layers L: the first L layers read only
+the previous block (a first-layer landmark key is the same for every block, so it cannot
+retrieve).
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import trained_facts  # noqa: E402
+from kernels.landmark_attention import landmark_attention_blocks  # noqa: E402
+from kernels.rope import apply_rope  # noqa: E402
 from landmark_cli.checkpoint import LandmarkSpec  # noqa: E402
 from landmark_cli.finetune import TrainConfig, _optimizer, load_base, sample_batch  # noqa: E402
 
@@ -47,6 +59,41 @@ def answer_flags(ids: list[int], answer: int, codes: set[int]) -> list[int]:
     return [int(t in codes and answer in ids[max(0, i - 8):i]) for i, t in enumerate(ids)]
 
 
+def sampled_blocks(q: torch.Tensor, k: torch.Tensor, block: int, n: int, local: bool) -> torch.Tensor:
+    """Pre-RoPE q [Bt, H, T, D], k [Bt, Hkv, T, D] of a regular landmark layout (blocks of
+    `block` positions, the landmark last) -> allowed [Bt, H, T, blocks]: the earlier blocks
+    each query reads. local: the previous block only; else n blocks sampled without
+    replacement from the query's softmax over the earlier blocks' landmark scores."""
+    bt, h, t, d = q.shape
+    nb = -(-t // block)
+    bi = torch.arange(t, device=q.device)[:, None] // block
+    c = torch.arange(nb, device=q.device)[None]
+    if local:
+        return (c == bi - 1).expand(bt, h, t, nb)
+    lk = k.repeat_interleave(h // k.shape[1], 1)[:, :, block - 1::block]
+    lk = F.pad(lk, (0, 0, 0, nb - lk.shape[2]))  # a last block without its landmark is never earlier
+    g = ((q.float() @ lk.float().transpose(-1, -2)) * d**-0.5).masked_fill(~(c < bi), float("-inf"))
+    gumbel = -torch.log(-torch.log(torch.rand_like(g).clamp(1e-9, 1 - 1e-9)))
+    pick = (g + gumbel).topk(min(n, nb), -1).indices
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, pick, True) & (c < bi)
+
+
+def retrieval_forward(model, ids: torch.Tensor, block: int, n: int, local_layers: int) -> torch.Tensor:
+    """The grouped-softmax forward over ids [Bt, T] (a landmark at every p % block ==
+    block - 1) with each layer reading only the blocks sampled_blocks allows (n = 0: all
+    earlier blocks, except in the local layers) -> logits [Bt, T, vocab]."""
+    x = model.embed(ids)
+    cos, sin = (t.to(x.device) for t in model.rope.tables(ids.shape[-1]))
+    for i in range(model.cfg.n_layers):
+        q, k, v = model.qkv(i, x)
+        local = i < local_layers
+        with torch.no_grad():
+            allowed = sampled_blocks(q, k, block, n, local) if n or local else None
+        a = landmark_attention_blocks(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, block, allowed=allowed)
+        x = model.finish(i, x, a)
+    return model.logits(x)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -55,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block", type=int, default=31, help="landmark block size; 0: ordinary causal attention")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--retrieve", type=int, default=0,
+                    help="retrieval in the loop: each query reads N sampled earlier blocks (0: all)")
+    ap.add_argument("--local-layers", type=int, default=0, help="first N layers read only the previous block")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=1)
@@ -123,7 +173,10 @@ def probe(a, work: Path) -> list[dict]:
             raw = raw[:, :-1]  # drop the one landmark at the end
         x, flag = (raw // 2).to(a.device), (raw % 2).bool().to(a.device)
         lm = x[:, :-1] == spec.mem_id if a.block else None
-        logits = model.forward(x[:, :-1], is_landmark=lm)
+        if a.block and (a.retrieve or a.local_layers):
+            logits = retrieval_forward(model, x[:, :-1], block_size + 1, a.retrieve, a.local_layers)
+        else:
+            logits = model.forward(x[:, :-1], is_landmark=lm)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none").view_as(x[:, 1:])
         loss = ce.mean()
         loss.backward()

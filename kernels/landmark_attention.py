@@ -112,12 +112,16 @@ def regular_block(is_landmark: torch.Tensor) -> int | None:
     return b if b > 1 and bool((is_landmark.bool() == pattern).all()) else None
 
 
-def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None):
+def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None):
     """The reference semantics for the regular layout (a landmark at every position
     p % block == block - 1 of the T keys; q the last Tq <= T positions, like the general
     reference), with the key axis viewed as [blocks, block]: the within-block softmax is a
     softmax over the last dimension, so there is no scatter or gather. Several times
-    faster than the general reference on a CPU (training, reading); autograd-friendly."""
+    faster than the general reference on a CPU (training, reading); autograd-friendly.
+
+    allowed [Bt, Hq, Tq, blocks] bool (optional): the earlier blocks each query may read
+    (its gate and its inner softmax); the others are left out as if they were not there,
+    as when only retrieved blocks are in sight. A query's own block is always read."""
     bt, hq, tq, d = q.shape
     t = k.shape[2]
     group = hq // k.shape[1]
@@ -135,6 +139,8 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None):
     own = (c == bi) & (c * block + u <= i) & ~lm  # [T, nb, block]
     gate = (c < bi) & lm
     inner = (c < bi) & ~lm
+    if allowed is not None:
+        gate, inner = gate & allowed[..., None], inner & allowed[..., None]
     p_outer = _masked_softmax(s.flatten(-2), (own | gate).flatten(-2)).view_as(s)
     pi = _masked_softmax(s, inner)
     w = p_outer * own + pi * (p_outer[..., -1:] * gate[..., -1:])

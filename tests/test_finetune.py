@@ -90,6 +90,32 @@ def test_lookup_probe_measures_the_answer_tokens(tmp_path):
     assert all(r["answers"] > 0 and r["answer_loss"] > 1.0 for r in curve)  # 4 steps learn no lookup
 
 
+def test_retrieval_in_the_loop_reads_only_the_sampled_blocks(tiny):
+    """lookup_probe --retrieve/--local-layers: with every block allowed the forward is the
+    model's grouped-softmax forward; sampling picks only earlier blocks, as many as asked,
+    and follows the landmark scores; a local layer reads only the previous block."""
+    import lookup_probe
+
+    m, block, t = tiny.model, 5, 23
+    vocab = m.w["model.embed_tokens.weight"].shape[0]
+    ids = torch.randint(0, vocab, (2, t), generator=torch.Generator().manual_seed(0))
+    is_lm = (torch.arange(t) % block == block - 1).expand(2, t)
+    with torch.no_grad():
+        full = m.forward(ids, is_landmark=is_lm)
+        assert torch.allclose(lookup_probe.retrieval_forward(m, ids, block, 99, 0), full, atol=1e-5)
+        assert not torch.allclose(lookup_probe.retrieval_forward(m, ids, block, 1, 1), full, atol=1e-3)
+    earlier = torch.arange(5)[None] < (torch.arange(t) // block)[:, None]  # [t, blocks]
+    q, k = torch.randn(2, 2, t, 8), torch.randn(2, 1, t, 8)
+    picked = lookup_probe.sampled_blocks(q, k, block, 2, local=False)
+    assert (picked <= earlier).all() and (picked.sum(-1) == earlier.sum(-1).clamp(max=2)).all()
+    local = lookup_probe.sampled_blocks(q, k, block, 2, local=True)
+    assert (local.sum(-1) == (torch.arange(t) >= block).int()).all() and (local <= earlier).all()
+    q[:] = 1.0
+    k[:, :, 2 * block - 1] = 20.0  # block 1's landmark outscores every other by far
+    best = lookup_probe.sampled_blocks(q, k, block, 1, local=False)
+    assert best[..., 2 * block:, 1].all() and (best.sum(-1) == earlier.sum(-1).clamp(max=1)).all()
+
+
 def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     import random
 

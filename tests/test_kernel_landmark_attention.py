@@ -202,3 +202,25 @@ def test_regular_blocks_match_reference(t, block, group):
     for tq in (1, block + 1):  # a step of the last tq queries (reading, answering)
         step = la.landmark_attention_blocks(q[:, :, -tq:], k, v, block)
         assert_close(step, la.landmark_attention_reference(q[:, :, -tq:], k, v, is_lm), 2e-5, 2e-5, "step")
+
+
+def test_allowed_blocks_read_as_if_the_others_were_not_there():
+    """landmark_attention_blocks(allowed=...): a query that may read only some earlier
+    blocks gets the reference's output over its own block and those blocks alone."""
+    t, block = 29, 6
+    q, k, v = (x.detach() for x in inputs(t, 2, hkv=1))
+    nb = -(-t // block)
+    allowed = torch.rand(2, 2, t, nb, generator=torch.Generator().manual_seed(3)) < 0.5
+    out = la.landmark_attention_blocks(q, k, v, block, allowed=allowed)
+    blk = torch.arange(t) // block
+    is_lm = torch.arange(t) % block == block - 1
+    for b in range(2):
+        for h in range(2):
+            for i in (4, 13, 20, 28):
+                keep = (torch.arange(t) <= i) & ((blk == blk[i]) | allowed[b, h, i][blk])
+                ref = la.landmark_attention_reference(q[b:b + 1, h:h + 1, i:i + 1], k[b:b + 1, :, keep],
+                                                      v[b:b + 1, :, keep], is_lm[keep][None])
+                assert_close(out[b, h, i], ref[0, 0, 0], 2e-5, 2e-5, f"row {i}")
+    everything = la.landmark_attention_blocks(q, k, v, block, allowed=torch.ones_like(allowed))
+    assert_close(everything, la.landmark_attention_blocks(q, k, v, block), 0, 0, "all allowed")
+    assert not torch.allclose(out, everything)
