@@ -50,7 +50,7 @@ import trained_facts  # noqa: E402
 from kernels.landmark_attention import landmark_attention_blocks  # noqa: E402
 from kernels.rope import apply_rope  # noqa: E402
 from landmark_cli.checkpoint import LandmarkSpec  # noqa: E402
-from landmark_cli.finetune import TrainConfig, _optimizer, load_base, sample_batch  # noqa: E402
+from landmark_cli.finetune import TrainConfig, _optimizer, _save, load_base, sample_batch  # noqa: E402
 
 
 def answer_flags(ids: list[int], answer: int, codes: set[int]) -> list[int]:
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the curve here")
+    ap.add_argument("--save", metavar="DIR", help="write the model there at every report (the checkpoint format "
+                    "of `landmark finetune`, for `landmark ask` and landmark_ranks.py)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -135,7 +137,7 @@ def probe(a, work: Path) -> list[dict]:
     base = trained_facts.make_base(work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads,
                                    kv_heads=a.kv_heads, seed=a.seed)
     block = a.block or 64  # with --block 0 the landmark token is added but never inserted
-    model, tok, _, spec = load_base(base, block, a.context)
+    model, tok, config, spec = load_base(base, block, a.context)
     answer = tok.convert_tokens_to_ids("Answer")
     codes = set(tok.convert_tokens_to_ids([str(c) for c in range(trained_facts.CODES[0], trained_facts.CODES[1] + 1)]))
     rng = random.Random(a.seed)
@@ -193,6 +195,8 @@ def probe(a, work: Path) -> list[dict]:
             window = []
             print(f"step {row['step']}: loss {row['loss']:.3f}, answer loss {row['answer_loss']:.3f} "
                   f"({n} answers), {row['seconds']:.0f} s", flush=True)
+            if a.save:
+                _save(Path(a.save), model, tok, config, opt, step + 1, gen, cfg, [r["loss"] for r in curve])
     return curve
 
 
