@@ -12,7 +12,7 @@ follows ("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48.
 the prompt layout that `landmark ask` uses for models without a chat template (Style:
 --train-facts, --repeats, --code-only, --filler, --numbers: filler sentences carrying
 numbers from the codes' range, which the long documents then carry too, --parts: numbers
-per code); (2) build a word-level tokenizer over the corpus
+per code, --gap: filler sentences always between the facts and the questions); (2) build a word-level tokenizer over the corpus
 (every name and every code one token) and write a randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
@@ -109,6 +109,8 @@ class Style:
     numbers: float = 0.0  # share of filler sentences that carry a number (NUMBERED)
     parts: int = 1  # numbers per code ("48" or "48 17 ..."): with more than one, copying a code is a
     # sequence to follow, which a first layer cannot do alone
+    gap: int = 0  # at least this many filler sentences between a fact and the questions (with about 6
+    # tokens each, 11 keep the fact out of the question's own and previous block of 31 + landmark)
 
 
 def filler_sentences(rng: random.Random, n: int, numbers: float) -> list[str]:
@@ -122,10 +124,10 @@ def training_document(rng: random.Random, pool: list[str], style: Style = Style(
     restated fact's code) is to find the fact in the document."""
     chosen = rng.sample(pool, rng.randint(*style.facts))
     codes = {n: code(rng, style.parts) for n in chosen}
-    sentences = filler_sentences(rng, rng.randint(0, style.filler), style.numbers)
+    sentences = filler_sentences(rng, rng.randint(style.gap, max(style.gap, style.filler)), style.numbers)
     for n in chosen:
         for _ in range(rng.randint(1, style.repeats)):
-            sentences.insert(rng.randint(0, len(sentences)), fact(n, codes[n]))
+            sentences.insert(rng.randint(0, len(sentences) - style.gap), fact(n, codes[n]))
     qa = "".join(f"\n\nQuestion: {question(n)}\nAnswer:{answer(n, codes[n], style.restate)}"
                  for n in rng.sample(chosen, len(chosen)))
     return f"{INSTRUCTION}\n\nDocument:\n{' '.join(sentences)}{qa}\n\n"
@@ -156,11 +158,13 @@ def style_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--numbers", type=float, default=d.numbers,
                     help="share of filler sentences carrying a number (in training and in the long documents)")
     ap.add_argument("--parts", type=int, default=d.parts, help="two-digit numbers per code (\"48 17\": 2)")
+    ap.add_argument("--gap", type=int, default=d.gap,
+                    help="at least N filler sentences between a training document's facts and its questions")
 
 
 def style_of(a: argparse.Namespace) -> Style:
     return Style(facts=a.train_facts, repeats=a.repeats, restate=not a.code_only, filler=a.filler,
-                 numbers=a.numbers, parts=a.parts)
+                 numbers=a.numbers, parts=a.parts, gap=a.gap)
 
 
 def long_document(rng: random.Random, pool: list[str], n_facts: int, n_sentences: int,

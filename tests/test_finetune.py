@@ -126,6 +126,10 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     assert all(10 <= int(w.strip(".")) <= 99 for s in numbered for w in s.split() if w.strip(".").isdigit())
     assert all(any(w.isdigit() for w in s.split()) for s in numbered)
     assert not any(c.isdigit() for s in trained_facts.filler_sentences(rng, 20, 0.0) for c in s)
+    for _ in range(20):  # --gap: the last N sentences before the questions are filler
+        doc = trained_facts.training_document(rng, pool, trained_facts.Style(gap=5, filler=8))
+        body = doc.split("Document:\n")[1].split("\n\nQuestion")[0]
+        assert "The code of" in body and not any("code" in s for s in body.split(". ")[-5:])
     text, codes = trained_facts.long_document(rng, pool, 1, 30, numbers=0.5)
     assert text.count("The code of") == 1 and sum(w.strip(".").isdigit() for w in text.split()) > 5
 
