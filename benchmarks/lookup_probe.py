@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save", metavar="DIR", help="write the model there at every report (the checkpoint format "
                     "of `landmark finetune`, for `landmark ask` and landmark_ranks.py)")
     a = ap.parse_args(argv)
+    if (a.retrieve or a.local_layers) and not a.block:
+        ap.error("--retrieve and --local-layers need landmark blocks (--block > 0)")
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="lookup-probe-") as tmp:

@@ -12,8 +12,9 @@ follows ("Question: What is the code of Tavor?\nAnswer: The code of Tavor is 48.
 the prompt layout that `landmark ask` uses for models without a chat template (Style:
 --train-facts, --repeats, --code-only, --filler, --numbers: filler sentences carrying
 numbers from the codes' range, which the long documents then carry too, --parts: numbers
-per code, --gap: filler sentences always between the facts and the questions); (2) build a word-level tokenizer over the corpus
-(every name and every code one token) and write a randomly initialised LLaMA;
+per code, --gap: filler sentences always between the facts and the questions); (2) build
+a word-level tokenizer over the corpus (every name and every code one token) and write a
+randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
@@ -109,8 +110,8 @@ class Style:
     numbers: float = 0.0  # share of filler sentences that carry a number (NUMBERED)
     parts: int = 1  # numbers per code ("48" or "48 17 ..."): with more than one, copying a code is a
     # sequence to follow, which a first layer cannot do alone
-    gap: int = 0  # at least this many filler sentences between a fact and the questions (with about 6
-    # tokens each, 11 keep the fact out of the question's own and previous block of 31 + landmark)
+    gap: int = 0  # at least this many filler sentences between a fact and the questions (about 6
+    # tokens each: 12 keep the fact out of the question's own and previous block of 31 + landmark)
 
 
 def filler_sentences(rng: random.Random, n: int, numbers: float) -> list[str]:
