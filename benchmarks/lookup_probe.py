@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the curve here")
+    ap.add_argument("--init", metavar="DIR", help="start from this model (a --save of an earlier probe: a "
+                    "curriculum) instead of a random one; --dim/--layers/--heads are then its own")
     ap.add_argument("--save", metavar="DIR", help="write the model there at every report (the checkpoint format "
                     "of `landmark finetune`, for `landmark ask` and landmark_ranks.py)")
     a = ap.parse_args(argv)
@@ -133,11 +135,12 @@ def main(argv=None) -> int:
 
 
 def probe(a, work: Path) -> list[dict]:
+    torch.manual_seed(a.seed)  # the sampled retrieval's draws (make_base seeds it again for a fresh model)
     pool = trained_facts.names(a.names)
     style = trained_facts.style_of(a)
     trained_facts.write_corpus(work / "corpus", a.docs, a.seed, pool, style)
-    base = trained_facts.make_base(work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads,
-                                   kv_heads=a.kv_heads, seed=a.seed)
+    base = Path(a.init) if a.init else trained_facts.make_base(
+        work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
     block = a.block or 64  # with --block 0 the landmark token is added but never inserted
     model, tok, config, spec = load_base(base, block, a.context)
     answer = tok.convert_tokens_to_ids("Answer")

@@ -88,6 +88,15 @@ def test_lookup_probe_measures_the_answer_tokens(tmp_path):
     curve = json.loads(out.read_text())["curve"]
     assert [r["step"] for r in curve] == [2, 4]
     assert all(r["answers"] > 0 and r["answer_loss"] > 1.0 for r in curve)  # 4 steps learn no lookup
+    small = ["--steps", "2", "--every", "2", "--docs", "60", "--dim", "32", "--context", "64", "--block", "7",
+             "--batch", "4"]
+    assert lookup_probe.main([*small, "--save", str(tmp_path / "m1")]) == 0  # a curriculum: save, then go on
+    before = load_file(tmp_path / "m1" / "model.safetensors")
+    assert lookup_probe.main([*small, "--init", str(tmp_path / "m1"), "--gap", "2", "--retrieve", "1",
+                              "--local-layers", "1", "--save", str(tmp_path / "m2")]) == 0
+    after = load_file(tmp_path / "m2" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert load_model(str(tmp_path / "m2")).landmark.mem_freq == 7
 
 
 def test_retrieval_in_the_loop_reads_only_the_sampled_blocks(tiny):
