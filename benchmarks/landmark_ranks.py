@@ -8,10 +8,11 @@ in the `landmark ask` prompt layout and followed by the start of the answer ("Th
 X is"), runs the model's full grouped-softmax forward over the whole stream and, at the
 query that must produce the code, ranks every earlier block by its landmark score in
 each layer and KV head with `landmark ask`'s own scoring (landmarks.block_scores:
-pre-RoPE q . k of the landmark, best query head of the group). Prints, per (layer, head), how often the fact's block was ranked first and
-its mean relative rank (0: always first, 1: always last; chance 0.5); and how often the
-forward produced the code. Retrieval over a long document can only work through heads whose fact-block rank
-is far above chance. (Note: a first-layer landmark key is the same for every block, so
+pre-RoPE q . k of the landmark, best query head of the group). Prints, per (layer,
+head), how often the fact's block was ranked first and its mean relative rank (0: always
+first, 1: always last; chance 0.5); and how often the forward produced the code.
+Retrieval over a long document can only work through heads whose fact-block rank is far
+above chance. (Note: a first-layer landmark key is the same for every block, so
 first-layer ranks are ties, at chance by construction.)
 """
 
