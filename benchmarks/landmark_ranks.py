@@ -13,7 +13,8 @@ head), how often the fact's block was ranked first and its mean relative rank (0
 first, 1: always last; chance 0.5); and how often the forward produced the code.
 Retrieval over a long document can only work through heads whose fact-block rank is far
 above chance. (Note: a first-layer landmark key is the same for every block, so
-first-layer ranks are ties, at chance by construction.)
+first-layer ranks are ties, at chance by construction. A model's local layers, which
+read only their own and the previous block, are run so and never retrieve.)
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def ranks(lm, stream: torch.Tensor, code_id: int):
         q, k, v = m.qkv(layer, x)
         scores = block_scores(q[:, -1:], k[:, gates, None], "landmark", k.shape[0])  # [Hkv, blocks], as ask ranks
         out.append([blk[gates][row.argsort(descending=True)].tolist().index(fact_block) for row in scores])
-        att = landmark_attention(apply_rope(q, cos, sin)[None], apply_rope(k, cos, sin)[None], v[None], lmk[None])[0]
+        att = landmark_attention(apply_rope(q, cos, sin)[None], apply_rope(k, cos, sin)[None], v[None], lmk[None],
+                                 local=layer < spec.local_layers)[0]
         x = m.finish(layer, x, att)
     return out, int(m.logits(x[-1:])[0].argmax()) == code_id, len(gates)
 

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--retrieve", type=int, default=0,
                     help="retrieval in the loop: each query reads N sampled earlier blocks (0: all)")
-    ap.add_argument("--local-layers", type=int, default=0, help="first N layers read only the previous block")
+    ap.add_argument("--local-layers", type=int, default=0,
+                    help="first N layers read only their own and the previous block (landmark finetune --local-layers)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=1)
@@ -142,7 +143,7 @@ def probe(a, work: Path) -> list[dict]:
     base = Path(a.init) if a.init else trained_facts.make_base(
         work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
     block = a.block or 64  # with --block 0 the landmark token is added but never inserted
-    model, tok, config, spec = load_base(base, block, a.context)
+    model, tok, config, spec = load_base(base, block, a.context, a.local_layers)
     answer = tok.convert_tokens_to_ids("Answer")
     codes = set(tok.convert_tokens_to_ids([str(c) for c in range(trained_facts.CODES[0], trained_facts.CODES[1] + 1)]))
     rng = random.Random(a.seed)
@@ -180,10 +181,10 @@ def probe(a, work: Path) -> list[dict]:
             raw = raw[:, :-1]  # drop the one landmark at the end
         x, flag = (raw // 2).to(a.device), (raw % 2).bool().to(a.device)
         lm = x[:, :-1] == spec.mem_id if a.block else None
-        if a.block and (a.retrieve or a.local_layers):
+        if a.retrieve:
             logits = retrieval_forward(model, x[:, :-1], block_size + 1, a.retrieve, a.local_layers)
         else:
-            logits = model.forward(x[:, :-1], is_landmark=lm)
+            logits = model.forward(x[:, :-1], is_landmark=lm, local_layers=a.local_layers)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none").view_as(x[:, 1:])
         loss = ce.mean()
         loss.backward()

@@ -228,7 +228,7 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
     for _ in range(max_new):
         stream = insert_landmarks(seq + out, None, spec.mem_freq, spec.mem_id)[0]
         x = torch.tensor(stream[-(spec.train_context // spec.block * spec.block - 1):])
-        logits = lm.model.forward(x, is_landmark=x == spec.mem_id)[-1]
+        logits = lm.model.forward(x, is_landmark=x == spec.mem_id, local_layers=spec.local_layers)[-1]
         logits[spec.mem_id] = float("-inf")
         tok = int(logits.argmax())
         if tok in lm.stop_ids():
@@ -285,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--local-layers", type=int, default=0,
+                    help="the first N layers read only their own and the previous block (finetune --local-layers)")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
@@ -323,6 +325,7 @@ def main(argv=None) -> int:
     base = make_base(work / "base", corpus, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                      seed=a.seed)
     cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
+                      local_layers=a.local_layers,
                       warmup=min(100, a.steps // 10 + 1), save_every=max(1, a.steps // 5), seed=a.seed)
 
     def show(info):

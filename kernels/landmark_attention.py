@@ -9,7 +9,8 @@ without a landmark is allowed). For query i in block b(i), with s_ij = q_i.k_j *
   inner:  j not a landmark, b(j) = c < b(i)           -> weight G_ic * softmax_{j in c}(s_ij)
 
 where the outer softmax runs over own + gate keys and G_ic is the outer probability of
-block c's landmark. As in the paper's code, a landmark query does not attend to itself
+block c's landmark. With local=True (a layer trained to read near its query only) the
+gate and inner keys are those of block b(i) - 1 alone. As in the paper's code, a landmark query does not attend to itself
 (it sees what the token before it sees): landmark keys act only as gates. A query with no
 visible key at all (a landmark at position 0) gets a zero output.
 
@@ -65,7 +66,7 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
+def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None, local=False):
     """Vectorised torch version (materialises [Tq, T] scores, float32); autograd-friendly.
 
     q may hold only the last Tq <= T positions of the sequence (a step of Tq new tokens
@@ -84,8 +85,9 @@ def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None):
     lmj = lm[:, None, None, :]
     causal = torch.ones(tq, t, dtype=torch.bool, device=q.device).tril(t - tq)
     own = (bi == bj) & causal & ~lmj
-    gate = (bj < bi) & lmj
-    inner = (bj < bi) & ~lmj
+    earlier = (bj < bi) & (bj >= bi - 1) if local else bj < bi
+    gate = earlier & lmj
+    inner = earlier & ~lmj
 
     p_outer = _masked_softmax(s, own | gate)
     # inner softmax per (query, key block): group the key axis by block id
@@ -112,7 +114,7 @@ def regular_block(is_landmark: torch.Tensor) -> int | None:
     return b if b > 1 and bool((is_landmark.bool() == pattern).all()) else None
 
 
-def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None):
+def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None, local=False):
     """The reference semantics for the regular layout (a landmark at every position
     p % block == block - 1 of the T keys; q the last Tq <= T positions, like the general
     reference), with the key axis viewed as [blocks, block]: the within-block softmax is a
@@ -121,7 +123,8 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
 
     allowed [Bt, Hq, Tq, blocks] bool (optional): the earlier blocks each query may read
     (its gate and its inner softmax); the others are left out as if they were not there,
-    as when only retrieved blocks are in sight. A query's own block is always read."""
+    as when only retrieved blocks are in sight. A query's own block is always read.
+    local: only the block before a query's own is read (with `allowed`: if allowed)."""
     bt, hq, tq, d = q.shape
     t = k.shape[2]
     group = hq // k.shape[1]
@@ -139,6 +142,8 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
     own = (c == bi) & (c * block + u <= i) & ~lm  # [T, nb, block]
     gate = (c < bi) & lm
     inner = (c < bi) & ~lm
+    if local:
+        gate, inner = gate & (c == bi - 1), inner & (c == bi - 1)
     if allowed is not None:
         gate, inner = gate & allowed[..., None], inner & allowed[..., None]
     p_outer = _masked_softmax(s.flatten(-2), (own | gate).flatten(-2)).view_as(s)
@@ -147,7 +152,7 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
     return (w.flatten(-2) @ v).to(q.dtype)
 
 
-def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
+def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False):
     """Per-query loops straight from the definition; only for testing the reference."""
     bt, hq, t, d = q.shape
     group = hq // k.shape[1]
@@ -160,7 +165,7 @@ def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None):
             qh, kh, vh = q[b, h].float(), k[b, h // group].float(), v[b, h // group].float()
             for i in range(t):
                 own = [j for j in range(i + 1) if blk[j] == blk[i] and not lm[j]]
-                gates = [j for j in range(i) if lm[j] and blk[j] < blk[i]]
+                gates = [j for j in range(i) if lm[j] and blk[i] - (1 if local else blk[i]) <= blk[j] < blk[i]]
                 if not own and not gates:
                     rows.append(torch.zeros(d, device=q.device))
                     continue
@@ -400,23 +405,27 @@ class _LandmarkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto"):
+def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto", local=False):
     """Grouped-softmax causal attention (see the module docstring for the exact rule).
 
     q: [Bt, Hq, T, D]; k, v: [Bt, Hkv, T, D] (RoPE applied; Hq a multiple of Hkv);
     is_landmark: [Bt, T] bool. Returns [Bt, Hq, T, D] in q.dtype, differentiable.
     impl: "auto" (Triton on CUDA when available, else torch), "torch", "triton".
+    local: each query reads only its own block and the one before (torch only: a
+    local layer's few keys per query need no fused kernel).
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
+    if local and impl == "triton":
+        raise ValueError("landmark_attention kernel: local=True has only the torch implementation")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    if impl == "torch" or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
+    if impl == "torch" or local or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
         block = regular_block(is_landmark)
         if block is not None:
-            return landmark_attention_blocks(q, k, v, block, sm_scale=scale)
-        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)
+            return landmark_attention_blocks(q, k, v, block, sm_scale=scale, local=local)
+        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale, local=local)
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     blocks = _blocks(is_landmark.to(q.device))

@@ -3,7 +3,9 @@
 A LLaMA checkpoint whose config.json has `model_type: llama_with_landmark` plus
 `mem_id` (the id of the `<landmark>` token), `mem_freq` (ordinary tokens per block) and
 `train_context_length`, and whose tokenizer has `[PAD]` and `<landmark>` added (in that
-order) after the base vocabulary. transformers does not know that model type, so the
+order) after the base vocabulary. Our own extension, written by `landmark finetune
+--local-layers N` only: `landmark_local_layers: N`, the first N layers read only their
+own and the previous block (no retrieval; the reference code ignores the key). transformers does not know that model type, so the
 config is read here and turned into a plain LlamaConfig for everything else.
 """
 
@@ -23,7 +25,7 @@ from .errors import ModelError
 LANDMARK_TOKEN = "<landmark>"
 PAD_TOKEN = "[PAD]"
 MODEL_TYPE = "llama_with_landmark"
-LANDMARK_KEYS = ("mem_id", "mem_freq", "train_context_length", "include_landmark_in_loss")
+LANDMARK_KEYS = ("mem_id", "mem_freq", "train_context_length", "include_landmark_in_loss", "landmark_local_layers")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -32,13 +34,15 @@ class LandmarkSpec:
     mem_id: int  # token id of <landmark>
     mem_freq: int  # ordinary tokens per block (a block occupies mem_freq + 1 positions)
     train_context: int  # context length the model was fine-tuned at
+    local_layers: int = 0  # the first N layers read only their own and the previous block
 
     @property
     def block(self) -> int:
         return self.mem_freq + 1
 
     def as_config(self) -> dict:
-        return {"mem_id": self.mem_id, "mem_freq": self.mem_freq, "train_context_length": self.train_context}
+        out = {"mem_id": self.mem_id, "mem_freq": self.mem_freq, "train_context_length": self.train_context}
+        return {**out, "landmark_local_layers": self.local_layers} if self.local_layers else out
 
 
 def read_config(d: Path):
@@ -53,7 +57,7 @@ def read_config(d: Path):
     if raw.get("mem_freq"):
         try:
             spec = LandmarkSpec(int(raw["mem_id"]), int(raw["mem_freq"]),
-                                int(raw.get("train_context_length") or 512))
+                                int(raw.get("train_context_length") or 512), int(raw.get("landmark_local_layers") or 0))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{d}: config has mem_freq but no valid mem_id ({e})",
                              "a landmark checkpoint needs mem_id, mem_freq and train_context_length") from e

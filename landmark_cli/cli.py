@@ -330,6 +330,9 @@ def finetune(
     device: Annotated[str, typer.Option("--device", help="cpu | cuda (bf16 autocast, fused Triton kernel)")] = "cpu",
     restart: Annotated[bool, typer.Option("--restart", help="start from the base model even if OUT holds a "
                                           "run to resume")] = False,
+    local_layers: Annotated[int, typer.Option("--local-layers", help="the first N layers read only their own "
+                                              "and the previous block, never retrieve (not in the paper; for "
+                                              "small models trained from scratch: see README)")] = 0,
 ):
     """Fine-tune a LLaMA-family model with landmark tokens and the grouped softmax (the paper's recipe)."""
     from .finetune import TrainConfig
@@ -337,7 +340,7 @@ def finetune(
 
     try:
         cfg = TrainConfig(block_size=block_size, context=context, steps=steps, batch=batch, accum=accum, lr=lr,
-                          warmup=warmup, save_every=save_every, seed=seed)
+                          warmup=warmup, save_every=save_every, seed=seed, local_layers=local_layers)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark finetune --help") from None
     with Progress(TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

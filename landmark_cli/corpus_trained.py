@@ -94,10 +94,11 @@ class TrainedCorpusSession:
             self.dense[layer, 1, :, a:b] = v
             qr = apply_rope(q, cos, sin)
             out = []
+            local = layer < spec.local_layers  # reads its own and the previous block only
             scores = block_scores(q, self.reps[layer], "landmark", c.n_kv_heads)
-            if a == 0:
+            if a == 0 and not local:
                 self.question_scores.append(scores)
-            chosen = top_blocks(scores, self.k)
+            chosen = top_blocks(scores, 0 if local else self.k)
             for h in range(c.n_kv_heads):
                 rk, rv, rlm = self._blocks(layer, h, chosen[h].tolist())
                 rc, rs = m.rope.at(torch.arange(self.top - rk.shape[0], self.top))
@@ -105,7 +106,7 @@ class TrainedCorpusSession:
                 vals = torch.cat([rv, self.dense[layer, 1, h, :b]])
                 lm = torch.cat([rlm, self.dense_lm[:b]])
                 out.append(landmark_attention(qr[None, h * g:(h + 1) * g], keys[None, None], vals[None, None],
-                                              lm[None], impl="torch")[0])
+                                              lm[None], impl="torch", local=local)[0])
             x = m.finish(layer, x, torch.cat(out))
         self.n_dense = b
         logits = m.logits(x[-1:])[0]

@@ -127,13 +127,16 @@ class Answer:
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
 
-def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos, sin) -> torch.Tensor:
+def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos, sin, local=False) -> torch.Tensor:
     """Trained mode: grouped-softmax attention of queries q [H, T, D] (RoPE'd) over k blocks
     read from the store (sel [Hkv, k] block indices into k_store/v_store [Hkv, N, B, D],
     pre-RoPE; placed at positions [0, k*B) and rotated there by the cos/sin tables) followed
     by dense keys/values [Hkv, L, D] (RoPE'd; the last T are the queries' own) whose
     landmark flags are dense_lm [L]. Every retrieved block ends with its landmark, which
-    gates the block's tokens; the torch path of kernels/landmark_attention does the math."""
+    gates the block's tokens; the torch path of kernels/landmark_attention does the math.
+    local: a local layer of the model (LandmarkSpec.local_layers): each query reads only
+    its own and the previous block (sel: at most the one block right before the dense keys,
+    see local_selection)."""
     hkv, k = sel.shape
     B, D = k_store.shape[2], k_store.shape[3]
     kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
@@ -141,7 +144,14 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     kr = apply_rope(kr, cos[:k * B], sin[:k * B])
     lm = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_lm])
     keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
-    return landmark_attention(q[None], keys[None], vals[None], lm[None], impl="torch")[0]
+    return landmark_attention(q[None], keys[None], vals[None], lm[None], impl="torch", local=local)[0]
+
+
+def local_selection(first_dense: int, n_kv_heads: int) -> torch.Tensor:
+    """What a local layer reads from the store: the block right before the dense keys (the
+    previous block of their first block), or nothing at the document's start. [Hkv, 0 or 1]."""
+    prev = torch.tensor([first_dense - 1] if first_dense > 0 else [], dtype=torch.long)
+    return prev.expand(n_kv_heads, -1)
 
 
 def as_torch(a: np.ndarray) -> torch.Tensor:
@@ -265,6 +275,8 @@ class Engine:
                     kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
                 sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep, c.n_kv_heads),
                                  s.top_k) + cand.start
+                if self.spec is not None and layer < self.spec.local_layers:
+                    sel = local_selection(win0 // B, c.n_kv_heads)
                 ctx = [kv[layer, :, :, i0 // B:i1 // B].flatten(2, 3) for i0, i1 in ((0, sink_end), (win0, start))]
                 x = m.finish(layer, x, self._attend(layer, q, k, v, ctx, sel, sink_end, kv))
             if progress:
@@ -284,7 +296,7 @@ class Engine:
         if self.spec is not None:  # no sink; window and chunk start at block boundaries
             lm = is_landmark_position(torch.arange(n_win + T), s.block)
             return grouped_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv, lm,
-                                     kv[layer, 0], kv[layer, 1], sel, ct, st)
+                                     kv[layer, 0], kv[layer, 1], sel, ct, st, local=layer < self.spec.local_layers)
         return retrieval_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv,
                                    kv[layer, 0], kv[layer, 1], sel, ct, st, sink_end)
 
@@ -360,6 +372,12 @@ class Session:
         if engine.spec is not None:  # room for the landmarks inserted among new tokens
             capacity += capacity // engine.spec.mem_freq + 2
             self.dense_lm = is_landmark_position(win0 + torch.arange(self.n_dense + capacity), B)
+            # a local layer's previous block sits right before the window (RoPE is relative,
+            # so a position below 0 is a rotation the other way)
+            self.local_sel = local_selection(win0 // B, c.n_kv_heads)
+            p = self.sink_end + self.k * B - B + torch.arange(B)
+            lc, ls = m.rope.at(p.abs())
+            self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
         self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
         cos, sin = m.rope.at(pos)
@@ -374,6 +392,10 @@ class Session:
         self.shared: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
         self.rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: its blocks, RoPE'd
         self.steps = 0
+
+    def local(self, layer: int) -> bool:
+        """A local layer of a trained landmark model: it retrieves nothing."""
+        return self.e.spec is not None and layer < self.e.spec.local_layers
 
     def _per_layer(self, record: list | None):
         def choose(layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -393,9 +415,12 @@ class Session:
             self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
             self.dense[layer, 1, :, a:b] = v
             if self.e.spec is not None:
+                local = self.local(layer)
+                sel, rc, rs = (self.local_sel, self.local_cos, self.local_sin) if local else \
+                    (choose(layer, q), self.ret_cos, self.ret_sin)
                 att = grouped_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
                                         self.dense[layer, 1, :, :b], self.dense_lm[:b], self.kv[layer, 0],
-                                        self.kv[layer, 1], choose(layer, q), self.ret_cos, self.ret_sin)
+                                        self.kv[layer, 1], sel, rc, rs, local=local)
                 x = m.finish(layer, x, att)
                 continue
             sel = choose(layer, q)

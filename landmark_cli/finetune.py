@@ -47,11 +47,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 200
+    local_layers: int = 0  # the first N layers read only their own and the previous block (not the paper's)
 
     def __post_init__(self):
         for name in ("block_size", "context", "steps", "batch", "accum", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        if self.local_layers < 0:
+            raise ValueError("local-layers must be at least 0")
         if not (self.lr > 0 and 0 <= self.min_lr <= 1 and self.warmup >= 0):
             raise ValueError("lr must be > 0, warmup >= 0")
 
@@ -75,7 +78,7 @@ class StepInfo:
     tokens_per_s: float
 
 
-def load_base(model_dir: Path, block_size: int, context: int):
+def load_base(model_dir: Path, block_size: int, context: int, local_layers: int = 0):
     """Weights, tokenizer and config of the base model, with <landmark> added if missing.
     Returns (Llama in float32, tokenizer, config dict to save, LandmarkSpec)."""
     from safetensors.torch import load_file
@@ -99,9 +102,11 @@ def load_base(model_dir: Path, block_size: int, context: int):
                                 f"pass --block-size {spec.mem_freq} to continue its training")
     else:
         mem_id = add_landmark_tokens(tok, weights)
-    spec = LandmarkSpec(mem_id, block_size, context)
+    spec = LandmarkSpec(mem_id, block_size, context, local_layers)
     cfg.vocab_size = len(tok)
     lm = Llama(LlamaConfig.from_hf(cfg), weights)
+    if local_layers > lm.cfg.n_layers:
+        raise LandmarkError(f"--local-layers {local_layers}: {model_dir} has only {lm.cfg.n_layers} layers")
     return lm, tok, landmark_config(cfg.to_dict(), spec, len(tok)), spec
 
 
@@ -142,7 +147,7 @@ def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: 
 
 def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec) -> torch.Tensor:
     """Mean next-token cross-entropy over the stream (landmarks included)."""
-    logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id)
+    logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id, local_layers=spec.local_layers)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
@@ -179,7 +184,7 @@ def _resume(out: Path, model: Llama, opt, gen: torch.Generator, cfg: TrainConfig
     from safetensors.torch import load_file
 
     meta = json.loads((out / STATE_META).read_text())
-    same = {k: v for k, v in meta["config"].items() if k != "save_every"}
+    same = {k: v for k, v in {**asdict(TrainConfig()), **meta["config"]}.items() if k != "save_every"}
     if same != {k: v for k, v in asdict(cfg).items() if k != "save_every"}:
         raise LandmarkError(f"{out} holds a run with other settings ({meta['config']})",
                             "resume with the same options, or pass --restart to train from the base model again")
@@ -209,7 +214,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
                             "raise --context or lower --block-size")
     resuming = not restart and (out / STATE_META).is_file()
     src = out if resuming else resolve_dir(base, progress)
-    model, tok, config, spec = load_base(src, cfg.block_size, cfg.context)
+    model, tok, config, spec = load_base(src, cfg.block_size, cfg.context, cfg.local_layers)
     tokens = corpus_tokens(Path(data).expanduser(), tok, progress)
     need = cfg.blocks * cfg.block_size
     if len(tokens) < need:

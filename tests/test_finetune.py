@@ -42,6 +42,31 @@ def test_loss_falls_and_checkpoint_loads(tiny_dir, corpus, tmp_path):
     assert res.retrieved_per_step <= 64 and res.document_tokens > 64  # the document is beyond the context
 
 
+def test_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, tmp_path):
+    """finetune --local-layers 1: the checkpoint says so (landmark_local_layers), loads with
+    it, and its loss is the local forward's; resuming with other local layers is refused."""
+    from dataclasses import replace
+
+    from landmark_cli.finetune import load_base, loss_of, sample_batch
+
+    cfg = replace(CFG, steps=4, save_every=4, local_layers=1)
+    finetune(str(tiny_dir), corpus, tmp_path / "m", cfg)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["landmark_local_layers"] == 1
+    lm = load_model(str(tmp_path / "m"))
+    assert lm.landmark.local_layers == 1
+    model, _, _, spec = load_base(tmp_path / "m", 7, 64, 1)
+    batch = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = batch[:, :-1]
+        local = model.forward(x, is_landmark=x == spec.mem_id, local_layers=1)
+        full = model.forward(x, is_landmark=x == spec.mem_id)
+        want = torch.nn.functional.cross_entropy(local.flatten(0, 1), batch[:, 1:].flatten())
+        torch.testing.assert_close(loss_of(model, batch, spec), want)
+    assert not torch.allclose(local, full)
+    with pytest.raises(LandmarkError, match="other settings"):
+        finetune(str(tiny_dir), corpus, tmp_path / "m", replace(cfg, steps=8, local_layers=0))
+
+
 def test_interrupted_run_resumes_exactly(tiny_dir, corpus, tmp_path):
     whole = tmp_path / "whole"
     finetune(str(tiny_dir), corpus, whole, CFG)

@@ -16,6 +16,15 @@ def trained(tmp_path_factory):
     return load_model(str(make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model")))
 
 
+@pytest.fixture(scope="module", params=[0, 1], ids=["paper", "local-first-layer"])
+def trained_any(request, tmp_path_factory):
+    """The paper's layout, and a model whose first layer reads only its own and the previous block."""
+    d = make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model", local_layers=request.param)
+    lm = load_model(str(d))
+    assert lm.landmark.local_layers == request.param
+    return lm
+
+
 def test_reference_format_loads(trained):
     spec = trained.landmark
     assert spec is not None and spec.mem_freq == 7 and spec.train_context == 256
@@ -34,9 +43,11 @@ def test_insert_landmarks_continues_a_stream():
 
 
 @pytest.mark.parametrize("n_doc", [77, 84])  # ends mid-block / right after a landmark
-def test_trained_mode_equals_full_grouped_forward(trained, tmp_path, n_doc):
+def test_trained_mode_equals_full_grouped_forward(trained_any, tmp_path, n_doc):
     """Document within the training context, k covering every block: chunked reading with
-    retrieval, then answering token by token, gives the logits of the full grouped forward."""
+    retrieval, then answering token by token, gives the logits of the full grouped forward
+    (with local layers: theirs too)."""
+    trained = trained_any
     spec = trained.landmark
     eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
     assert (eng.s.block, eng.s.rep, eng.s.sink, eng.s.chunk_tokens) == (8, "landmark", 0, 32)
@@ -53,10 +64,30 @@ def test_trained_mode_equals_full_grouped_forward(trained, tmp_path, n_doc):
     for i, logits in enumerate(got):
         seq = doc + suffix + [5, 6][:i]
         stream = torch.tensor(insert_landmarks(seq, None, 7, spec.mem_id)[0])
-        full = trained.model.forward(stream, is_landmark=stream == spec.mem_id)
+        full = trained.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=spec.local_layers)
         want = full[-1].clone()
         want[spec.mem_id] = float("-inf")  # a landmark is never generated
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_all_local_layers_read_without_retrieval(tmp_path):
+    """A model whose every layer is local needs no retrieval: with --top-k 0 and no window,
+    reading and answering still give the full forward's logits (each step's previous
+    block comes from the store)."""
+    from landmark_cli.engine import Session
+
+    lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2)))
+    spec = lm.landmark
+    eng = Engine(lm, Settings(top_k=0, chunk=32, window=0, kv_dtype="float32"), root=tmp_path / "store")
+    g = torch.Generator().manual_seed(1)
+    doc = torch.randint(2, spec.mem_id - 1, (300,), generator=g).tolist()  # longer than the training context
+    suffix = torch.randint(2, spec.mem_id - 1, (5,), generator=g).tolist()
+    entry, _ = eng.read(doc)
+    logits = Session(eng, entry, capacity=8).step(torch.tensor(suffix))
+    stream = torch.tensor(insert_landmarks(doc + suffix, None, 7, spec.mem_id)[0])
+    want = lm.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=2)[-1].clone()
+    want[spec.mem_id] = float("-inf")
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_trained_settings_fit_the_training_context(trained, tmp_path):

@@ -37,9 +37,11 @@ def make_tiny_model(path: Path, *, vocab: int = 320, layers: int = 2, heads: int
     return path
 
 
-def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: int = 256, **kw) -> Path:
+def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: int = 256, local_layers: int = 0,
+                             **kw) -> Path:
     """A tiny model in the reference landmark format: [PAD] and <landmark> added to the
-    tokenizer (embedding rows = mean), config with mem_id, mem_freq, train_context_length."""
+    tokenizer (embedding rows = mean), config with mem_id, mem_freq, train_context_length
+    (and landmark_local_layers when local_layers > 0)."""
     import json
 
     from safetensors.torch import load_file
@@ -51,6 +53,6 @@ def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: in
     tok = AutoTokenizer.from_pretrained(base)
     weights = load_file(base / "model.safetensors")
     mem_id = add_landmark_tokens(tok, weights)
-    cfg = landmark_config(json.loads((base / "config.json").read_text()), LandmarkSpec(mem_id, mem_freq, train_context),
+    cfg = landmark_config(json.loads((base / "config.json").read_text()), LandmarkSpec(mem_id, mem_freq, train_context, local_layers),
                           vocab_size=len(tok))
     return save_checkpoint(path, cfg, weights, tok)
