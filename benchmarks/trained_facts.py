@@ -15,7 +15,11 @@ numbers from the codes' range, which the long documents then carry too, --parts:
 per code, --gap: filler sentences always between the facts and the questions); (2) build
 a word-level tokenizer over the corpus (every name and every code one token) and write a
 randomly initialised LLaMA;
-(3) `landmark finetune` it at a short context; (4) build long documents (8k tokens by
+(3) `landmark finetune` it at a short context (--local-layers 1: a first layer that reads
+only its own and the previous block, so that it cannot copy a far fact by position;
+--stage2-steps N: then N more steps from that checkpoint on documents whose facts all sit
+at least --stage2-gap sentences before their questions, a lookup only the deeper layer's
+landmarks can make); (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
 same model without retrieval, truncated to its training context (the last tokens of
@@ -32,7 +36,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -289,6 +293,11 @@ def main(argv=None) -> int:
                     help="the first N layers read only their own and the previous block (finetune --local-layers)")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
+    ap.add_argument("--stage2-steps", type=int, default=0,
+                    help="a second `landmark finetune`, from the first's checkpoint, on documents whose facts all "
+                    "sit at least --stage2-gap filler sentences before their questions (0: no second stage)")
+    ap.add_argument("--stage2-gap", type=int, default=12)
+    ap.add_argument("--stage2-lr", type=float, default=2e-3)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
     ap.add_argument("--facts", type=int, default=1, help="facts per long document")
     ap.add_argument("--tokens", type=int, default=8192, help="length of the long documents")
@@ -336,18 +345,30 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summary = finetune(str(base), corpus, work / "model", cfg, device=a.device, restart=True, on_step=show,
                        progress=print)
+    model = work / "model"
+    stages = [summary]
+    if a.stage2_steps:  # far facts only: a lookup the local first layer cannot make
+        write_corpus(work / "corpus2", a.train_docs, a.seed + 1, pool, replace(style_of(a), gap=a.stage2_gap))
+        cfg2 = replace(cfg, steps=a.stage2_steps, lr=a.stage2_lr, warmup=min(100, a.stage2_steps // 10 + 1),
+                       save_every=max(1, a.stage2_steps // 5))
+        print(f"stage 2: {a.stage2_steps} steps on facts at least {a.stage2_gap} sentences before their questions",
+              flush=True)
+        stages.append(finetune(str(model), work / "corpus2", work / "model2", cfg2, device=a.device, restart=True,
+                               on_step=show, progress=print))
+        model = work / "model2"
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
 
-    n_params = sum(v.numel() for v in load_file(work / "model" / "model.safetensors").values())
-    print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps} steps in {train_s / 60:.1f} min; "
-          f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}", flush=True)
-    ev = evaluate(work / "model", work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
+    n_params = sum(v.numel() for v in load_file(model / "model.safetensors").values())
+    print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps + a.stage2_steps} steps in {train_s / 60:.1f} min; "
+          f"loss {summary['first_loss']:.3f} -> {stages[-1]['last_loss']:.3f}", flush=True)
+    ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                   seed=a.seed + 1, pool=pool, style=style_of(a))
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
     result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
-              "train": {**summary, "seconds": round(train_s, 1), "torch_threads": torch.get_num_threads()},
+              "train": {**summary, "stages": stages, "seconds": round(train_s, 1),
+                        "torch_threads": torch.get_num_threads()},
               **ev}
     out = Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

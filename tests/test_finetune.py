@@ -177,3 +177,21 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     assert len(per_layer) == 2 and all(len(h) == 2 and all(0 <= x < n_blocks for x in h) for h in per_layer)
     assert landmark_ranks.main([str(tmp_path / "m"), "--trials", "3"]) == 0
     assert "layer 1 head 1" in capsys.readouterr().out
+
+
+def test_trained_facts_two_stages_with_a_local_layer(tmp_path):
+    """benchmarks/trained_facts.py end to end, shortened: stage 1, then stage 2 on far facts
+    from stage 1's checkpoint, with a local first layer; the result records both stages
+    and the final checkpoint is the one asked."""
+    out = tmp_path / "r.json"
+    assert trained_facts.main(["--work", str(tmp_path / "w"), "--steps", "3", "--stage2-steps", "2",
+                               "--stage2-gap", "3", "--local-layers", "1", "--train-docs", "80", "--docs", "1",
+                               "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
+                               "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [s["steps"] for s in r["train"]["stages"]] == [3, 2] and r["questions"] == 1
+    assert r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
+    corpus2 = (tmp_path / "w" / "corpus2" / "facts.txt").read_text()
+    assert all(not any("code" in s for s in d.split("Document:\n")[1].split("\n\nQuestion")[0].split(". ")[-3:])
+               for d in corpus2.split(trained_facts.INSTRUCTION)[1:])
+    assert load_model(str(tmp_path / "w" / "model2")).landmark.local_layers == 1
