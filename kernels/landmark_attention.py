@@ -10,9 +10,10 @@ without a landmark is allowed). For query i in block b(i), with s_ij = q_i.k_j *
 
 where the outer softmax runs over own + gate keys and G_ic is the outer probability of
 block c's landmark. With local=True (a layer trained to read near its query only) the
-gate and inner keys are those of block b(i) - 1 alone. As in the paper's code, a landmark query does not attend to itself
-(it sees what the token before it sees): landmark keys act only as gates. A query with no
-visible key at all (a landmark at position 0) gets a zero output.
+gate and inner keys are those of block b(i) - 1 alone. As in the paper's code, a
+landmark query does not attend to itself (it sees what the token before it sees):
+landmark keys act only as gates. A query with no visible key at all (a landmark at
+position 0) gets a zero output.
 
 Algorithm (Triton). The key loop walks *blocks*, not fixed tiles: one landmark block per
 iteration, loaded at its own start offset into a tile of BLOCK_N >= its length (masked).

@@ -5,8 +5,9 @@ A LLaMA checkpoint whose config.json has `model_type: llama_with_landmark` plus
 `train_context_length`, and whose tokenizer has `[PAD]` and `<landmark>` added (in that
 order) after the base vocabulary. Our own extension, written by `landmark finetune
 --local-layers N` only: `landmark_local_layers: N`, the first N layers read only their
-own and the previous block (no retrieval; the reference code ignores the key). transformers does not know that model type, so the
-config is read here and turned into a plain LlamaConfig for everything else.
+own and the previous block (no retrieval; the reference code ignores the key).
+transformers does not know that model type, so the config is read here and turned into
+a plain LlamaConfig for everything else.
 """
 
 from __future__ import annotations

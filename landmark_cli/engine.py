@@ -273,10 +273,11 @@ class Engine:
                     kv[layer, j, :, b0:b1] = padded.view(c.n_kv_heads, b1 - b0, B, c.head_dim).to(kv.dtype)
                 w.reps[layer, :, b0:b1] = block_reps(
                     kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
-                sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep, c.n_kv_heads),
-                                 s.top_k) + cand.start
                 if self.spec is not None and layer < self.spec.local_layers:
                     sel = local_selection(win0 // B, c.n_kv_heads)
+                else:
+                    sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep,
+                                                  c.n_kv_heads), s.top_k) + cand.start
                 ctx = [kv[layer, :, :, i0 // B:i1 // B].flatten(2, 3) for i0, i1 in ((0, sink_end), (win0, start))]
                 x = m.finish(layer, x, self._attend(layer, q, k, v, ctx, sel, sink_end, kv))
             if progress:
