@@ -179,6 +179,10 @@ class Engine:
             return ids, spans
         return insert_landmarks(ids, spans, self.spec.mem_freq, self.spec.mem_id)
 
+    def local(self, layer: int) -> bool:
+        """A local layer of a trained landmark model (LandmarkSpec.local_layers): it retrieves nothing."""
+        return self.spec is not None and layer < self.spec.local_layers
+
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
         digest = store.entry_key({"ids": store._digest(np.asarray(ids, dtype=np.int32))})
@@ -273,7 +277,7 @@ class Engine:
                     kv[layer, j, :, b0:b1] = padded.view(c.n_kv_heads, b1 - b0, B, c.head_dim).to(kv.dtype)
                 w.reps[layer, :, b0:b1] = block_reps(
                     kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
-                if self.spec is not None and layer < self.spec.local_layers:
+                if self.local(layer):
                     sel = local_selection(win0 // B, c.n_kv_heads)
                 else:
                     sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep,
@@ -297,7 +301,7 @@ class Engine:
         if self.spec is not None:  # no sink; window and chunk start at block boundaries
             lm = is_landmark_position(torch.arange(n_win + T), s.block)
             return grouped_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv, lm,
-                                     kv[layer, 0], kv[layer, 1], sel, ct, st, local=layer < self.spec.local_layers)
+                                     kv[layer, 0], kv[layer, 1], sel, ct, st, local=self.local(layer))
         return retrieval_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv,
                                    kv[layer, 0], kv[layer, 1], sel, ct, st, sink_end)
 
@@ -394,10 +398,6 @@ class Session:
         self.rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: its blocks, RoPE'd
         self.steps = 0
 
-    def local(self, layer: int) -> bool:
-        """A local layer of a trained landmark model: it retrieves nothing."""
-        return self.e.spec is not None and layer < self.e.spec.local_layers
-
     def _per_layer(self, record: list | None):
         def choose(layer: int, q: torch.Tensor) -> torch.Tensor:
             c = self.e.cfg
@@ -416,7 +416,7 @@ class Session:
             self.dense[layer, 0, :, a:b] = apply_rope(k, cos, sin)
             self.dense[layer, 1, :, a:b] = v
             if self.e.spec is not None:
-                local = self.local(layer)
+                local = self.e.local(layer)
                 sel, rc, rs = (self.local_sel, self.local_cos, self.local_sin) if local else \
                     (choose(layer, q), self.ret_cos, self.ret_sin)
                 att = grouped_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
