@@ -1,8 +1,10 @@
 """Trained landmarks end to end: a small LLaMA trained from scratch by `landmark finetune`
 on synthetic facts, then asked about facts in documents far longer than its context.
 
-    python benchmarks/trained_facts.py                    # the full run (about 15 min on 2 cores)
-    python benchmarks/trained_facts.py --steps 40 --docs 1  # a quick smoke run
+    python benchmarks/trained_facts.py                    # the paper's layout, one stage (about 15 min on 2 cores)
+    python benchmarks/trained_facts.py --local-layers 1 --stage 2000:3e-3 --stage 2000:2e-3 --stage 1500:2e-3:12
+                                                          # a local first layer, then far facts (README)
+    python benchmarks/trained_facts.py --stage 40:3e-3 --docs 1  # a quick smoke run
     python benchmarks/trained_facts.py --eval-only /tmp/landmark-trained-facts/model --tokens 200
                                                           # ask again, about shorter documents
 
@@ -16,10 +18,12 @@ per code, --gap: filler sentences always between the facts and the questions); (
 a word-level tokenizer over the corpus (every name and every code one token) and write a
 randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context (--local-layers 1: a first layer that reads
-only its own and the previous block, so that it cannot copy a far fact by position;
---stage2-steps N: then N more steps from that checkpoint on documents whose facts all sit
-at least --stage2-gap sentences before their questions, a lookup only the deeper layer's
-landmarks can make); (4) build long documents (8k tokens by
+only its own and the previous block, so that it cannot copy a far fact by position),
+once per --stage STEPS:LR[:GAP], each stage from the previous one's checkpoint with a
+fresh warm-up and cosine schedule; a stage with GAP trains on documents whose facts all
+sit at least GAP filler sentences before their questions, a lookup only the deeper
+layer's landmarks can make. Training documents are one file each, so that finetune puts
+its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
 same model without retrieval, truncated to its training context (the last tokens of
@@ -36,7 +40,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -139,9 +143,39 @@ def training_document(rng: random.Random, pool: list[str], style: Style = Style(
 
 
 def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str], style: Style = Style()) -> None:
+    """n_docs training documents, one file each (doc00000.txt ...), so that `landmark
+    finetune` puts its end-of-text token between them, as lookup_probe.py does."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "facts.txt").write_text("".join(training_document(rng, pool, style) for _ in range(n_docs)))
+    for old in folder.glob("*.txt"):
+        old.unlink()
+    for i in range(n_docs):
+        (folder / f"doc{i:05d}.txt").write_text(training_document(rng, pool, style))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `landmark finetune` run of a training plan: `steps` steps at peak rate `lr` on
+    documents whose facts sit at least `gap` filler sentences before their questions
+    (None: the --gap of the style), starting from the previous stage's checkpoint."""
+
+    steps: int
+    lr: float
+    gap: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage":
+        """'2000:3e-3' or '1500:2e-3:12' (argparse type)."""
+        try:
+            parts = text.split(":")
+            if not 2 <= len(parts) <= 3:
+                raise ValueError
+            st = cls(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected STEPS:LR or STEPS:LR:GAP, got {text!r}") from None
+        if st.steps < 1 or st.lr <= 0 or (st.gap or 0) < 0:
+            raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap at least 0: {text!r}")
+        return st
 
 
 def fact_range(text: str) -> tuple[int, int]:
@@ -280,11 +314,13 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--stage", dest="stages", type=Stage.parse, action="append", metavar="STEPS:LR[:GAP]",
+                    help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan "
+                    "(GAP: facts at least GAP filler sentences before their questions; default: --gap). "
+                    "Default: one stage, 2500:3e-3")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)
-    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=2)
@@ -293,11 +329,6 @@ def main(argv=None) -> int:
                     help="the first N layers read only their own and the previous block (finetune --local-layers)")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
-    ap.add_argument("--stage2-steps", type=int, default=0,
-                    help="a second `landmark finetune`, from the first's checkpoint, on documents whose facts all "
-                    "sit at least --stage2-gap filler sentences before their questions (0: no second stage)")
-    ap.add_argument("--stage2-gap", type=int, default=12)
-    ap.add_argument("--stage2-lr", type=float, default=2e-3)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
     ap.add_argument("--facts", type=int, default=1, help="facts per long document")
     ap.add_argument("--tokens", type=int, default=8192, help="length of the long documents")
@@ -309,7 +340,8 @@ def main(argv=None) -> int:
                     "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--corpus-only", action="store_true",
-                    help="write the training corpus to WORK/corpus and stop (to train on it with `landmark finetune`)")
+                    help="write the training corpora (WORK/corpus, WORK/corpus_gapN) and stop (to train on them with "
+                    "`landmark finetune`)")
     ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -326,16 +358,18 @@ def main(argv=None) -> int:
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
-    corpus = work / "corpus"
-    write_corpus(corpus, a.train_docs, a.seed, pool, style_of(a))
+    stages = a.stages or [Stage(2500, 3e-3)]
+    corpora: dict[int, Path] = {}
+    for st in stages:  # one corpus per gap, the same documents otherwise (as lookup_probe.py's stages)
+        gap = a.gap if st.gap is None else st.gap
+        if gap not in corpora:
+            corpora[gap] = work / ("corpus" if gap == a.gap else f"corpus_gap{gap}")
+            write_corpus(corpora[gap], a.train_docs, a.seed, pool, replace(style_of(a), gap=gap))
     if a.corpus_only:
-        print(f"corpus written to {corpus}")
+        print(f"corpus written to {', '.join(map(str, corpora.values()))}")
         return 0
-    base = make_base(work / "base", corpus, dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                     seed=a.seed)
-    cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=a.steps, batch=a.batch, lr=a.lr,
-                      local_layers=a.local_layers,
-                      warmup=min(100, a.steps // 10 + 1), save_every=max(1, a.steps // 5), seed=a.seed)
+    model = make_base(work / "base", corpora[a.gap if stages[0].gap is None else stages[0].gap], dim=a.dim,
+                      layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
 
     def show(info):
         if info.step % 25 == 0 or info.step == info.steps:
@@ -343,31 +377,32 @@ def main(argv=None) -> int:
                   flush=True)
 
     t0 = time.perf_counter()
-    summary = finetune(str(base), corpus, work / "model", cfg, device=a.device, restart=True, on_step=show,
-                       progress=print)
-    model = work / "model"
-    stages = [summary]
-    if a.stage2_steps:  # far facts only: a lookup the local first layer cannot make
-        write_corpus(work / "corpus2", a.train_docs, a.seed + 1, pool, replace(style_of(a), gap=a.stage2_gap))
-        cfg2 = replace(cfg, steps=a.stage2_steps, lr=a.stage2_lr, warmup=min(100, a.stage2_steps // 10 + 1),
-                       save_every=max(1, a.stage2_steps // 5))
-        print(f"stage 2: {a.stage2_steps} steps on facts at least {a.stage2_gap} sentences before their questions",
-              flush=True)
-        stages.append(finetune(str(model), work / "corpus2", work / "model2", cfg2, device=a.device, restart=True,
-                               on_step=show, progress=print))
-        model = work / "model2"
+    summaries = []
+    for n, st in enumerate(stages, 1):
+        gap = a.gap if st.gap is None else st.gap
+        cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
+                          local_layers=a.local_layers, warmup=min(100, st.steps // 10 + 1),
+                          save_every=max(1, st.steps // 5), seed=a.seed)
+        out = work / ("model" if n == 1 else f"model{n}")
+        print(f"stage {n}/{len(stages)}: {st.steps} steps at lr {st.lr:g}, facts at least {gap} sentences before "
+              f"their questions", flush=True)
+        summaries.append({**finetune(str(model), corpora[gap], out, cfg, device=a.device, restart=True,
+                                     on_step=show, progress=print), "lr": st.lr, "gap": gap})
+        model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
 
     n_params = sum(v.numel() for v in load_file(model / "model.safetensors").values())
-    print(f"trained {n_params / 1e6:.2f}M parameters for {a.steps + a.stage2_steps} steps in {train_s / 60:.1f} min; "
-          f"loss {summary['first_loss']:.3f} -> {stages[-1]['last_loss']:.3f}", flush=True)
+    print(f"trained {n_params / 1e6:.2f}M parameters for {sum(st.steps for st in stages)} steps in "
+          f"{train_s / 60:.1f} min; loss {summaries[0]['first_loss']:.3f} -> {summaries[-1]['last_loss']:.3f}",
+          flush=True)
     ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                   seed=a.seed + 1, pool=pool, style=style_of(a))
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
-    result = {"benchmark": "trained_facts", "machine": machine(), "args": vars(a), "parameters": n_params,
-              "train": {**summary, "stages": stages, "seconds": round(train_s, 1),
+    result = {"benchmark": "trained_facts", "machine": machine(),
+              "args": {**vars(a), "stages": [asdict(st) for st in stages]}, "parameters": n_params,
+              "train": {"stages": summaries, "seconds": round(train_s, 1),
                         "torch_threads": torch.get_num_threads()},
               **ev}
     out = Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json")

@@ -179,19 +179,23 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     assert "layer 1 head 1" in capsys.readouterr().out
 
 
-def test_trained_facts_two_stages_with_a_local_layer(tmp_path):
-    """benchmarks/trained_facts.py end to end, shortened: stage 1, then stage 2 on far facts
-    from stage 1's checkpoint, with a local first layer; the result records both stages
-    and the final checkpoint is the one asked."""
+def test_trained_facts_stages_with_a_local_layer(tmp_path):
+    """benchmarks/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
+    stages, each from the previous checkpoint, the last on far facts, with a local first
+    layer; one file per training document; the result records every stage and the final
+    checkpoint is the one asked."""
     out = tmp_path / "r.json"
-    assert trained_facts.main(["--work", str(tmp_path / "w"), "--steps", "3", "--stage2-steps", "2",
-                               "--stage2-gap", "3", "--local-layers", "1", "--train-docs", "80", "--docs", "1",
+    assert trained_facts.main(["--work", str(tmp_path / "w"), "--stage", "3:3e-3", "--stage", "2:2e-3",
+                               "--stage", "2:2e-3:3", "--local-layers", "1", "--train-docs", "80", "--docs", "1",
                                "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
                                "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert [s["steps"] for s in r["train"]["stages"]] == [3, 2] and r["questions"] == 1
-    assert r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
-    corpus2 = (tmp_path / "w" / "corpus2" / "facts.txt").read_text()
-    assert all(not any("code" in s for s in d.split("Document:\n")[1].split("\n\nQuestion")[0].split(". ")[-3:])
-               for d in corpus2.split(trained_facts.INSTRUCTION)[1:])
-    assert load_model(str(tmp_path / "w" / "model2")).landmark.local_layers == 1
+    assert [(s["steps"], s["lr"], s["gap"]) for s in r["train"]["stages"]] == [(3, 3e-3, 0), (2, 2e-3, 0), (2, 2e-3, 3)]
+    assert r["questions"] == 1 and r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
+    assert len(list((tmp_path / "w" / "corpus").glob("*.txt"))) == 80
+    for doc in (tmp_path / "w" / "corpus_gap3").glob("*.txt"):
+        body = doc.read_text().split("Document:\n")[1].split("\n\nQuestion")[0]
+        assert "The code of" in body and not any("code" in s for s in body.split(". ")[-3:])
+    assert load_model(str(tmp_path / "w" / "model3")).landmark.local_layers == 1
+    with pytest.raises(SystemExit):
+        trained_facts.main(["--stage", "3:fast"])
