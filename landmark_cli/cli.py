@@ -21,7 +21,9 @@ out = Console()
 
 ModelOpt = Annotated[str, typer.Option("-m", "--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face "
                                        "LLaMA-family directory, or a .gguf file")]
-TopKOpt = Annotated[int, typer.Option("-k", "--top-k", help="blocks retrieved per layer and KV head at each step")]
+TopKOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", help="blocks retrieved per layer and KV head at "
+                                                 "each step (default 8; trained landmarks: 4, fewer if their "
+                                                 "training context needs)", show_default=False)]
 BlockOpt = Annotated[int, typer.Option("--block-size", help="tokens per landmark block")]
 WindowOpt = Annotated[int, typer.Option("--window", help="local window: recent tokens always attended")]
 SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always attended")]
@@ -44,8 +46,9 @@ def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto", 
     from .engine import Settings
 
     try:
-        return Settings(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep, select=select,
-                        landmarks=landmarks, order=order)
+        return Settings(block=block, top_k=Settings.top_k if top_k is None else top_k, top_k_auto=top_k is None,
+                        window=window, sink=sink, chunk=chunk, rep=rep, select=select, landmarks=landmarks,
+                        order=order)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark ask --help") from None
 
@@ -70,7 +73,7 @@ def ask(
     path: Annotated[str, typer.Argument(help="a PDF, .txt or .md file, or a folder indexed with `landmark index`")],
     question: Annotated[str, typer.Argument(help="the question to answer")],
     model: ModelOpt = "default",
-    top_k: TopKOpt = 8,
+    top_k: TopKOpt = None,
     block_size: BlockOpt = 32,
     window: WindowOpt = 1024,
     sink: SinkOpt = 64,
@@ -207,7 +210,7 @@ def _run_index(lm, settings, folder: str, prune: bool, quiet: bool = False):
 def index(
     folder: Annotated[str, typer.Argument(help="a folder: every PDF, .txt and .md file below it is indexed")],
     model: ModelOpt = "default",
-    top_k: TopKOpt = 8,
+    top_k: TopKOpt = None,
     block_size: BlockOpt = 32,
     window: WindowOpt = 1024,
     sink: SinkOpt = 64,
@@ -270,7 +273,7 @@ def passkey(
     methods: Annotated[str, typer.Option("--methods", help="comma-separated: landmark (block retrieval), full "
                                          "(full attention over the whole prompt), truncate (full attention over "
                                          "the last tokens that fit the model's context)")] = "landmark,full,truncate",
-    top_k: TopKOpt = 8,
+    top_k: TopKOpt = None,
     block_size: BlockOpt = 32,
     landmarks: LandmarksOpt = "auto",
     model: ModelOpt = "default",
@@ -291,7 +294,8 @@ def passkey(
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     try:
-        settings = Settings(top_k=top_k, block=block_size, landmarks=landmarks)
+        settings = Settings(top_k=Settings.top_k if top_k is None else top_k, top_k_auto=top_k is None,
+                            block=block_size, landmarks=landmarks)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark passkey --help") from None
     grid_run.check_device(device)

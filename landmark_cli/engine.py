@@ -53,6 +53,7 @@ class Settings:
     follow: int = 1  # shared selection: blocks taken after each top block
     order: str = "best-last"  # shared selection: passages "best-last" (nearest the question) or in "document" order
     landmarks: str = "auto"  # "trained": the model's own <landmark> tokens; "free": representatives; auto: trained if the model has them
+    top_k_auto: bool = False  # top_k is the default, not the user's: trained landmarks then take TRAINED_TOP_K
 
     def __post_init__(self):
         if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
@@ -87,12 +88,18 @@ class Settings:
         return self.sink_tokens + self.top_k * self.block + self.window_tokens + self.chunk_tokens
 
 
+TRAINED_TOP_K = 4  # blocks per layer and KV head for trained landmarks when --top-k is not given (the paper: 2-5)
+
+
 def trained_settings(s: Settings, spec: LandmarkSpec) -> Settings:
     """Settings for a trained landmark model, as in the paper: blocks of mem_freq tokens +
     their <landmark>, retrieval by the landmark keys per layer and KV head, no sink, and
     every step inside the training context: k blocks + window + chunk <= train_context
-    (the chunk shrinks first, then the window)."""
+    (the chunk shrinks first, then the window). Without a top_k of the user's
+    (top_k_auto), TRAINED_TOP_K blocks, fewer if the training context leaves no room."""
     B = spec.block
+    if s.top_k_auto:
+        s = replace(s, top_k=min(TRAINED_TOP_K, spec.train_context // B - 1))
     avail = spec.train_context // B * B - s.top_k * B
     if avail < B:
         raise LandmarkError(f"--top-k {s.top_k} blocks of {B} tokens leave no room for a chunk in the model's "

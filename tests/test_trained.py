@@ -99,6 +99,25 @@ def test_trained_settings_fit_the_training_context(trained, tmp_path):
     assert free.spec is None and free.s.block == 32
 
 
+def test_default_top_k_fits_a_trained_model(tmp_path):
+    """Without --top-k, a trained model retrieves TRAINED_TOP_K blocks, fewer when its
+    training context holds fewer (here 8 blocks of 31 + landmark: the default 8 would
+    leave no room); an explicit --top-k 8 is still refused, and training-free landmarks
+    keep 8."""
+    from dataclasses import replace
+
+    from landmark_cli.engine import TRAINED_TOP_K
+
+    lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", mem_freq=31, train_context=256)))
+    auto = Settings(top_k_auto=True)
+    assert Engine(lm, auto, root=tmp_path).s.top_k == TRAINED_TOP_K == 4
+    small = load_model(str(make_tiny_landmark_model(tmp_path / "s", mem_freq=31, train_context=96)))
+    assert Engine(small, auto, root=tmp_path).s.top_k == 2
+    with pytest.raises(LandmarkError, match="no room"):
+        Engine(lm, Settings(top_k=8), root=tmp_path)
+    assert Engine(lm, replace(auto, landmarks="free"), root=tmp_path).s.top_k == 8
+
+
 def test_landmarks_trained_needs_a_landmark_model(tiny, tmp_path):
     with pytest.raises(LandmarkError, match="no trained landmarks"):
         Engine(tiny, Settings(landmarks="trained"), root=tmp_path)
