@@ -42,13 +42,19 @@ def _group() -> None:
     """Ask questions about long documents with a LLaMA-family model and Landmark Attention."""
 
 
+def _top_k(top_k: int | None) -> dict:
+    """--top-k as Settings fields: not given -> the default, which a trained model may lower."""
+    from .engine import Settings
+
+    return {"top_k": Settings.top_k if top_k is None else top_k, "top_k_auto": top_k is None}
+
+
 def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto", order="best-last"):
     from .engine import Settings
 
     try:
-        return Settings(block=block, top_k=Settings.top_k if top_k is None else top_k, top_k_auto=top_k is None,
-                        window=window, sink=sink, chunk=chunk, rep=rep, select=select, landmarks=landmarks,
-                        order=order)
+        return Settings(block=block, **_top_k(top_k), window=window, sink=sink, chunk=chunk, rep=rep, select=select,
+                        landmarks=landmarks, order=order)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark ask --help") from None
 
@@ -294,8 +300,7 @@ def passkey(
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     try:
-        settings = Settings(top_k=Settings.top_k if top_k is None else top_k, top_k_auto=top_k is None,
-                            block=block_size, landmarks=landmarks)
+        settings = Settings(**_top_k(top_k), block=block_size, landmarks=landmarks)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark passkey --help") from None
     grid_run.check_device(device)
