@@ -363,15 +363,14 @@ def main(argv=None) -> int:
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
-    stages = a.stages or list(RECIPE)
+    stages = [replace(st, gap=a.gap) if st.gap is None else st for st in a.stages or RECIPE]
     corpora: dict[int, Path] = {}
     for st in stages:  # one corpus per gap, the same documents otherwise (as lookup_probe.py's stages)
-        gap = a.gap if st.gap is None else st.gap
-        if gap not in corpora:
-            corpora[gap] = work / ("corpus" if gap == a.gap else f"corpus_gap{gap}")
-            write_corpus(corpora[gap], a.train_docs, a.seed, pool, replace(style_of(a), gap=gap))
-    model = make_base(work / "base", corpora[a.gap if stages[0].gap is None else stages[0].gap], dim=a.dim,
-                      layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
+        if st.gap not in corpora:
+            corpora[st.gap] = work / ("corpus" if st.gap == a.gap else f"corpus_gap{st.gap}")
+            write_corpus(corpora[st.gap], a.train_docs, a.seed, pool, replace(style_of(a), gap=st.gap))
+    model = make_base(work / "base", corpora[stages[0].gap], dim=a.dim, layers=a.layers, heads=a.heads,
+                      kv_heads=a.kv_heads, seed=a.seed)
     if a.corpus_only:
         print(f"corpora written to {', '.join(map(str, corpora.values()))}; the random base model to {model}")
         return 0
@@ -384,15 +383,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summaries = []
     for n, st in enumerate(stages, 1):
-        gap = a.gap if st.gap is None else st.gap
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
                           local_layers=a.local_layers, warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
-        print(f"stage {n}/{len(stages)}: {st.steps} steps at lr {st.lr:g}, facts at least {gap} sentences before "
+        print(f"stage {n}/{len(stages)}: {st.steps} steps at lr {st.lr:g}, facts at least {st.gap} sentences before "
               f"their questions", flush=True)
-        summaries.append({**finetune(str(model), corpora[gap], out, cfg, device=a.device, restart=True,
-                                     on_step=show, progress=print), "lr": st.lr, "gap": gap})
+        summaries.append({**finetune(str(model), corpora[st.gap], out, cfg, device=a.device, restart=True,
+                                     on_step=show, progress=print), "lr": st.lr, "gap": st.gap})
         model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
