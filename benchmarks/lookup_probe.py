@@ -141,7 +141,7 @@ def probe(a, work: Path) -> list[dict]:
     style = trained_facts.style_of(a)
     trained_facts.write_corpus(work / "corpus", a.docs, a.seed, pool, style)
     base = Path(a.init) if a.init else trained_facts.make_base(
-        work / "base", work / "corpus", dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
+        work / "base", [work / "corpus"], dim=a.dim, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, seed=a.seed)
     block = a.block or 64  # with --block 0 the landmark token is added but never inserted
     model, tok, config, spec = load_base(base, block, a.context, a.local_layers)
     answer = tok.convert_tokens_to_ids("Answer")

@@ -15,14 +15,17 @@ the prompt layout that `landmark ask` uses for models without a chat template (S
 --train-facts, --repeats, --code-only, --filler, --numbers: filler sentences carrying
 numbers from the codes' range, which the long documents then carry too, --parts: numbers
 per code, --gap: filler sentences always between the facts and the questions); (2) build
-a word-level tokenizer over the corpus (every name and every code one token) and write a
+a word-level tokenizer over the corpora (every name and every code one token) and write a
 randomly initialised LLaMA;
 (3) `landmark finetune` it at a short context (--local-layers 1: a first layer that reads
 only its own and the previous block, so that it cannot copy a far fact by position),
-once per --stage STEPS:LR[:GAP], each stage from the previous one's checkpoint with a
-fresh warm-up and cosine schedule; a stage with GAP trains on documents whose facts all
-sit at least GAP filler sentences before their questions, a lookup only the deeper
-layer's landmarks can make. Training documents are one file each, so that finetune puts
+once per --stage STEPS:LR[:KEY=VALUE,...], each stage from the previous one's checkpoint
+with a fresh warm-up and cosine schedule, on documents of its own style: gap=N puts every
+fact at least N filler sentences before its question, a lookup only the deeper layer's
+landmarks can make; facts=MIN-MAX puts several facts in a document, each asked, so that
+a block holding another fact's code must be told apart from the right one; filler=N
+writes 0..N filler sentences. The default plan: near facts, then far facts, 1-3 per
+document (RECIPE). Training documents are one file each, so that finetune puts
 its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
@@ -155,27 +158,51 @@ def write_corpus(folder: Path, n_docs: int, seed: int, pool: list[str], style: S
 
 @dataclass(frozen=True)
 class Stage:
-    """One `landmark finetune` run of a training plan: `steps` steps at peak rate `lr` on
-    documents whose facts sit at least `gap` filler sentences before their questions
-    (None: the --gap of the style), starting from the previous stage's checkpoint."""
+    """One `landmark finetune` run of a training plan: `steps` steps at peak rate `lr`,
+    starting from the previous stage's checkpoint, on documents written in the command
+    line's style except where the stage says otherwise (STAGE_KEYS; None: as the style):
+    `gap`, facts at least that many filler sentences before their questions; `facts`,
+    facts per document (min, max); `filler`, 0..N filler sentences per document."""
 
     steps: int
     lr: float
     gap: int | None = None
+    facts: tuple[int, int] | None = None
+    filler: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
-        """'2000:3e-3' or '1500:2e-3:12' (argparse type)."""
+        """'2000:3e-3' or '2000:2e-3:gap=12,facts=1-3' (argparse type)."""
+        steps, _, rest = text.partition(":")
+        lr, _, options = rest.partition(":")
         try:
-            parts = text.split(":")
-            if not 2 <= len(parts) <= 3:
-                raise ValueError
-            st = cls(int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected STEPS:LR or STEPS:LR:GAP, got {text!r}") from None
-        if st.steps < 1 or st.lr <= 0 or (st.gap or 0) < 0:
-            raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap at least 0: {text!r}")
+            changes = {}
+            for item in filter(None, options.split(",")):
+                key, eq, value = item.partition("=")
+                if key not in STAGE_KEYS or not eq:
+                    raise ValueError
+                changes[key] = STAGE_KEYS[key](value)
+            st = cls(int(steps), float(lr), **changes)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(
+                f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(STAGE_KEYS)} (facts: N or MIN-MAX), "
+                f"got {text!r}") from None
+        if st.steps < 1 or st.lr <= 0 or (st.gap or 0) < 0 or (st.filler or 0) < 0:
+            raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap and filler at least 0: {text!r}")
         return st
+
+    def __str__(self) -> str:
+        """As --stage reads it: '2000:0.002:gap=12,facts=1-3'."""
+        changes = ",".join(f"{k}={option_text(v)}" for k in STAGE_KEYS if (v := getattr(self, k)) is not None)
+        return f"{self.steps}:{self.lr:g}" + (f":{changes}" if changes else "")
+
+    def resolve(self, style: "Style") -> "Stage":
+        """This stage with the options it leaves open taken from `style` (the command line's)."""
+        return replace(self, **{k: getattr(style, k) for k in STAGE_KEYS if getattr(self, k) is None})
+
+    def style(self, base: "Style") -> "Style":
+        """The style of this (resolved) stage's documents."""
+        return replace(base, **{k: getattr(self, k) for k in STAGE_KEYS})
 
 
 def fact_range(text: str) -> tuple[int, int]:
@@ -185,6 +212,14 @@ def fact_range(text: str) -> tuple[int, int]:
     if not 1 <= r[0] <= r[1]:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
     return r
+
+
+STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int}  # what a --stage may change in the style
+
+
+def option_text(value) -> str:
+    """A style option as --stage and the corpus folders spell it: 12, or 1-3 for a range."""
+    return "{}-{}".format(*value) if isinstance(value, tuple) else str(value)
 
 
 def style_args(ap: argparse.ArgumentParser) -> None:
@@ -199,6 +234,12 @@ def style_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--parts", type=int, default=d.parts, help="two-digit numbers per code (\"48 17\": 2)")
     ap.add_argument("--gap", type=int, default=d.gap,
                     help="at least N filler sentences between a training document's facts and its questions")
+
+
+def corpus_name(style: Style, default: Style) -> str:
+    """WORK/corpus for the command line's style; corpus_gap12, corpus_gap12_facts1-3 ... for a stage's."""
+    return "_".join(["corpus", *(f"{k}{option_text(getattr(style, k))}" for k in STAGE_KEYS
+                                 if getattr(style, k) != getattr(default, k))])
 
 
 def style_of(a: argparse.Namespace) -> Style:
@@ -222,16 +263,16 @@ def sentences_for(tokenizer, tokens: int) -> int:
     return max(1, int(tokens / per))
 
 
-def make_base(out: Path, corpus: Path, *, dim: int, layers: int, heads: int, kv_heads: int, seed: int) -> Path:
-    """A randomly initialised LlamaForCausalLM + a word-level tokenizer over the corpus's
-    words and punctuation, so that every name and every code is one token."""
+def make_base(out: Path, corpora: list[Path], *, dim: int, layers: int, heads: int, kv_heads: int, seed: int) -> Path:
+    """A randomly initialised LlamaForCausalLM + a word-level tokenizer over the words and
+    punctuation of all the corpora, so that every name and every code is one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     split = pre_tokenizers.Whitespace()
     words: set[str] = set()
-    for p in sorted(corpus.glob("*.txt")):
+    for p in sorted(p for corpus in corpora for p in corpus.glob("*.txt")):
         for line in p.read_text().splitlines():
             words.update(w for w, _ in split.pre_tokenize_str(line))
     vocab = {w: i for i, w in enumerate(["<s>", "</s>", "[UNK]", *sorted(words)])}
@@ -311,18 +352,20 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
             "records": records}
 
 
-# The default plan (README): near facts, then far facts, which only the second layer's
-# landmarks can find (the first layer is local).
-RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, 12))
+# The default plan (README): near facts, one per document; then far facts, which only the
+# second layer's landmarks can find (the first layer is local), 1-3 per document, so that
+# blocks holding another fact's code are there to be told apart.
+RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, gap=12, facts=(1, 3)))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
-    ap.add_argument("--stage", dest="stages", type=Stage.parse, action="append", metavar="STEPS:LR[:GAP]",
-                    help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan "
-                    "(GAP: facts at least GAP filler sentences before their questions; default: --gap). "
-                    "Default: the README's recipe, 2000:3e-3 then 2000:2e-3:12")
+    ap.add_argument("--stage", dest="stages", type=Stage.parse, action="append", metavar="STEPS:LR[:KEY=VALUE,...]",
+                    help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan. "
+                    "KEY=VALUE change the stage's documents from the style options: gap=N (facts at least N "
+                    "filler sentences before their questions), facts=N or MIN-MAX (facts per document), filler=N "
+                    "(0..N filler sentences). Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)
@@ -345,8 +388,8 @@ def main(argv=None) -> int:
                     "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--corpus-only", action="store_true",
-                    help="write the training corpora (WORK/corpus, WORK/corpus_gapN) and the random base model "
-                    "(WORK/base) and stop (to train them with `landmark finetune`)")
+                    help="write the training corpora (WORK/corpus, WORK/corpus_gapN[_factsA-B]) and the random "
+                    "base model (WORK/base) and stop (to train them with `landmark finetune`)")
     ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -363,13 +406,14 @@ def main(argv=None) -> int:
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
-    stages = [replace(st, gap=a.gap) if st.gap is None else st for st in a.stages or RECIPE]
-    corpora: dict[int, Path] = {}
-    for st in stages:  # one corpus per gap, the same documents otherwise (as lookup_probe.py's stages)
-        if st.gap not in corpora:
-            corpora[st.gap] = work / ("corpus" if st.gap == a.gap else f"corpus_gap{st.gap}")
-            write_corpus(corpora[st.gap], a.train_docs, a.seed, pool, replace(style_of(a), gap=st.gap))
-    model = make_base(work / "base", corpora[stages[0].gap], dim=a.dim, layers=a.layers, heads=a.heads,
+    stages = [st.resolve(style_of(a)) for st in a.stages or RECIPE]
+    corpora: dict[Style, Path] = {}
+    for st in stages:  # one corpus per style, the same seed otherwise (as lookup_probe.py's stages)
+        style = st.style(style_of(a))
+        if style not in corpora:
+            corpora[style] = work / corpus_name(style, style_of(a))
+            write_corpus(corpora[style], a.train_docs, a.seed, pool, style)
+    model = make_base(work / "base", list(corpora.values()), dim=a.dim, layers=a.layers, heads=a.heads,
                       kv_heads=a.kv_heads, seed=a.seed)
     if a.corpus_only:
         print(f"corpora written to {', '.join(map(str, corpora.values()))}; the random base model to {model}")
@@ -387,10 +431,10 @@ def main(argv=None) -> int:
                           local_layers=a.local_layers, warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
-        print(f"stage {n}/{len(stages)}: {st.steps} steps at lr {st.lr:g}, facts at least {st.gap} sentences before "
-              f"their questions", flush=True)
-        summaries.append({**finetune(str(model), corpora[st.gap], out, cfg, device=a.device, restart=True,
-                                     on_step=show, progress=print), "lr": st.lr, "gap": st.gap})
+        print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
+        summaries.append({**finetune(str(model), corpora[st.style(style_of(a))], out, cfg, device=a.device,
+                                     restart=True, on_step=show, progress=print),
+                          "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in STAGE_KEYS}})
         model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file

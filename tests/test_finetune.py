@@ -1,6 +1,7 @@
 """`landmark finetune`: the loss falls, the checkpoint loads in trained mode, runs resume exactly."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
     text, codes = trained_facts.long_document(rng, pool, 1, 30, numbers=0.5)
     assert text.count("The code of") == 1 and sum(w.strip(".").isdigit() for w in text.split()) > 5
 
-    base = trained_facts.make_base(tmp_path / "base", corpus, dim=32, layers=2, heads=2, kv_heads=2, seed=0)
+    base = trained_facts.make_base(tmp_path / "base", [corpus], dim=32, layers=2, heads=2, kv_heads=2, seed=0)
     finetune(str(base), corpus, tmp_path / "m", TrainConfig(block_size=7, context=64, steps=2, batch=2))
     lm = load_model(str(tmp_path / "m"))
     stream, code_id = landmark_ranks.fact_stream(lm, random.Random(1), trained_facts.names(500)[:50], 64, 0.0)
@@ -181,21 +182,27 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
 
 def test_trained_facts_stages_with_a_local_layer(tmp_path):
     """benchmarks/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
-    stages, each from the previous checkpoint, the last on far facts, with a local first
-    layer; one file per training document; the result records every stage and the final
-    checkpoint is the one asked."""
+    stages, each from the previous checkpoint, the last on far facts, several per document,
+    with a local first layer; one file per training document; the result records every
+    stage and the final checkpoint is the one asked."""
     out = tmp_path / "r.json"
     assert trained_facts.main(["--work", str(tmp_path / "w"), "--stage", "3:3e-3", "--stage", "2:2e-3",
-                               "--stage", "2:2e-3:3", "--local-layers", "1", "--train-docs", "80", "--docs", "1",
+                               "--stage", "2:2e-3:gap=3,facts=2-3", "--local-layers", "1", "--train-docs", "80", "--docs", "1",
                                "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
                                "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert [(s["steps"], s["lr"], s["gap"]) for s in r["train"]["stages"]] == [(3, 3e-3, 0), (2, 2e-3, 0), (2, 2e-3, 3)]
+    assert [(s["steps"], s["lr"], s["gap"], s["facts"]) for s in r["train"]["stages"]] == [
+        (3, 3e-3, 0, [1, 1]), (2, 2e-3, 0, [1, 1]), (2, 2e-3, 3, [2, 3])]
     assert r["questions"] == 1 and r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
     assert len(list((tmp_path / "w" / "corpus").glob("*.txt"))) == 80
-    for doc in (tmp_path / "w" / "corpus_gap3").glob("*.txt"):
-        body = doc.read_text().split("Document:\n")[1].split("\n\nQuestion")[0]
+    far = sorted((tmp_path / "w" / "corpus_gap3_facts2-3").glob("*.txt"))  # the plan's other style
+    assert len(far) == 80
+    for doc in far:
+        body, qa = doc.read_text().split("Document:\n")[1].split("\n\nQuestion", 1)
         assert "The code of" in body and not any("code" in s for s in body.split(". ")[-3:])
+        assert 2 <= len(set(re.findall(r"The code of (\w+)", body))) == qa.count("Question") + 1 <= 3
     assert load_model(str(tmp_path / "w" / "model3")).landmark.local_layers == 1
-    with pytest.raises(SystemExit):
-        trained_facts.main(["--stage", "3:fast"])
+    assert str(trained_facts.Stage.parse("5:2e-3:facts=1-3,gap=2")) == "5:0.002:gap=2,facts=1-3"
+    for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1"):
+        with pytest.raises(SystemExit):
+            trained_facts.main(["--stage", bad])
