@@ -24,8 +24,8 @@ with a fresh warm-up and cosine schedule, on documents of its own style: gap=N p
 fact at least N filler sentences before its question, a lookup only the deeper layer's
 landmarks can make; facts=MIN-MAX puts several facts in a document, each asked, so that
 a block holding another fact's code must be told apart from the right one; filler=N
-writes 0..N filler sentences. The default plan: near facts, then far facts, 1-3 per
-document (RECIPE). Training documents are one file each, so that finetune puts
+writes 0..N filler sentences. The default plan (RECIPE): near facts, then far facts.
+Training documents are one file each, so that finetune puts
 its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
@@ -352,10 +352,11 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
             "records": records}
 
 
-# The default plan (README): near facts, one per document; then far facts, which only the
-# second layer's landmarks can find (the first layer is local), 1-3 per document, so that
-# blocks holding another fact's code are there to be told apart.
-RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, gap=12, facts=(1, 3)))
+# The default plan (README): near facts, then far facts, which only the second layer's
+# landmarks can find (the first layer is local). With facts=1-3 in the far stage (the
+# variants file, fifth section) seeds 0-3 gave 70%, 85%, 0% and 0% at 8k; this plan gave
+# 90% (seed 0) and 0% (seed 1).
+RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, gap=12))
 
 
 def main(argv=None) -> int:
