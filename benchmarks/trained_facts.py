@@ -407,13 +407,12 @@ def main(argv=None) -> int:
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
-    stages = [st.resolve(style_of(a)) for st in a.stages or RECIPE]
-    corpora: dict[Style, Path] = {}
-    for st in stages:  # one corpus per style, the same seed otherwise (as lookup_probe.py's stages)
-        style = st.style(style_of(a))
-        if style not in corpora:
-            corpora[style] = work / corpus_name(style, style_of(a))
-            write_corpus(corpora[style], a.train_docs, a.seed, pool, style)
+    style = style_of(a)
+    stages = [st.resolve(style) for st in a.stages or RECIPE]
+    # one corpus per style, the same seed otherwise (as lookup_probe.py's stages)
+    corpora = {s: work / corpus_name(s, style) for s in dict.fromkeys(st.style(style) for st in stages)}
+    for s, folder in corpora.items():
+        write_corpus(folder, a.train_docs, a.seed, pool, s)
     model = make_base(work / "base", list(corpora.values()), dim=a.dim, layers=a.layers, heads=a.heads,
                       kv_heads=a.kv_heads, seed=a.seed)
     if a.corpus_only:
@@ -433,7 +432,7 @@ def main(argv=None) -> int:
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
-        summaries.append({**finetune(str(model), corpora[st.style(style_of(a))], out, cfg, device=a.device,
+        summaries.append({**finetune(str(model), corpora[st.style(style)], out, cfg, device=a.device,
                                      restart=True, on_step=show, progress=print),
                           "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in STAGE_KEYS}})
         model = out
@@ -445,7 +444,7 @@ def main(argv=None) -> int:
           f"{train_s / 60:.1f} min; loss {summaries[0]['first_loss']:.3f} -> {summaries[-1]['last_loss']:.3f}",
           flush=True)
     ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
-                  seed=a.seed + 1, pool=pool, style=style_of(a))
+                  seed=a.seed + 1, pool=pool, style=style)
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
     result = {"benchmark": "trained_facts", "machine": machine(),
