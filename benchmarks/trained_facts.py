@@ -389,8 +389,9 @@ def main(argv=None) -> int:
                     "fresh random codes, so a name's code can only be found in the document")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="skip training: evaluate this trained model")
     ap.add_argument("--corpus-only", action="store_true",
-                    help="write the training corpora (WORK/corpus, WORK/corpus_gapN[_factsA-B]) and the random "
-                    "base model (WORK/base) and stop (to train them with `landmark finetune`)")
+                    help="write the training corpora (WORK/corpus, and one per stage style: WORK/corpus_gap12, "
+                    "WORK/corpus_gap12_facts1-3, ...) and the random base model (WORK/base) and stop (to train them "
+                    "with `landmark finetune`)")
     ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
     a = ap.parse_args(argv)
     if a.threads:
