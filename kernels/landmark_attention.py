@@ -115,93 +115,60 @@ def regular_block(is_landmark: torch.Tensor) -> int | None:
     return b if b > 1 and bool((is_landmark.bool() == pattern).all()) else None
 
 
-class _GroupedSoftmax(torch.autograd.Function):
-    """The grouped softmax over scores laid out as groups of `block` keys, with a
-    hand-written backward (a few full-size passes instead of autograd's dozens: the
-    torch path of `landmark finetune` on a CPU spends most of its time here).
-
-    q [.., R, D], k, v [.., G * block, D] (float32): s = q k^T * scale viewed as
-    [.., R, G, block]. own, gate, inner: bool masks broadcastable to that shape, disjoint;
-    gate only in a group's last column (its landmark). Output [.., R, D]. With
-    w = p_outer (own keys) or G_c * pi (inner keys of group c), G_c = p_outer(gate of c),
-    D_r = dO.O and E_c = sum_j pi_j dP_j, the backward is
-    own: w (dP - D); inner: w (dP - E_c); gate: G_c (E_c - D) = sum_{j in c} w_j dP_j - G_c D."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, own, gate, inner, block: int, scale: float):
-        s = (q @ k.transpose(-1, -2)).mul_(scale)
-        s = s.view(*s.shape[:-1], s.shape[-1] // block, block)
-        outer = own | gate
-        m_o = s.masked_fill(~outer, NEG_INF).amax((-2, -1), keepdim=True).nan_to_num_(0.0, neginf=0.0)
-        m_i = s.masked_fill(~inner, NEG_INF).amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)
-        e = s.sub_(torch.where(inner, m_i, m_o)).exp_().masked_fill_(~(outer | inner), 0.0)
-        z_o = e.masked_fill(~outer, 0.0).sum((-2, -1), keepdim=True).clamp_min_(1e-30)
-        z_i = e.masked_fill(~inner, 0.0).sum(-1, keepdim=True).clamp_min_(1e-30)
-        g = e[..., -1:].masked_fill(~gate[..., -1:], 0.0) / z_o  # G_c, [.., R, G, 1]
-        w = e.mul_(torch.where(inner, g / z_i, 1.0 / z_o)).masked_fill_(gate, 0.0)
-        ctx.save_for_backward(q, k, v, w, g, inner)
-        ctx.gate, ctx.scale = gate, scale
-        return w.flatten(-2) @ v
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, w, g, inner = ctx.saved_tensors
-        dw = (do @ v.transpose(-1, -2)).view_as(w)
-        dv = w.flatten(-2).transpose(-1, -2) @ do
-        wd = w * dw
-        bsum = wd.sum(-1, keepdim=True)  # per group: G_c E_c (inner groups), sum over own keys (own group)
-        d = bsum.sum(-2, keepdim=True)  # D = dO.O
-        ds = wd.sub_(w * torch.where(inner, bsum / g.clamp_min(1e-30), d))
-        ds[..., -1:] += (bsum - g * d).masked_fill(~ctx.gate[..., -1:], 0.0)
-        ds = ds.flatten(-2).mul_(ctx.scale)
-        return ds @ k, ds.transpose(-1, -2) @ q, dv, None, None, None, None, None
-
-
 def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None, local=False):
     """The reference semantics for the regular layout (a landmark at every position
     p % block == block - 1 of the T keys; q the last Tq <= T positions, like the general
-    reference), with the key axis viewed as [blocks, block]: the within-block softmax is a
-    softmax over the last dimension, so there is no scatter or gather, and the backward
-    is written by hand (_GroupedSoftmax). Several times faster than the general
-    reference on a CPU (training, reading).
+    reference), fast on a CPU (training, reading). With the keys viewed as [blocks, block],
+    each key block splits into its ordinary keys and its landmark, so no score needs a
+    per-element mask: the inner softmax of a query over block c is a plain softmax over
+    c's ordinary keys (computed for every c and weighted by a gate that is zero where c
+    may not be read), and the outer softmax runs over the query's own block (a small
+    [block, block] score tile per block of queries) and the landmarks alone. Autograd
+    differentiates it with fused softmax backwards.
 
     allowed [Bt, Hq, Tq, blocks] bool (optional): the earlier blocks each query may read
     (its gate and its inner softmax); the others are left out as if they were not there,
     as when only retrieved blocks are in sight. A query's own block is always read.
-    local: only the block before a query's own is read (with `allowed`: if allowed);
-    without `allowed` and with a query per key, each block of queries is scored against
-    its own and the previous block alone (T x 2 block scores, not T x T)."""
+    local: only the block before a query's own is read (with `allowed`: if allowed),
+    scored per block of queries against that block alone."""
     bt, hq, tq, d = q.shape
     t = k.shape[2]
     group = hq // k.shape[1]
     scale = d**-0.5 if sm_scale is None else sm_scale
     nb = -(-t // block)
-    pad = nb * block - t  # padded keys sit after every query: causally invisible
-    k = F.pad(k.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
-    v = F.pad(v.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad))
+    b0, front = divmod(t - tq, block)  # first query block; queries padded to whole blocks
+    nqb = nb - b0
+    nq, pad = nqb * block, nb * block - t  # padded keys sit after every query: causally invisible
     dev = q.device
+    k = F.pad(k.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad)).view(bt, hq, nb, block, d)
+    v = F.pad(v.repeat_interleave(group, dim=1).float(), (0, 0, 0, pad)).view(bt, hq, nb, block, d)
+    qb = F.pad(q.float() * scale, (0, 0, front, pad)).view(bt, hq, nqb, block, d)
+    k_in, v_in, k_lm = k[..., :-1, :], v[..., :-1, :], k[..., -1, :]  # ordinary keys, landmarks
     u = torch.arange(block, device=dev)
-    lm = u == block - 1
-    if local and allowed is None and tq == t:
-        qb = F.pad(q.float(), (0, 0, 0, pad)).view(bt, hq, nb, block, d)
-        kb, vb = k.view(bt, hq, nb, block, d), v.view(bt, hq, nb, block, d)
-        kb2 = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, -1)), kb], -2)  # [.., nb, 2 block, D]: previous, own
-        vb2 = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, -1)), vb], -2)
-        b = torch.arange(nb, device=dev)[:, None, None, None]
-        two = torch.arange(2, device=dev)[None, None, :, None]
-        own = (two == 1) & (u[None, None, None] <= u[None, :, None, None]) & ~lm
-        prev = (two == 0) & (b >= 1)
-        out = _GroupedSoftmax.apply(qb, kb2, vb2, own, prev & lm, prev & ~lm, block, scale)
-        return out.reshape(bt, hq, nb * block, d)[:, :, :t].to(q.dtype)
-    i = torch.arange(t - tq, t, device=dev)[:, None, None]
-    c = torch.arange(nb, device=dev)[None, :, None]
-    bi = i // block
-    own = (c == bi) & (c * block + u <= i) & ~lm  # [T, nb, block]
-    earlier = (c < bi) & (c == bi - 1) if local else c < bi
-    gate, inner = earlier & lm, earlier & ~lm
+    own_ok = (u[None, :] <= u[:, None]) & (u[None, :] != block - 1)  # [query u, key u]
+    s_own = (qb @ k[:, :, b0:].transpose(-1, -2)).masked_fill_(~own_ok, NEG_INF)
+    bq = (b0 + torch.arange(nq, device=dev) // block)[:, None]  # each query row's block
+    if local:  # one earlier block per block of queries: the one before it
+        k_in, v_in = (F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, b0:nb] for x in (k_in, v_in))
+        s_in = (qb @ k_in.transpose(-1, -2)).view(bt, hq, nq, 1, block - 1)
+        s_gate = (qb * F.pad(k_lm, (0, 0, 1, 0))[:, :, b0:nb, None]).sum(-1).view(bt, hq, nq, 1)
+        gate_ok = bq >= 1
+    else:
+        s_in = (qb.flatten(2, 3) @ k_in.flatten(2, 3).transpose(-1, -2)).view(bt, hq, nq, nb, block - 1)
+        s_gate = qb.flatten(2, 3) @ k_lm.transpose(-1, -2)
+        gate_ok = torch.arange(nb, device=dev) < bq
     if allowed is not None:
-        gate, inner = gate & allowed[..., None], inner & allowed[..., None]
-    return _GroupedSoftmax.apply(q.float(), k, v, own, gate, inner, block, scale).to(q.dtype)
+        ok = F.pad(allowed.bool(), (0, 0, front, pad))
+        gate_ok = gate_ok & (ok.gather(-1, (bq - 1).clamp_min(0).expand(*ok.shape[:-1], 1)) if local else ok)
+    p = torch.cat([s_own.view(bt, hq, nq, block), s_gate.masked_fill(~gate_ok, NEG_INF)], -1).softmax(-1)
+    p_own, g = p[..., :block].view(bt, hq, nqb, block, block), p[..., block:]
+    w_in = s_in.softmax(-1) * g[..., None]  # G_c * pi: zero for blocks not read
+    out = p_own @ v[:, :, b0:]
+    if local:
+        out = out + w_in.view(bt, hq, nqb, block, block - 1) @ v_in
+    else:
+        out = out + (w_in.flatten(-2) @ v_in.flatten(2, 3)).view_as(out)
+    return out.view(bt, hq, nq, d)[:, :, front:front + tq].to(q.dtype)
 
 
 def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False):
