@@ -24,7 +24,9 @@ with a fresh warm-up and cosine schedule, on documents of its own style: gap=N p
 fact at least N filler sentences before its question, a lookup only the deeper layer's
 landmarks can make; facts=MIN-MAX puts several facts in a document, each asked, so that
 a block holding another fact's code must be told apart from the right one; filler=N
-writes 0..N filler sentences. The default plan (RECIPE): near facts, then far facts.
+writes 0..N filler sentences; numbers=F makes a share F of them carry a number (the
+long documents' filler stays as --numbers says). The default plan (RECIPE): near facts,
+then far facts.
 Training documents are one file each, so that finetune puts
 its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
@@ -162,13 +164,15 @@ class Stage:
     starting from the previous stage's checkpoint, on documents written in the command
     line's style except where the stage says otherwise (STAGE_KEYS; None: as the style):
     `gap`, facts at least that many filler sentences before their questions; `facts`,
-    facts per document (min, max); `filler`, 0..N filler sentences per document."""
+    facts per document (min, max); `filler`, 0..N filler sentences per document;
+    `numbers`, the share of filler sentences that carry a number (distractors)."""
 
     steps: int
     lr: float
     gap: int | None = None
     facts: tuple[int, int] | None = None
     filler: int | None = None
+    numbers: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
@@ -187,8 +191,9 @@ class Stage:
             raise argparse.ArgumentTypeError(
                 f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(STAGE_KEYS)} (facts: N or MIN-MAX), "
                 f"got {text!r}") from None
-        if st.steps < 1 or st.lr <= 0 or (st.gap or 0) < 0 or (st.filler or 0) < 0:
-            raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap and filler at least 0: {text!r}")
+        if st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1:
+            raise argparse.ArgumentTypeError(
+                f"steps and lr must be positive, gap and filler at least 0, numbers in [0, 1]: {text!r}")
         return st
 
     def __str__(self) -> str:
@@ -214,7 +219,8 @@ def fact_range(text: str) -> tuple[int, int]:
     return r
 
 
-STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int}  # what a --stage may change in the style
+# what a --stage may change in the style
+STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int, "numbers": float}
 
 
 def option_text(value) -> str:
@@ -366,7 +372,7 @@ def main(argv=None) -> int:
                     help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan. "
                     "KEY=VALUE change the stage's documents from the style options: gap=N (facts at least N "
                     "filler sentences before their questions), facts=N or MIN-MAX (facts per document), filler=N "
-                    "(0..N filler sentences). Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
+                    "(0..N filler sentences), numbers=F (a share F of them carrying a number). Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)

@@ -203,6 +203,7 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
         assert 2 <= len(set(re.findall(r"The code of (\w+)", body))) == qa.count("Question") + 1 <= 3
     assert load_model(str(tmp_path / "w" / "model3")).landmark.local_layers == 1
     assert str(trained_facts.Stage.parse("5:2e-3:facts=1-3,gap=2")) == "5:0.002:gap=2,facts=1-3"
-    for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1"):
+    assert str(trained_facts.Stage.parse("5:2e-3:numbers=0.3,gap=2")) == "5:0.002:gap=2,numbers=0.3"
+    for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1", "3:3e-3:numbers=2"):
         with pytest.raises(SystemExit):
             trained_facts.main(["--stage", bad])
