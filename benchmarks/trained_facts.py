@@ -360,8 +360,8 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 
 # The default plan (README): near facts, then far facts, which only the second layer's
 # landmarks can find (the first layer is local). With facts=1-3 in the far stage (the
-# variants file, fifth section) seeds 0-3 gave 70%, 85%, 0% and 0% at 8k; this plan gave
-# 90% (seed 0) and 0% (seed 1).
+# variants file, fifth section) seeds 0-3 gave 70%, 85%, 0% and 0% at 8k; with numbers=0.3
+# (seventh section) 0%, 100%, 0% and 0%; this plan gave 90% (seed 0) and 0% (seeds 1, 3).
 RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, gap=12))
 
 
