@@ -372,7 +372,8 @@ def main(argv=None) -> int:
                     help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan. "
                     "KEY=VALUE change the stage's documents from the style options: gap=N (facts at least N "
                     "filler sentences before their questions), facts=N or MIN-MAX (facts per document), filler=N "
-                    "(0..N filler sentences), numbers=F (a share F of them carrying a number). Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
+                    "(0..N filler sentences), numbers=F (a share F of them carrying a number). "
+                    "Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)
