@@ -70,7 +70,7 @@ def ranks(lm, stream: torch.Tensor, code_id: int):
         scores = block_scores(q[:, -1:], k[:, gates, None], "landmark", k.shape[0])  # [Hkv, blocks], as ask ranks
         out.append([blk[gates][row.argsort(descending=True)].tolist().index(fact_block) for row in scores])
         att = landmark_attention(apply_rope(q, cos, sin)[None], apply_rope(k, cos, sin)[None], v[None], lmk[None],
-                                 local=layer < spec.local_layers)[0]
+                                 local=layer < spec.local_layers, local_blocks=spec.local_blocks)[0]
         x = m.finish(layer, x, att)
     return out, int(m.logits(x[-1:])[0].argmax()) == code_id, len(gates)
 

@@ -313,7 +313,8 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
     for _ in range(max_new):
         stream = insert_landmarks(seq + out, None, spec.mem_freq, spec.mem_id)[0]
         x = torch.tensor(stream[-(spec.train_context // spec.block * spec.block - 1):])
-        logits = lm.model.forward(x, is_landmark=x == spec.mem_id, local_layers=spec.local_layers)[-1]
+        logits = lm.model.forward(x, is_landmark=x == spec.mem_id, local_layers=spec.local_layers,
+                                  local_blocks=spec.local_blocks)[-1]
         logits[spec.mem_id] = float("-inf")
         tok = int(logits.argmax())
         if tok in lm.stop_ids():
@@ -382,7 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--local-layers", type=int, default=1,
-                    help="the first N layers read only their own and the previous block (finetune --local-layers)")
+                    help="the first N layers read only their own block and --local-blocks before it "
+                    "(finetune --local-layers)")
+    ap.add_argument("--local-blocks", type=int, default=1, choices=(0, 1),
+                    help="earlier blocks a local layer reads (finetune --local-blocks)")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
@@ -436,7 +440,7 @@ def main(argv=None) -> int:
     summaries = []
     for n, st in enumerate(stages, 1):
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
-                          local_layers=a.local_layers, warmup=min(100, st.steps // 10 + 1),
+                          local_layers=a.local_layers, local_blocks=a.local_blocks, warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)

@@ -10,7 +10,8 @@ without a landmark is allowed). For query i in block b(i), with s_ij = q_i.k_j *
 
 where the outer softmax runs over own + gate keys and G_ic is the outer probability of
 block c's landmark. With local=True (a layer trained to read near its query only) the
-gate and inner keys are those of block b(i) - 1 alone. As in the paper's code, a
+gate and inner keys are those of the `local_blocks` blocks before b(i) alone: block
+b(i) - 1 (local_blocks=1), or none (0: the query's own block only). As in the paper's code, a
 landmark query does not attend to itself (it sees what the token before it sees):
 landmark keys act only as gates. A query with no visible key at all (a landmark at
 position 0) gets a zero output.
@@ -67,7 +68,7 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None, local=False):
+def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None, local=False, local_blocks=1):
     """Vectorised torch version (materialises [Tq, T] scores, float32); autograd-friendly.
 
     q may hold only the last Tq <= T positions of the sequence (a step of Tq new tokens
@@ -86,7 +87,7 @@ def landmark_attention_reference(q, k, v, is_landmark, *, sm_scale=None, local=F
     lmj = lm[:, None, None, :]
     causal = torch.ones(tq, t, dtype=torch.bool, device=q.device).tril(t - tq)
     own = (bi == bj) & causal & ~lmj
-    earlier = (bj < bi) & (bj >= bi - 1) if local else bj < bi
+    earlier = (bj < bi) & (bj >= bi - local_blocks) if local else bj < bi
     gate = earlier & lmj
     inner = earlier & ~lmj
 
@@ -115,7 +116,7 @@ def regular_block(is_landmark: torch.Tensor) -> int | None:
     return b if b > 1 and bool((is_landmark.bool() == pattern).all()) else None
 
 
-def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None, local=False):
+def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=None, local=False, local_blocks=1):
     """The reference semantics for the regular layout (a landmark at every position
     p % block == block - 1 of the T keys; q the last Tq <= T positions, like the general
     reference), fast on a CPU (training, reading). With the keys viewed as [blocks, block],
@@ -130,7 +131,10 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
     (its gate and its inner softmax); the others are left out as if they were not there,
     as when only retrieved blocks are in sight. A query's own block is always read.
     local: only the block before a query's own is read (with `allowed`: if allowed),
-    scored per block of queries against that block alone."""
+    scored per block of queries against that block alone; with local_blocks=0, not even
+    that one (a plain causal softmax inside each block)."""
+    if local and local_blocks not in (0, 1):
+        raise ValueError(f"local_blocks must be 0 or 1 here, not {local_blocks}")
     bt, hq, tq, d = q.shape
     t = k.shape[2]
     group = hq // k.shape[1]
@@ -147,6 +151,9 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
     u = torch.arange(block, device=dev)
     own_ok = (u[None, :] <= u[:, None]) & (u[None, :] != block - 1)  # [query u, key u]
     s_own = (qb @ k[:, :, b0:].transpose(-1, -2)).masked_fill_(~own_ok, NEG_INF)
+    if local and local_blocks == 0:
+        out = s_own.softmax(-1) @ v[:, :, b0:]
+        return out.view(bt, hq, nq, d)[:, :, front:front + tq].to(q.dtype)
     bq = (b0 + torch.arange(nq, device=dev) // block)[:, None]  # each query row's block
     if local:  # one earlier block per block of queries: the one before it
         k_in, v_in = (F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, b0:nb] for x in (k_in, v_in))
@@ -171,7 +178,7 @@ def landmark_attention_blocks(q, k, v, block: int, *, sm_scale=None, allowed=Non
     return out.view(bt, hq, nq, d)[:, :, front:front + tq].to(q.dtype)
 
 
-def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False):
+def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False, local_blocks=1):
     """Per-query loops straight from the definition; only for testing the reference."""
     bt, hq, t, d = q.shape
     group = hq // k.shape[1]
@@ -184,7 +191,8 @@ def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False
             qh, kh, vh = q[b, h].float(), k[b, h // group].float(), v[b, h // group].float()
             for i in range(t):
                 own = [j for j in range(i + 1) if blk[j] == blk[i] and not lm[j]]
-                gates = [j for j in range(i) if lm[j] and blk[i] - (1 if local else blk[i]) <= blk[j] < blk[i]]
+                reach = local_blocks if local else blk[i]
+                gates = [j for j in range(i) if lm[j] and blk[i] - reach <= blk[j] < blk[i]]
                 if not own and not gates:
                     rows.append(torch.zeros(d, device=q.device))
                     continue
@@ -424,14 +432,14 @@ class _LandmarkAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto", local=False):
+def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto", local=False, local_blocks=1):
     """Grouped-softmax causal attention (see the module docstring for the exact rule).
 
     q: [Bt, Hq, T, D]; k, v: [Bt, Hkv, T, D] (RoPE applied; Hq a multiple of Hkv);
     is_landmark: [Bt, T] bool. Returns [Bt, Hq, T, D] in q.dtype, differentiable.
     impl: "auto" (Triton on CUDA when available, else torch), "torch", "triton".
-    local: each query reads only its own block and the one before (torch only: a
-    local layer's few keys per query need no fused kernel).
+    local: each query reads only its own block and the `local_blocks` (1 or 0) before it
+    (torch only: a local layer's few keys per query need no fused kernel).
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
@@ -443,8 +451,9 @@ def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto", loca
     if impl == "torch" or local or (impl == "auto" and not (HAVE_TRITON and q.is_cuda)):
         block = regular_block(is_landmark)
         if block is not None:
-            return landmark_attention_blocks(q, k, v, block, sm_scale=scale, local=local)
-        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale, local=local)
+            return landmark_attention_blocks(q, k, v, block, sm_scale=scale, local=local, local_blocks=local_blocks)
+        return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale, local=local,
+                                            local_blocks=local_blocks)
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     blocks = _blocks(is_landmark.to(q.device))

@@ -5,7 +5,8 @@ A LLaMA checkpoint whose config.json has `model_type: llama_with_landmark` plus
 `train_context_length`, and whose tokenizer has `[PAD]` and `<landmark>` added (in that
 order) after the base vocabulary. Our own extension, written by `landmark finetune
 --local-layers N` only: `landmark_local_layers: N`, the first N layers read only their
-own and the previous block (no retrieval; the reference code ignores the key).
+own block and the `landmark_local_blocks` (1, or 0) blocks before it (no retrieval; the
+reference code ignores both keys; a missing `landmark_local_blocks` means 1).
 transformers does not know that model type, so the config is read here and turned into
 a plain LlamaConfig for everything else.
 """
@@ -26,7 +27,8 @@ from .errors import ModelError
 LANDMARK_TOKEN = "<landmark>"
 PAD_TOKEN = "[PAD]"
 MODEL_TYPE = "llama_with_landmark"
-LANDMARK_KEYS = ("mem_id", "mem_freq", "train_context_length", "include_landmark_in_loss", "landmark_local_layers")
+LANDMARK_KEYS = ("mem_id", "mem_freq", "train_context_length", "include_landmark_in_loss", "landmark_local_layers",
+                 "landmark_local_blocks")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -35,7 +37,8 @@ class LandmarkSpec:
     mem_id: int  # token id of <landmark>
     mem_freq: int  # ordinary tokens per block (a block occupies mem_freq + 1 positions)
     train_context: int  # context length the model was fine-tuned at
-    local_layers: int = 0  # the first N layers read only their own and the previous block
+    local_layers: int = 0  # the first N layers read only their own block and the local_blocks before it
+    local_blocks: int = 1  # 1: the previous block; 0: none (the layer reads its own block only)
 
     @property
     def block(self) -> int:
@@ -43,7 +46,9 @@ class LandmarkSpec:
 
     def as_config(self) -> dict:
         out = {"mem_id": self.mem_id, "mem_freq": self.mem_freq, "train_context_length": self.train_context}
-        return {**out, "landmark_local_layers": self.local_layers} if self.local_layers else out
+        if not self.local_layers:
+            return out
+        return {**out, "landmark_local_layers": self.local_layers, "landmark_local_blocks": self.local_blocks}
 
 
 def read_config(d: Path):
@@ -58,10 +63,14 @@ def read_config(d: Path):
     if raw.get("mem_freq"):
         try:
             spec = LandmarkSpec(int(raw["mem_id"]), int(raw["mem_freq"]),
-                                int(raw.get("train_context_length") or 512), int(raw.get("landmark_local_layers") or 0))
+                                int(raw.get("train_context_length") or 512), int(raw.get("landmark_local_layers") or 0),
+                                int(raw.get("landmark_local_blocks", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{d}: config has mem_freq but no valid mem_id ({e})",
                              "a landmark checkpoint needs mem_id, mem_freq and train_context_length") from e
+        if spec.local_blocks not in (0, 1):
+            raise ModelError(f"{d}: landmark_local_blocks is {spec.local_blocks}, not 0 or 1",
+                             "fix config.json or retrain with landmark finetune --local-blocks 0|1")
     if raw.get("model_type") == MODEL_TYPE:
         plain = {k: v for k, v in raw.items() if k not in LANDMARK_KEYS + ("model_type", "transformers_version")}
         cfg = LlamaConfig(**plain)

@@ -342,6 +342,10 @@ def finetune(
     local_layers: Annotated[int, typer.Option("--local-layers", help="the first N layers read only their own "
                                               "and the previous block, never retrieve (not in the paper; for "
                                               "small models trained from scratch: see README)")] = 0,
+    local_blocks: Annotated[int, typer.Option("--local-blocks", help="earlier blocks a local layer reads: 1 (the "
+                                              "one before its own) or 0 (its own block only, so that the next "
+                                              "layer's landmarks must fetch even the previous block: see "
+                                              "README)")] = 1,
 ):
     """Fine-tune a LLaMA-family model with landmark tokens and the grouped softmax (the paper's recipe)."""
     from .finetune import TrainConfig
@@ -349,7 +353,8 @@ def finetune(
 
     try:
         cfg = TrainConfig(block_size=block_size, context=context, steps=steps, batch=batch, accum=accum, lr=lr,
-                          warmup=warmup, save_every=save_every, seed=seed, local_layers=local_layers)
+                          warmup=warmup, save_every=save_every, seed=seed, local_layers=local_layers,
+                          local_blocks=local_blocks)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark finetune --help") from None
     with Progress(TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

@@ -94,7 +94,7 @@ class TrainedCorpusSession:
             self.dense[layer, 1, :, a:b] = v
             qr = apply_rope(q, cos, sin)
             out = []
-            local = layer < spec.local_layers  # reads its own and the previous block only
+            local = layer < spec.local_layers  # reads its own block and local_blocks before it only
             scores = block_scores(q, self.reps[layer], "landmark", c.n_kv_heads)
             if a == 0 and not local:
                 self.question_scores.append(scores)
@@ -106,7 +106,8 @@ class TrainedCorpusSession:
                 vals = torch.cat([rv, self.dense[layer, 1, h, :b]])
                 lm = torch.cat([rlm, self.dense_lm[:b]])
                 out.append(landmark_attention(qr[None, h * g:(h + 1) * g], keys[None, None], vals[None, None],
-                                              lm[None], impl="torch", local=local)[0])
+                                              lm[None], impl="torch", local=local,
+                                              local_blocks=spec.local_blocks)[0])
             x = m.finish(layer, x, torch.cat(out))
         self.n_dense = b
         logits = m.logits(x[-1:])[0]

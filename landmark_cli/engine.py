@@ -134,7 +134,8 @@ class Answer:
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 
 
-def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos, sin, local=False) -> torch.Tensor:
+def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos, sin, local=False,
+                      local_blocks=1) -> torch.Tensor:
     """Trained mode: grouped-softmax attention of queries q [H, T, D] (RoPE'd) over k blocks
     read from the store (sel [Hkv, k] block indices into k_store/v_store [Hkv, N, B, D],
     pre-RoPE; placed at positions [0, k*B) and rotated there by the cos/sin tables) followed
@@ -142,8 +143,8 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     landmark flags are dense_lm [L]. Every retrieved block ends with its landmark, which
     gates the block's tokens; the torch path of kernels/landmark_attention does the math.
     local: a local layer of the model (LandmarkSpec.local_layers): each query reads only
-    its own and the previous block (sel: at most the one block right before the dense keys,
-    see local_selection)."""
+    its own block and the `local_blocks` (1 or 0) before it (sel: at most the one block
+    right before the dense keys, see local_selection)."""
     hkv, k = sel.shape
     B, D = k_store.shape[2], k_store.shape[3]
     kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
@@ -151,13 +152,15 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     kr = apply_rope(kr, cos[:k * B], sin[:k * B])
     lm = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_lm])
     keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
-    return landmark_attention(q[None], keys[None], vals[None], lm[None], impl="torch", local=local)[0]
+    return landmark_attention(q[None], keys[None], vals[None], lm[None], impl="torch", local=local,
+                              local_blocks=local_blocks)[0]
 
 
-def local_selection(first_dense: int, n_kv_heads: int) -> torch.Tensor:
+def local_selection(first_dense: int, n_kv_heads: int, local_blocks: int = 1) -> torch.Tensor:
     """What a local layer reads from the store: the block right before the dense keys (the
-    previous block of their first block), or nothing at the document's start. [Hkv, 0 or 1]."""
-    prev = torch.tensor([first_dense - 1] if first_dense > 0 else [], dtype=torch.long)
+    previous block of their first block), or nothing at the document's start or when the
+    layer reads its own block only (local_blocks 0). [Hkv, 0 or 1]."""
+    prev = torch.tensor([first_dense - 1] if first_dense > 0 and local_blocks else [], dtype=torch.long)
     return prev.expand(n_kv_heads, -1)
 
 
@@ -285,7 +288,7 @@ class Engine:
                 w.reps[layer, :, b0:b1] = block_reps(
                     kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
                 if self.local(layer):
-                    sel = local_selection(win0 // B, c.n_kv_heads)
+                    sel = local_selection(win0 // B, c.n_kv_heads, self.spec.local_blocks)
                 else:
                     sel = top_blocks(block_scores(q, torch.from_numpy(w.reps[layer, :, cand]), s.rep,
                                                   c.n_kv_heads), s.top_k) + cand.start
@@ -308,7 +311,8 @@ class Engine:
         if self.spec is not None:  # no sink; window and chunk start at block boundaries
             lm = is_landmark_position(torch.arange(n_win + T), s.block)
             return grouped_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv, lm,
-                                     kv[layer, 0], kv[layer, 1], sel, ct, st, local=self.local(layer))
+                                     kv[layer, 0], kv[layer, 1], sel, ct, st, local=self.local(layer),
+                                     local_blocks=self.spec.local_blocks)
         return retrieval_attention(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv,
                                    kv[layer, 0], kv[layer, 1], sel, ct, st, sink_end)
 
@@ -386,7 +390,7 @@ class Session:
             self.dense_lm = is_landmark_position(win0 + torch.arange(self.n_dense + capacity), B)
             # a local layer's previous block sits right before the window (RoPE is relative,
             # so a position below 0 is a rotation the other way)
-            self.local_sel = local_selection(win0 // B, c.n_kv_heads)
+            self.local_sel = local_selection(win0 // B, c.n_kv_heads, engine.spec.local_blocks)
             p = self.sink_end + self.k * B - B + torch.arange(B)
             lc, ls = m.rope.at(p.abs())
             self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
@@ -428,7 +432,8 @@ class Session:
                     (choose(layer, q), self.ret_cos, self.ret_sin)
                 att = grouped_attention(apply_rope(q, cos, sin), self.dense[layer, 0, :, :b],
                                         self.dense[layer, 1, :, :b], self.dense_lm[:b], self.kv[layer, 0],
-                                        self.kv[layer, 1], sel, rc, rs, local=local)
+                                        self.kv[layer, 1], sel, rc, rs, local=local,
+                                        local_blocks=self.e.spec.local_blocks)
                 x = m.finish(layer, x, att)
                 continue
             sel = choose(layer, q)

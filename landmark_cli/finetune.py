@@ -47,7 +47,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 200
-    local_layers: int = 0  # the first N layers read only their own and the previous block (not the paper's)
+    local_layers: int = 0  # the first N layers read only their own block and local_blocks before it (not the paper's)
+    local_blocks: int = 1  # earlier blocks a local layer reads: 1 (the previous one) or 0 (none)
 
     def __post_init__(self):
         for name in ("block_size", "context", "steps", "batch", "accum", "save_every"):
@@ -55,6 +56,8 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1")
         if self.local_layers < 0:
             raise ValueError("local-layers must be at least 0")
+        if self.local_blocks not in (0, 1):
+            raise ValueError("local-blocks must be 0 or 1")
         if not (self.lr > 0 and 0 <= self.min_lr <= 1 and self.warmup >= 0):
             raise ValueError("lr must be > 0, warmup >= 0")
 
@@ -78,7 +81,7 @@ class StepInfo:
     tokens_per_s: float
 
 
-def load_base(model_dir: Path, block_size: int, context: int, local_layers: int = 0):
+def load_base(model_dir: Path, block_size: int, context: int, local_layers: int = 0, local_blocks: int = 1):
     """Weights, tokenizer and config of the base model, with <landmark> added if missing.
     Returns (Llama in float32, tokenizer, config dict to save, LandmarkSpec)."""
     from safetensors.torch import load_file
@@ -102,7 +105,7 @@ def load_base(model_dir: Path, block_size: int, context: int, local_layers: int 
                                 f"pass --block-size {spec.mem_freq} to continue its training")
     else:
         mem_id = add_landmark_tokens(tok, weights)
-    spec = LandmarkSpec(mem_id, block_size, context, local_layers)
+    spec = LandmarkSpec(mem_id, block_size, context, local_layers, local_blocks)
     cfg.vocab_size = len(tok)
     lm = Llama(LlamaConfig.from_hf(cfg), weights)
     if local_layers > lm.cfg.n_layers:
@@ -147,7 +150,8 @@ def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: 
 
 def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec) -> torch.Tensor:
     """Mean next-token cross-entropy over the stream (landmarks included)."""
-    logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id, local_layers=spec.local_layers)
+    logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id, local_layers=spec.local_layers,
+                           local_blocks=spec.local_blocks)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
@@ -214,7 +218,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
                             "raise --context or lower --block-size")
     resuming = not restart and (out / STATE_META).is_file()
     src = out if resuming else resolve_dir(base, progress)
-    model, tok, config, spec = load_base(src, cfg.block_size, cfg.context, cfg.local_layers)
+    model, tok, config, spec = load_base(src, cfg.block_size, cfg.context, cfg.local_layers, cfg.local_blocks)
     tokens = corpus_tokens(Path(data).expanduser(), tok, progress)
     need = cfg.blocks * cfg.block_size
     if len(tokens) < need:

@@ -161,13 +161,15 @@ class Llama:
         """hidden [T, dim] -> logits [T, vocab] (callers pass only the positions they read)."""
         return rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps) @ self.lm_head.T
 
-    def forward(self, ids: torch.Tensor, is_landmark: torch.Tensor | None = None, local_layers: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, is_landmark: torch.Tensor | None = None, local_layers: int = 0,
+                local_blocks: int = 1) -> torch.Tensor:
         """Causal forward over ids [T] (or a batch [Bt, T]) -> logits [T, vocab] (parity
         tests, baselines, `landmark finetune`).
 
         is_landmark (shaped like ids, bool): a trained landmark model's full forward, with
         the grouped softmax (kernels/landmark_attention) in place of the ordinary one; its
-        first `local_layers` layers read only their own and the previous block."""
+        first `local_layers` layers read only their own block and the `local_blocks` (1 or 0)
+        blocks before it."""
         T = ids.shape[-1]
         x = self.embed(ids)
         cos, sin = (t.to(x.device) for t in self.rope.tables(T))
@@ -177,9 +179,10 @@ class Llama:
             if is_landmark is None:
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
             elif ids.dim() == 1:
-                a = landmark_attention(q[None], k[None], v[None], is_landmark[None], local=i < local_layers)[0]
+                a = landmark_attention(q[None], k[None], v[None], is_landmark[None], local=i < local_layers,
+                                       local_blocks=local_blocks)[0]
             else:
-                a = landmark_attention(q, k, v, is_landmark, local=i < local_layers)
+                a = landmark_attention(q, k, v, is_landmark, local=i < local_layers, local_blocks=local_blocks)
             x = self.finish(i, x, a)
         return self.logits(x)
 

@@ -68,6 +68,35 @@ def test_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, tmp_path):
         finetune(str(tiny_dir), corpus, tmp_path / "m", replace(cfg, steps=8, local_layers=0))
 
 
+def test_own_block_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, tmp_path):
+    """finetune --local-layers 1 --local-blocks 0: the checkpoint says so, loads with it, and
+    its loss is that of a first layer reading its own block only; a config with another
+    value is refused with a clear error."""
+    from dataclasses import replace
+
+    from landmark_cli.finetune import load_base, loss_of, sample_batch
+
+    cfg = replace(CFG, steps=4, save_every=4, local_layers=1, local_blocks=0)
+    finetune(str(tiny_dir), corpus, tmp_path / "m", cfg)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["landmark_local_layers"], config["landmark_local_blocks"]) == (1, 0)
+    assert load_model(str(tmp_path / "m")).landmark.local_blocks == 0
+    model, _, _, spec = load_base(tmp_path / "m", 7, 64, 1, 0)
+    batch = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = batch[:, :-1]
+        own = model.forward(x, is_landmark=x == spec.mem_id, local_layers=1, local_blocks=0)
+        previous = model.forward(x, is_landmark=x == spec.mem_id, local_layers=1)
+        want = torch.nn.functional.cross_entropy(own.flatten(0, 1), batch[:, 1:].flatten())
+        torch.testing.assert_close(loss_of(model, batch, spec), want)
+    assert not torch.allclose(own, previous)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "landmark_local_blocks": 2}))
+    with pytest.raises(LandmarkError, match="landmark_local_blocks is 2"):
+        load_model(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="local-blocks"):
+        replace(cfg, local_blocks=2)
+
+
 def test_interrupted_run_resumes_exactly(tiny_dir, corpus, tmp_path):
     whole = tmp_path / "whole"
     finetune(str(tiny_dir), corpus, whole, CFG)

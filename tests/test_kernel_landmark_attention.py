@@ -226,30 +226,38 @@ def test_allowed_blocks_read_as_if_the_others_were_not_there():
     assert not torch.allclose(out, everything)
 
 
+@pytest.mark.parametrize("reach", [1, 0], ids=["previous-block", "own-block"])
 @pytest.mark.parametrize("t,pattern", [(37, 7), (23, "random")])
-def test_local_reads_only_the_previous_block(t, pattern):
+def test_local_reads_only_the_previous_block(t, pattern, reach):
     """local=True (a layer trained to read near its query): the reference equals the naive
-    definition and the regular-layout path, values and gradients, and a query's output is
-    the ordinary grouped softmax over its own block and the one before it alone."""
+    definition and the regular-layout path (all queries, and steps of the last few), values
+    and gradients, and a query's output is the ordinary grouped softmax over its own block
+    and the `reach` (local_blocks: 1 or 0) blocks before it alone."""
     q, k, v = inputs(t, 2, hkv=1)
     is_lm = landmarks(t, pattern)
     if pattern != "random":  # both rows regular, for the regular-layout path
         is_lm = (torch.arange(t) % pattern == pattern - 1).expand(2, t)
     dout = torch.randn(q.shape)
-    ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout, local=True)
-    naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout, local=True)
+    kw = {"local": True, "local_blocks": reach}
+    ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout, **kw)
+    naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive):
         assert_close(a, b, 2e-5, 2e-5, name)
     if pattern == 7:
-        fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], 7, **kw), q, k, v, is_lm, dout, local=True)
+        fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], 7, **kw), q, k, v, is_lm, dout, **kw)
         for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
             assert_close(a, b, 2e-5, 2e-5, f"blocks {name}")
-        assert_close(la.landmark_attention(q, k, v, is_lm, local=True), ref[0], 2e-5, 2e-5, "dispatch")
+        assert_close(la.landmark_attention(q, k, v, is_lm, **kw), ref[0], 2e-5, 2e-5, "dispatch")
+        for tq in (1, 8):  # a step of the last tq queries (reading, answering)
+            step = la.landmark_attention_blocks(q[:, :, -tq:].detach(), k.detach(), v.detach(), 7, **kw)
+            assert_close(step, ref[0][:, :, -tq:].detach(), 2e-5, 2e-5, f"step of {tq}")
     blk = la._block_ids(is_lm)
     out = ref[0].detach()
     for i in range(0, t, 5):
-        keep = (torch.arange(t) <= i) & (blk[0] >= blk[0, i] - 1)
+        keep = (torch.arange(t) <= i) & (blk[0] >= blk[0, i] - reach)
         alone = la.landmark_attention_reference(q[:1, :, i:i + 1].detach(), k[:1, :, keep].detach(),
                                                 v[:1, :, keep].detach(), is_lm[:1, keep])
         assert_close(out[0, :, i], alone[0, :, 0], 2e-5, 2e-5, f"row {i}")
     assert not torch.allclose(out, la.landmark_attention_reference(q, k, v, is_lm).detach())
+    if reach == 0:  # not the previous-block layer either
+        assert not torch.allclose(out, la.landmark_attention_reference(q, k, v, is_lm, local=True).detach())

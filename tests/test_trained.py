@@ -16,12 +16,15 @@ def trained(tmp_path_factory):
     return load_model(str(make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model")))
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["paper", "local-first-layer"])
+@pytest.fixture(scope="module", params=[(0, 1), (1, 1), (1, 0)], ids=["paper", "local-first-layer", "own-block"])
 def trained_any(request, tmp_path_factory):
-    """The paper's layout, and a model whose first layer reads only its own and the previous block."""
-    d = make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model", local_layers=request.param)
+    """The paper's layout, and models whose first layer reads only its own and the previous
+    block, or its own block alone."""
+    local_layers, local_blocks = request.param
+    d = make_tiny_landmark_model(tmp_path_factory.mktemp("lm") / "model", local_layers=local_layers,
+                                 local_blocks=local_blocks)
     lm = load_model(str(d))
-    assert lm.landmark.local_layers == request.param
+    assert (lm.landmark.local_layers, lm.landmark.local_blocks) == request.param
     return lm
 
 
@@ -64,19 +67,21 @@ def test_trained_mode_equals_full_grouped_forward(trained_any, tmp_path, n_doc):
     for i, logits in enumerate(got):
         seq = doc + suffix + [5, 6][:i]
         stream = torch.tensor(insert_landmarks(seq, None, 7, spec.mem_id)[0])
-        full = trained.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=spec.local_layers)
+        full = trained.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=spec.local_layers,
+                                     local_blocks=spec.local_blocks)
         want = full[-1].clone()
         want[spec.mem_id] = float("-inf")  # a landmark is never generated
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
-def test_all_local_layers_read_without_retrieval(tmp_path):
+@pytest.mark.parametrize("local_blocks", [1, 0])
+def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
     """A model whose every layer is local needs no retrieval: with --top-k 0 and no window,
     reading and answering still give the full forward's logits (each step's previous
-    block comes from the store)."""
+    block comes from the store, or nothing at all for layers that read their own block only)."""
     from landmark_cli.engine import Session
 
-    lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2)))
+    lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2, local_blocks=local_blocks)))
     spec = lm.landmark
     eng = Engine(lm, Settings(top_k=0, chunk=32, window=0, kv_dtype="float32"), root=tmp_path / "store")
     g = torch.Generator().manual_seed(1)
@@ -85,7 +90,8 @@ def test_all_local_layers_read_without_retrieval(tmp_path):
     entry, _ = eng.read(doc)
     logits = Session(eng, entry, capacity=8).step(torch.tensor(suffix))
     stream = torch.tensor(insert_landmarks(doc + suffix, None, 7, spec.mem_id)[0])
-    want = lm.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=2)[-1].clone()
+    want = lm.model.forward(stream, is_landmark=stream == spec.mem_id, local_layers=2,
+                            local_blocks=local_blocks)[-1].clone()
     want[spec.mem_id] = float("-inf")
     torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 

@@ -38,10 +38,10 @@ def make_tiny_model(path: Path, *, vocab: int = 320, layers: int = 2, heads: int
 
 
 def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: int = 256, local_layers: int = 0,
-                             **kw) -> Path:
+                             local_blocks: int = 1, **kw) -> Path:
     """A tiny model in the reference landmark format: [PAD] and <landmark> added to the
     tokenizer (embedding rows = mean), config with mem_id, mem_freq, train_context_length
-    (and landmark_local_layers when local_layers > 0)."""
+    (and landmark_local_layers, landmark_local_blocks when local_layers > 0)."""
     import json
 
     from safetensors.torch import load_file
@@ -53,6 +53,6 @@ def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: in
     tok = AutoTokenizer.from_pretrained(base)
     weights = load_file(base / "model.safetensors")
     mem_id = add_landmark_tokens(tok, weights)
-    cfg = landmark_config(json.loads((base / "config.json").read_text()), LandmarkSpec(mem_id, mem_freq, train_context, local_layers),
-                          vocab_size=len(tok))
+    spec = LandmarkSpec(mem_id, mem_freq, train_context, local_layers, local_blocks)
+    cfg = landmark_config(json.loads((base / "config.json").read_text()), spec, vocab_size=len(tok))
     return save_checkpoint(path, cfg, weights, tok)
