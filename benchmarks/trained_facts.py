@@ -165,7 +165,9 @@ class Stage:
     line's style except where the stage says otherwise (STAGE_KEYS; None: as the style):
     `gap`, facts at least that many filler sentences before their questions; `facts`,
     facts per document (min, max); `filler`, 0..N filler sentences per document;
-    `numbers`, the share of filler sentences that carry a number (distractors)."""
+    `numbers`, the share of filler sentences that carry a number (distractors); and one
+    training key (TRAIN_KEYS): `local_blocks`, the earlier blocks the local layers read in
+    this stage (None: --local-blocks)."""
 
     steps: int
     lr: float
@@ -173,6 +175,7 @@ class Stage:
     facts: tuple[int, int] | None = None
     filler: int | None = None
     numbers: float | None = None
+    local_blocks: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
@@ -183,27 +186,31 @@ class Stage:
             changes = {}
             for item in filter(None, options.split(",")):
                 key, eq, value = item.partition("=")
-                if key not in STAGE_KEYS or not eq:
+                if key not in STAGE_KEYS | TRAIN_KEYS or not eq:
                     raise ValueError
-                changes[key] = STAGE_KEYS[key](value)
+                changes[key] = (STAGE_KEYS | TRAIN_KEYS)[key](value)
             st = cls(int(steps), float(lr), **changes)
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(
-                f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(STAGE_KEYS)} (facts: N or MIN-MAX), "
-                f"got {text!r}") from None
-        if st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1:
-            raise argparse.ArgumentTypeError(
-                f"steps and lr must be positive, gap and filler at least 0, numbers in [0, 1]: {text!r}")
+                f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(STAGE_KEYS | TRAIN_KEYS)} (facts: N or "
+                f"MIN-MAX), got {text!r}") from None
+        if (st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1
+                or st.local_blocks not in (None, 0, 1)):
+            raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap and filler at least 0, numbers "
+                                             f"in [0, 1], local_blocks 0 or 1: {text!r}")
         return st
 
     def __str__(self) -> str:
         """As --stage reads it: '2000:0.002:gap=12,facts=1-3'."""
-        changes = ",".join(f"{k}={option_text(v)}" for k in STAGE_KEYS if (v := getattr(self, k)) is not None)
+        changes = ",".join(f"{k}={option_text(v)}" for k in STAGE_KEYS | TRAIN_KEYS
+                           if (v := getattr(self, k)) is not None)
         return f"{self.steps}:{self.lr:g}" + (f":{changes}" if changes else "")
 
-    def resolve(self, style: "Style") -> "Stage":
-        """This stage with the options it leaves open taken from `style` (the command line's)."""
-        return replace(self, **{k: getattr(style, k) for k in STAGE_KEYS if getattr(self, k) is None})
+    def resolve(self, style: "Style", local_blocks: int) -> "Stage":
+        """This stage with the options it leaves open taken from `style` and `local_blocks`
+        (the command line's)."""
+        return replace(self, **{k: getattr(style, k) for k in STAGE_KEYS if getattr(self, k) is None},
+                       local_blocks=local_blocks if self.local_blocks is None else self.local_blocks)
 
     def style(self, base: "Style") -> "Style":
         """The style of this (resolved) stage's documents."""
@@ -219,8 +226,9 @@ def fact_range(text: str) -> tuple[int, int]:
     return r
 
 
-# what a --stage may change in the style
+# what a --stage may change in the style, and in the training
 STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int, "numbers": float}
+TRAIN_KEYS = {"local_blocks": int}
 
 
 def option_text(value) -> str:
@@ -420,7 +428,7 @@ def main(argv=None) -> int:
               f"truncated: {ev['truncated_accuracy']:.0%}")
         return 0
     style = style_of(a)
-    stages = [st.resolve(style) for st in a.stages or RECIPE]
+    stages = [st.resolve(style, a.local_blocks) for st in a.stages or RECIPE]
     # one corpus per style, the same seed otherwise (as lookup_probe.py's stages)
     corpora = {s: work / corpus_name(s, style) for s in dict.fromkeys(st.style(style) for st in stages)}
     for s, folder in corpora.items():
@@ -440,13 +448,13 @@ def main(argv=None) -> int:
     summaries = []
     for n, st in enumerate(stages, 1):
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
-                          local_layers=a.local_layers, local_blocks=a.local_blocks, warmup=min(100, st.steps // 10 + 1),
+                          local_layers=a.local_layers, local_blocks=st.local_blocks, warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
         summaries.append({**finetune(str(model), corpora[st.style(style)], out, cfg, device=a.device,
                                      restart=True, on_step=show, progress=print),
-                          "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in STAGE_KEYS}})
+                          "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in STAGE_KEYS | TRAIN_KEYS}})
         model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file

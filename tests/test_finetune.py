@@ -212,16 +212,17 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
 def test_trained_facts_stages_with_a_local_layer(tmp_path):
     """benchmarks/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
     stages, each from the previous checkpoint, the last on far facts, several per document,
-    with a local first layer; one file per training document; the result records every
-    stage and the final checkpoint is the one asked."""
+    with a local first layer that in the last stage reads its own block only; one file per
+    training document; the result records every stage and the final checkpoint is the one
+    asked."""
     out = tmp_path / "r.json"
     assert trained_facts.main(["--work", str(tmp_path / "w"), "--stage", "3:3e-3", "--stage", "2:2e-3",
-                               "--stage", "2:2e-3:gap=3,facts=2-3", "--local-layers", "1", "--train-docs", "80",
+                               "--stage", "2:2e-3:gap=3,facts=2-3,local_blocks=0", "--local-layers", "1", "--train-docs", "80",
                                "--docs", "1", "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
                                "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert [(s["steps"], s["lr"], s["gap"], s["facts"]) for s in r["train"]["stages"]] == [
-        (3, 3e-3, 0, [1, 1]), (2, 2e-3, 0, [1, 1]), (2, 2e-3, 3, [2, 3])]
+    assert [(s["steps"], s["lr"], s["gap"], s["facts"], s["local_blocks"]) for s in r["train"]["stages"]] == [
+        (3, 3e-3, 0, [1, 1], 1), (2, 2e-3, 0, [1, 1], 1), (2, 2e-3, 3, [2, 3], 0)]
     assert r["questions"] == 1 and r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
     assert len(list((tmp_path / "w" / "corpus").glob("*.txt"))) == 80
     far = sorted((tmp_path / "w" / "corpus_gap3_facts2-3").glob("*.txt"))  # the plan's other style
@@ -230,9 +231,13 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
         body, qa = doc.read_text().split("Document:\n")[1].split("\n\nQuestion", 1)
         assert "The code of" in body and not any("code" in s for s in body.split(". ")[-3:])
         assert 2 <= len(set(re.findall(r"The code of (\w+)", body))) == qa.count("Question") + 1 <= 3
-    assert load_model(str(tmp_path / "w" / "model3")).landmark.local_layers == 1
+    spec = load_model(str(tmp_path / "w" / "model3")).landmark
+    assert (spec.local_layers, spec.local_blocks) == (1, 0)
+    assert (load_model(str(tmp_path / "w" / "model2")).landmark.local_blocks) == 1
     assert str(trained_facts.Stage.parse("5:2e-3:facts=1-3,gap=2")) == "5:0.002:gap=2,facts=1-3"
     assert str(trained_facts.Stage.parse("5:2e-3:numbers=0.3,gap=2")) == "5:0.002:gap=2,numbers=0.3"
-    for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1", "3:3e-3:numbers=2"):
+    assert str(trained_facts.Stage.parse("5:2e-3:local_blocks=0")) == "5:0.002:local_blocks=0"
+    for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1", "3:3e-3:numbers=2",
+                "3:3e-3:local_blocks=2"):
         with pytest.raises(SystemExit):
             trained_facts.main(["--stage", bad])
