@@ -415,7 +415,8 @@ def main(argv=None) -> int:
                     help="write the training corpora (WORK/corpus, and one per stage style: WORK/corpus_gap12, "
                     "WORK/corpus_gap12_facts1-3, ...) and the random base model (WORK/base) and stop (to train them "
                     "with `landmark finetune`)")
-    ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json)")
+    ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json; with "
+                    "--eval-only, none unless given)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -430,6 +431,9 @@ def main(argv=None) -> int:
                       seed=a.seed + 1, pool=pool, style=style_of(a))
         print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
               f"truncated: {ev['truncated_accuracy']:.0%}")
+        if a.json:  # only when asked: --eval-only is often a quick look
+            Path(a.json).write_text(json.dumps({"benchmark": "trained_facts", "machine": machine(), "args": vars(a),
+                                                **ev}, indent=1, default=str) + "\n")
         return 0
     style = style_of(a)
     stages = [st.resolve(style, a.local_blocks) for st in a.stages or RECIPE]

@@ -234,6 +234,12 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
     spec = load_model(str(tmp_path / "w" / "model3")).landmark
     assert (spec.local_layers, spec.local_blocks) == (1, 0)
     assert (load_model(str(tmp_path / "w" / "model2")).landmark.local_blocks) == 1
+    again = tmp_path / "again.json"  # --eval-only asks the trained model again, and writes a file only when told
+    assert trained_facts.main(["--eval-only", str(tmp_path / "w" / "model3"), "--work", str(tmp_path / "w"),
+                               "--docs", "1", "--tokens", "150", "--top-k", "2", "--json", str(again)]) == 0
+    answers = [[(x["name"], x["answer"], x["truncated_answer"]) for x in d["records"]]
+               for d in (json.loads(again.read_text()), r)]
+    assert answers[0] == answers[1]
     assert str(trained_facts.Stage.parse("5:2e-3:facts=1-3,gap=2")) == "5:0.002:gap=2,facts=1-3"
     assert str(trained_facts.Stage.parse("5:2e-3:numbers=0.3,gap=2")) == "5:0.002:gap=2,numbers=0.3"
     assert str(trained_facts.Stage.parse("5:2e-3:local_blocks=0")) == "5:0.002:local_blocks=0"
