@@ -340,8 +340,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="start from the base model even if OUT holds a "
                                           "run to resume")] = False,
     local_layers: Annotated[int, typer.Option("--local-layers", help="the first N layers read only their own "
-                                              "and the previous block, never retrieve (not in the paper; for "
-                                              "small models trained from scratch: see README)")] = 0,
+                                              "block and --local-blocks before it, never retrieve (not in the "
+                                              "paper; for small models trained from scratch: see README)")] = 0,
     local_blocks: Annotated[int, typer.Option("--local-blocks", help="earlier blocks a local layer reads: 1 (the "
                                               "one before its own) or 0 (its own block only, so that the next "
                                               "layer's landmarks must fetch even the previous block: see "
