@@ -188,13 +188,13 @@ class Stage:
             changes = {}
             for item in filter(None, options.split(",")):
                 key, eq, value = item.partition("=")
-                if key not in STAGE_KEYS | TRAIN_KEYS or not eq:
+                if key not in ALL_STAGE_KEYS or not eq:
                     raise ValueError
-                changes[key] = (STAGE_KEYS | TRAIN_KEYS)[key](value)
+                changes[key] = ALL_STAGE_KEYS[key](value)
             st = cls(int(steps), float(lr), **changes)
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(
-                f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(STAGE_KEYS | TRAIN_KEYS)} (facts: N or "
+                f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(ALL_STAGE_KEYS)} (facts: N or "
                 f"MIN-MAX), got {text!r}") from None
         if (st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1
                 or st.local_blocks not in (None, 0, 1)):
@@ -204,7 +204,7 @@ class Stage:
 
     def __str__(self) -> str:
         """As --stage reads it: '2000:0.002:gap=12,facts=1-3'."""
-        changes = ",".join(f"{k}={option_text(v)}" for k in STAGE_KEYS | TRAIN_KEYS
+        changes = ",".join(f"{k}={option_text(v)}" for k in ALL_STAGE_KEYS
                            if (v := getattr(self, k)) is not None)
         return f"{self.steps}:{self.lr:g}" + (f":{changes}" if changes else "")
 
@@ -231,6 +231,7 @@ def fact_range(text: str) -> tuple[int, int]:
 # what a --stage may change in the style, and in the training
 STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int, "numbers": float}
 TRAIN_KEYS = {"local_blocks": int}
+ALL_STAGE_KEYS = STAGE_KEYS | TRAIN_KEYS
 
 
 def option_text(value) -> str:
@@ -462,7 +463,7 @@ def main(argv=None) -> int:
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
         summaries.append({**finetune(str(model), corpora[st.style(style)], out, cfg, device=a.device,
                                      restart=True, on_step=show, progress=print),
-                          "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in STAGE_KEYS | TRAIN_KEYS}})
+                          "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in ALL_STAGE_KEYS}})
         model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
