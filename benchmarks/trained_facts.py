@@ -457,7 +457,8 @@ def main(argv=None) -> int:
     summaries = []
     for n, st in enumerate(stages, 1):
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
-                          local_layers=a.local_layers, local_blocks=st.local_blocks, warmup=min(100, st.steps // 10 + 1),
+                          local_layers=a.local_layers, local_blocks=st.local_blocks,
+                          warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
