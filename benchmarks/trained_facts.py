@@ -379,6 +379,19 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 RECIPE = (Stage(2000, 3e-3), Stage(2000, 2e-3, local_blocks=0))
 
 
+def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra) -> None:
+    """Print the accuracies of `evaluate`; with `out`, also write them, the machine, the
+    arguments and `extra` (parameters, training) there as JSON."""
+    from landmark_cli.passkey_run import machine
+
+    print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
+          f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "trained_facts", "machine": machine(), "args": args, **extra, **ev},
+                                  indent=1, default=str) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
@@ -422,7 +435,6 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from landmark_cli.finetune import TrainConfig, finetune
-    from landmark_cli.passkey_run import machine
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -430,11 +442,10 @@ def main(argv=None) -> int:
     if a.eval_only:
         ev = evaluate(Path(a.eval_only), work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                       seed=a.seed + 1, pool=pool, style=style_of(a))
-        print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
-              f"truncated: {ev['truncated_accuracy']:.0%}")
         if a.json:  # only when asked: --eval-only is often a quick look
-            Path(a.json).write_text(json.dumps({"benchmark": "trained_facts", "machine": machine(), "args": vars(a),
-                                                **ev}, indent=1, default=str) + "\n")
+            report(ev, Path(a.json), vars(a))
+        else:
+            report(ev)
         return 0
     style = style_of(a)
     stages = [st.resolve(style, a.local_blocks) for st in a.stages or RECIPE]
@@ -475,16 +486,9 @@ def main(argv=None) -> int:
           flush=True)
     ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                   seed=a.seed + 1, pool=pool, style=style)
-    print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
-          f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
-    result = {"benchmark": "trained_facts", "machine": machine(),
-              "args": {**vars(a), "stages": [asdict(st) for st in stages]}, "parameters": n_params,
-              "train": {"stages": summaries, "seconds": round(train_s, 1),
-                        "torch_threads": torch.get_num_threads()},
-              **ev}
-    out = Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    report(ev, Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json"),
+           {**vars(a), "stages": [asdict(st) for st in stages]}, parameters=n_params,
+           train={"stages": summaries, "seconds": round(train_s, 1), "torch_threads": torch.get_num_threads()})
     return 0
 
 
