@@ -167,9 +167,11 @@ class Stage:
     line's style except where the stage says otherwise (STAGE_KEYS; None: as the style):
     `gap`, facts at least that many filler sentences before their questions; `facts`,
     facts per document (min, max); `filler`, 0..N filler sentences per document;
-    `numbers`, the share of filler sentences that carry a number (distractors); and one
-    training key (TRAIN_KEYS): `local_blocks`, the earlier blocks the local layers read in
-    this stage (None: --local-blocks)."""
+    `numbers`, the share of filler sentences that carry a number (distractors); and two
+    training keys (TRAIN_KEYS): `local_blocks`, the earlier blocks the local layers read in
+    this stage (None: --local-blocks); `until`, end the stage early, as soon as the model
+    writes the code for that share of the near-lookup probe (near_lookup), checked every
+    PROBE_EVERY steps."""
 
     steps: int
     lr: float
@@ -178,6 +180,7 @@ class Stage:
     filler: int | None = None
     numbers: float | None = None
     local_blocks: int | None = None
+    until: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
@@ -197,9 +200,9 @@ class Stage:
                 f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(ALL_STAGE_KEYS)} (facts: N or "
                 f"MIN-MAX), got {text!r}") from None
         if (st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1
-                or st.local_blocks not in (None, 0, 1)):
+                or st.local_blocks not in (None, 0, 1) or not 0 < (st.until or 0.5) <= 1):
             raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap and filler at least 0, numbers "
-                                             f"in [0, 1], local_blocks 0 or 1: {text!r}")
+                                             f"in [0, 1], local_blocks 0 or 1, until in (0, 1]: {text!r}")
         return st
 
     def __str__(self) -> str:
@@ -230,7 +233,7 @@ def fact_range(text: str) -> tuple[int, int]:
 
 # what a --stage may change in the style, and in the training
 STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int, "numbers": float}
-TRAIN_KEYS = {"local_blocks": int}
+TRAIN_KEYS = {"local_blocks": int, "until": float}
 ALL_STAGE_KEYS = STAGE_KEYS | TRAIN_KEYS
 
 
@@ -392,6 +395,42 @@ def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra)
                                   indent=1, default=str) + "\n")
 
 
+PROBE_EVERY = 25  # steps between near-lookup checks of a stage with `until`
+
+
+def near_prompts(tok, n: int, seed: int, pool: list[str]) -> list[tuple[list[int], int]]:
+    """n probe prompts for the near lookup: 5-25 filler sentences, a fact, 0-1 more, then
+    its question in the `landmark ask` layout and the answer's start ("The code of X is"),
+    so that the fact lies in the query's own block or the one before. (ids, code token id)."""
+    from landmark_cli.prompts import ask_prompt
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, c = rng.choice(pool), code(rng)
+        text = " ".join([*filler_sentences(rng, rng.randint(5, 25), 0.0), fact(name, c),
+                         *filler_sentences(rng, rng.randint(0, 1), 0.0)])
+        p = ask_prompt(tok, text, question(name))
+        ids = p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
+        out.append((ids, tok.convert_tokens_to_ids(c)))
+    return out
+
+
+@torch.no_grad()
+def near_lookup(model, spec, prompts: list[tuple[list[int], int]]) -> float:
+    """Share of the prompts for which the model, read as it is trained (landmarks in
+    place, its local layers as `spec` says), writes the code next."""
+    from landmark_cli.landmarks import insert_landmarks
+
+    hits, device = 0, model.parameters()[0].device
+    for ids, code_id in prompts:
+        x = torch.tensor(insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0], device=device)
+        logits = model.forward(x, is_landmark=x == spec.mem_id, local_layers=spec.local_layers,
+                               local_blocks=spec.local_blocks)[-1]
+        hits += int(logits.argmax()) == code_id
+    return hits / len(prompts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/landmark-trained-facts", help="scratch folder (corpus, models)")
@@ -464,6 +503,21 @@ def main(argv=None) -> int:
             print(f"step {info.step}/{info.steps} loss {info.loss:.3f} lr {info.lr:.2e} {info.tokens_per_s:,.0f} tok/s",
                   flush=True)
 
+    from transformers import AutoTokenizer
+
+    probe = near_prompts(AutoTokenizer.from_pretrained(model), 24, a.seed + 2, pool)
+
+    def until(share: float | None, warmup: int):
+        """on_step for a stage: show progress; with `share`, end the stage once near_lookup reaches it."""
+        def on_step(info) -> bool:
+            show(info)
+            if share is None or info.step % PROBE_EVERY or info.step < warmup:
+                return False
+            got = near_lookup(info.model, info.spec, probe)
+            print(f"step {info.step}: near lookup {got:.0%} (the stage ends at {share:.0%})", flush=True)
+            return got >= share
+        return on_step
+
     t0 = time.perf_counter()
     summaries = []
     for n, st in enumerate(stages, 1):
@@ -474,14 +528,14 @@ def main(argv=None) -> int:
         out = work / ("model" if n == 1 else f"model{n}")
         print(f"stage {n}/{len(stages)}: --stage {st}", flush=True)
         summaries.append({**finetune(str(model), corpora[st.style(style)], out, cfg, device=a.device,
-                                     restart=True, on_step=show, progress=print),
+                                     restart=True, on_step=until(st.until, cfg.warmup), progress=print),
                           "lr": st.lr, **{k: v for k, v in asdict(st).items() if k in ALL_STAGE_KEYS}})
         model = out
     train_s = time.perf_counter() - t0
     from safetensors.torch import load_file
 
     n_params = sum(v.numel() for v in load_file(model / "model.safetensors").values())
-    print(f"trained {n_params / 1e6:.2f}M parameters for {sum(st.steps for st in stages)} steps in "
+    print(f"trained {n_params / 1e6:.2f}M parameters for {sum(s['steps'] for s in summaries)} steps in "
           f"{train_s / 60:.1f} min; loss {summaries[0]['first_loss']:.3f} -> {summaries[-1]['last_loss']:.3f}",
           flush=True)
     ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,

@@ -79,6 +79,8 @@ class StepInfo:
     loss: float
     lr: float
     tokens_per_s: float
+    model: Llama | None = None  # the model being trained (for a caller's own checks; do not modify)
+    spec: LandmarkSpec | None = None
 
 
 def load_base(model_dir: Path, block_size: int, context: int, local_layers: int = 0, local_blocks: int = 1):
@@ -202,9 +204,11 @@ def _resume(out: Path, model: Llama, opt, gen: torch.Generator, cfg: TrainConfig
 
 
 def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
-             device: str = "cpu", restart: bool = False, on_step: Callable[[StepInfo], None] | None = None,
+             device: str = "cpu", restart: bool = False, on_step: Callable[[StepInfo], bool | None] | None = None,
              progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Train `base` (a --model value) on the documents under `data`; write OUT. Returns a summary."""
+    """Train `base` (a --model value) on the documents under `data`; write OUT. Returns a summary.
+    on_step is called after every optimizer step; a true return ends the run there (its
+    checkpoint is written; the summary says `stopped_early`)."""
     from .models import resolve_dir
 
     out = Path(out).expanduser()
@@ -254,12 +258,15 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
         opt.zero_grad(set_to_none=True)
         step += 1
         losses.append(round(total, 5))
-        if on_step:
-            on_step(StepInfo(step, cfg.steps, total, cfg.lr_at(step - 1),
-                             cfg.batch * cfg.accum * cfg.context / (time.perf_counter() - t0)))
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        stop = bool(on_step and on_step(StepInfo(step, cfg.steps, total, cfg.lr_at(step - 1),
+                                                 cfg.batch * cfg.accum * cfg.context / (time.perf_counter() - t0),
+                                                 model, spec)))
+        if stop or step % cfg.save_every == 0 or step == cfg.steps:
             _save(out, model, tok, config, opt, step, gen, cfg, losses)
+        if stop:
+            break
     elapsed = time.perf_counter() - t_start
-    return {"out": str(out), "steps": step, "first_loss": losses[0] if losses else None,
+    return {"out": str(out), "steps": step, "stopped_early": step < cfg.steps,
+            "first_loss": losses[0] if losses else None,
             "last_loss": float(np.mean(losses[-10:])) if losses else None, "seconds": elapsed,
             "tokens": tokens_seen, "mem_id": spec.mem_id, "block_size": cfg.block_size, "context": cfg.context}

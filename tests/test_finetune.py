@@ -1,6 +1,7 @@
 """`landmark finetune`: the loss falls, the checkpoint loads in trained mode, runs resume exactly."""
 
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from landmark_cli.ask import ask
+from landmark_cli.checkpoint import LandmarkSpec
 from landmark_cli.engine import Settings
 from landmark_cli.errors import LandmarkError
 from landmark_cli.finetune import STATE_META, TrainConfig, finetune
+from landmark_cli.landmarks import insert_landmarks
 from landmark_cli.models import load_model
 from test_cli import run
 
@@ -114,6 +117,65 @@ def test_interrupted_run_resumes_exactly(tiny_dir, corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(LandmarkError, match="other settings"):
         finetune(str(tiny_dir), corpus, part, TrainConfig(block_size=7, context=64, steps=20, batch=2))
+
+
+def test_on_step_can_end_a_run_early_and_it_resumes_exactly(tiny_dir, corpus, tmp_path):
+    """A true on_step ends the run after that step with its checkpoint written; the step
+    info carries the model being trained and its landmark spec; a later run resumes from
+    there to the same weights as an uninterrupted run."""
+    seen = []
+
+    def stop_at_7(info):
+        seen.append((info.model, info.spec))
+        return info.step == 7
+
+    part = tmp_path / "part"
+    r = finetune(str(tiny_dir), corpus, part, CFG, on_step=stop_at_7)
+    assert (r["steps"], r["stopped_early"], len(seen)) == (7, True, 7)
+    assert json.loads((part / STATE_META).read_text())["step"] == 7
+    model, spec = seen[-1]
+    assert spec.mem_freq == CFG.block_size and model.parameters()[0].requires_grad
+    assert finetune(str(tiny_dir), corpus, part, CFG)["stopped_early"] is False
+    whole = finetune(str(tiny_dir), corpus, tmp_path / "whole", CFG)
+    a, b = load_file(Path(whole["out"]) / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_near_lookup_probe(tmp_path):
+    """trained_facts.near_lookup: the share of its probe prompts (each a fact in the
+    query's own block or the one before, then its question and "The code of X is") for
+    which the model writes the code next; checked with two stand-in models, one that
+    copies the last number in sight and one that never does."""
+    pool = trained_facts.names(50)
+    words = tmp_path / "words"  # every word the probe writes, for trained_facts' word-level tokenizer
+    words.mkdir()
+    (words / "all.txt").write_text(" ".join([*trained_facts.FILLER, *pool, *map(str, range(10, 100)),
+                                             trained_facts.training_document(random.Random(0), pool)]))
+    tok = load_model(str(trained_facts.make_base(tmp_path / "base", [words], dim=32, layers=1, heads=2, kv_heads=2,
+                                                 seed=0))).tokenizer
+    vocab = tok.get_vocab()
+    prompts = trained_facts.near_prompts(tok, 12, 0, pool)
+    spec = LandmarkSpec(mem_id=len(vocab), mem_freq=31, train_context=256, local_layers=1, local_blocks=1)
+    numbers = torch.tensor([t.lstrip("Ġ▁").isdigit() for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+                           + [False])
+
+    class Copier:
+        def __init__(self, copies: bool):
+            self.copies = copies
+
+        def parameters(self):
+            return [torch.zeros(1)]
+
+        def forward(self, x, is_landmark, local_layers, local_blocks):
+            assert (local_layers, local_blocks) == (1, 1) and is_landmark.sum() == len(x) // 32
+            last = x[numbers[x]][-1] if self.copies else x[0]
+            return torch.nn.functional.one_hot(last, len(numbers)).float()[None].expand(len(x), -1)
+
+    for ids, code_id in prompts:  # the fact lies in the query's own block or the one before
+        stream = insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0]
+        assert stream.count(code_id) == 1 and len(stream) // 32 - stream.index(code_id) // 32 <= 1
+    assert trained_facts.near_lookup(Copier(True), spec, prompts) == 1.0
+    assert trained_facts.near_lookup(Copier(False), spec, prompts) == 0.0
 
 
 def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch):
@@ -244,7 +306,8 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
     assert str(trained_facts.Stage.parse("5:2e-3:facts=1-3,gap=2")) == "5:0.002:gap=2,facts=1-3"
     assert str(trained_facts.Stage.parse("5:2e-3:numbers=0.3,gap=2")) == "5:0.002:gap=2,numbers=0.3"
     assert str(trained_facts.Stage.parse("5:2e-3:local_blocks=0")) == "5:0.002:local_blocks=0"
+    assert str(trained_facts.Stage.parse("5:2e-3:until=0.5")) == "5:0.002:until=0.5"
     for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1", "3:3e-3:numbers=2",
-                "3:3e-3:local_blocks=2"):
+                "3:3e-3:local_blocks=2", "3:3e-3:until=0", "3:3e-3:until=1.5"):
         with pytest.raises(SystemExit):
             trained_facts.main(["--stage", bad])
