@@ -200,7 +200,7 @@ class Stage:
                 f"expected STEPS:LR[:KEY=VALUE,...] with keys {', '.join(ALL_STAGE_KEYS)} (facts: N or "
                 f"MIN-MAX), got {text!r}") from None
         if (st.steps < 1 or st.lr <= 0 or min(st.gap or 0, st.filler or 0) < 0 or not 0 <= (st.numbers or 0) <= 1
-                or st.local_blocks not in (None, 0, 1) or not 0 < (st.until or 0.5) <= 1):
+                or st.local_blocks not in (None, 0, 1) or (st.until is not None and not 0 < st.until <= 1)):
             raise argparse.ArgumentTypeError(f"steps and lr must be positive, gap and filler at least 0, numbers "
                                              f"in [0, 1], local_blocks 0 or 1, until in (0, 1]: {text!r}")
         return st
