@@ -29,8 +29,9 @@ a block holding another fact's code must be told apart from the right one; fille
 writes 0..N filler sentences; numbers=F makes a share F of them carry a number (the
 long documents' filler stays as --numbers says); until=F ends the stage early, as soon as
 the model writes the code for a share F of 24 probe prompts whose fact lies in the
-query's own or previous block (near_lookup, checked every 25 steps). The default plan (RECIPE): near facts,
-then the same documents with the first layer reading its own block only.
+query's own or previous block (near_lookup, checked every 25 steps). The default plan
+(RECIPE): near facts, then the same documents with the first layer reading its own block
+only.
 Training documents are one file each, so that finetune puts
 its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
@@ -440,8 +441,9 @@ def main(argv=None) -> int:
                     help="one `landmark finetune` run, from the previous one's checkpoint; repeat for a plan. "
                     "KEY=VALUE change the stage's documents from the style options: gap=N (facts at least N "
                     "filler sentences before their questions), facts=N or MIN-MAX (facts per document), filler=N "
-                    "(0..N filler sentences), numbers=F (a share F of them carrying a number); and local_blocks=0|1 (the "
-                    "local layers' reach), until=F (end the stage once a near-lookup probe reaches F). "
+                    "(0..N filler sentences), numbers=F (a share F of them carrying a number); and "
+                    "local_blocks=0|1 (the local layers' reach), until=F (end the stage once a near-lookup probe "
+                    "reaches F). "
                     "Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
