@@ -30,8 +30,8 @@ writes 0..N filler sentences; numbers=F makes a share F of them carry a number (
 long documents' filler stays as --numbers says); until=F ends the stage early, as soon as
 the model writes the code for a share F of 24 probe prompts whose fact lies in the
 query's own or previous block (near_lookup, checked every 25 steps). The default plan
-(RECIPE): near facts, then the same documents with the first layer reading its own block
-only.
+(RECIPE): near facts, ending once the near lookup appears (until=0.5), then the same
+documents with the first layer reading its own block only.
 Training documents are one file each, so that finetune puts
 its end-of-text token between them; (4) build long documents (8k tokens by
 default) each holding --facts facts at random depths, the same names paired with codes
