@@ -35,7 +35,6 @@ from kernels.landmark_attention import landmark_attention  # noqa: E402
 from kernels.rope import apply_rope  # noqa: E402
 from landmark_cli.landmarks import block_scores, insert_landmarks  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
-from landmark_cli.prompts import ask_prompt  # noqa: E402
 
 
 def fact_stream(lm, rng, pool, tokens: int, numbers: float, parts: int = 1):
@@ -43,9 +42,7 @@ def fact_stream(lm, rng, pool, tokens: int, numbers: float, parts: int = 1):
     tok, spec = lm.tokenizer, lm.landmark
     text, codes = tf.long_document(rng, pool, 1, tf.sentences_for(tok, tokens), numbers, parts)
     (name, c), = codes.items()
-    p = ask_prompt(tok, text, tf.question(name))
-    ids = p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
-    stream = torch.tensor(insert_landmarks(ids, None, spec.mem_freq, spec.mem_id)[0])
+    stream = torch.tensor(insert_landmarks(tf.answer_start(tok, text, name), None, spec.mem_freq, spec.mem_id)[0])
     return stream, tok.convert_tokens_to_ids(c.split()[0])
 
 

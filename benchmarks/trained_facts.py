@@ -403,21 +403,26 @@ def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra)
 PROBE_EVERY = 25  # steps between near-lookup checks of a stage with `until`
 
 
+def answer_start(tok, text: str, name: str) -> list[int]:
+    """Token ids of the `landmark ask` prompt asking `text` for `name`'s code, followed by
+    the answer's start ("The code of X is"): the code comes next."""
+    from landmark_cli.prompts import ask_prompt
+
+    p = ask_prompt(tok, text, question(name))
+    return p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
+
+
 def near_prompts(tok, n: int, seed: int, pool: list[str]) -> list[tuple[list[int], int]]:
     """n probe prompts for the near lookup: 5-25 filler sentences, a fact, 0-1 more, then
     its question in the `landmark ask` layout and the answer's start ("The code of X is"),
     so that the fact lies in the query's own block or the one before. (ids, code token id)."""
-    from landmark_cli.prompts import ask_prompt
-
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         name, c = rng.choice(pool), code(rng)
         text = " ".join([*filler_sentences(rng, rng.randint(5, 25), 0.0), fact(name, c),
                          *filler_sentences(rng, rng.randint(0, 1), 0.0)])
-        p = ask_prompt(tok, text, question(name))
-        ids = p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
-        out.append((ids, tok.convert_tokens_to_ids(c)))
+        out.append((answer_start(tok, text, name), tok.convert_tokens_to_ids(c)))
     return out
 
 
