@@ -176,7 +176,7 @@ def probe(a, work: Path) -> list[dict]:
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
-        raw = sample_batch(stream, cfg, fill, gen)
+        raw = sample_batch(stream, cfg, fill, gen)[0]
         if not a.block:
             raw = raw[:, :-1]  # drop the one landmark at the end
         x, flag = (raw // 2).to(a.device), (raw % 2).bool().to(a.device)

@@ -385,6 +385,7 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 # stage ends once its near lookup appears (until=0.5; tenth section): from scratch, no
 # seed did worse than with the whole 2,000 steps, and seed 0 went from 5% to 85%.
 RECIPE = (Stage(2000, 3e-3, until=0.5), Stage(2000, 2e-3, local_blocks=0))
+LOSS_ON = ""
 
 
 def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra) -> None:
@@ -412,18 +413,23 @@ def answer_start(tok, text: str, name: str) -> list[int]:
     return p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
 
 
-def near_prompts(tok, n: int, seed: int, pool: list[str]) -> list[tuple[list[int], int]]:
-    """n probe prompts for the near lookup: 5-25 filler sentences, a fact, 0-1 more, then
-    its question in the `landmark ask` layout and the answer's start ("The code of X is"),
-    so that the fact lies in the query's own block or the one before. (ids, code token id)."""
+def near_prompts(tok, n: int, seed: int, pool: list[str], before: tuple[int, int] = (5, 25),
+                 after: tuple[int, int] = (0, 1)) -> list[tuple[list[int], int]]:
+    """n probe prompts for the lookup: `before` (min, max) filler sentences, a fact, `after`
+    more, then its question in the `landmark ask` layout and the answer's start ("The code
+    of X is"). The defaults put the fact in the query's own block or the one before; with
+    **FAR, 2-6 blocks back. (ids, code token id)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         name, c = rng.choice(pool), code(rng)
-        text = " ".join([*filler_sentences(rng, rng.randint(5, 25), 0.0), fact(name, c),
-                         *filler_sentences(rng, rng.randint(0, 1), 0.0)])
+        text = " ".join([*filler_sentences(rng, rng.randint(*before), 0.0), fact(name, c),
+                         *filler_sentences(rng, rng.randint(*after), 0.0)])
         out.append((answer_start(tok, text, name), tok.convert_tokens_to_ids(c)))
     return out
+
+
+FAR = {"before": (0, 3), "after": (10, 26)}  # near_prompts with the fact 2-6 blocks of 31 before the query's
 
 
 @torch.no_grad()
@@ -464,6 +470,9 @@ def main(argv=None) -> int:
                     "(finetune --local-layers)")
     ap.add_argument("--local-blocks", type=int, default=1, choices=(0, 1),
                     help="earlier blocks a local layer reads (finetune --local-blocks)")
+    ap.add_argument("--loss-on", default=LOSS_ON, metavar="MARKER",
+                    help="finetune --loss-on: train on the answers only (the text after MARKER to its line's end); "
+                    "'' for every token (the paper's loss). Default: %(default)r")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
@@ -534,7 +543,7 @@ def main(argv=None) -> int:
     summaries = []
     for n, st in enumerate(stages, 1):
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
-                          local_layers=a.local_layers, local_blocks=st.local_blocks,
+                          local_layers=a.local_layers, local_blocks=st.local_blocks, loss_on=a.loss_on,
                           warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")

@@ -346,6 +346,10 @@ def finetune(
                                               "one before its own) or 0 (its own block only, so that the next "
                                               "layer's landmarks must fetch even the previous block: see "
                                               "README)")] = 1,
+    loss_on: Annotated[str, typer.Option("--loss-on", help="train only on the text after each occurrence of "
+                                         "this marker up to the end of its line (and the end of the document "
+                                         "where that line ends it), e.g. 'Answer:' for question-answer "
+                                         "documents; default: every token (the paper)")] = "",
 ):
     """Fine-tune a LLaMA-family model with landmark tokens and the grouped softmax (the paper's recipe)."""
     from .finetune import TrainConfig
@@ -354,7 +358,7 @@ def finetune(
     try:
         cfg = TrainConfig(block_size=block_size, context=context, steps=steps, batch=batch, accum=accum, lr=lr,
                           warmup=warmup, save_every=save_every, seed=seed, local_layers=local_layers,
-                          local_blocks=local_blocks)
+                          local_blocks=local_blocks, loss_on=loss_on)
     except ValueError as e:
         raise LandmarkError(str(e), "see landmark finetune --help") from None
     with Progress(TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

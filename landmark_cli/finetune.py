@@ -49,6 +49,7 @@ class TrainConfig:
     save_every: int = 200
     local_layers: int = 0  # the first N layers read only their own block and local_blocks before it (not the paper's)
     local_blocks: int = 1  # earlier blocks a local layer reads: 1 (the previous one) or 0 (none)
+    loss_on: str = ""  # train only on the text after each occurrence of this marker to its line's end ("": all)
 
     def __post_init__(self):
         for name in ("block_size", "context", "steps", "batch", "accum", "save_every"):
@@ -115,46 +116,89 @@ def load_base(model_dir: Path, block_size: int, context: int, local_layers: int 
     return lm, tok, landmark_config(cfg.to_dict(), spec, len(tok)), spec
 
 
-def corpus_tokens(folder: Path, tokenizer, progress: Callable[[str], None] = lambda s: None) -> np.ndarray:
+def corpus_tokens(folder: Path, tokenizer, progress: Callable[[str], None] = lambda s: None,
+                  loss_on: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """Every PDF/TXT/MD under `folder` through the document loaders, tokenized and
-    joined with the end-of-text token. Unreadable files are skipped with a message."""
+    joined with the end-of-text token. Unreadable files are skipped with a message.
+    Returns (tokens, trained): with `loss_on`, `trained` marks the tokens the loss is taken
+    on (answer_tokens); without, it is None (every token)."""
     from .documents import find_documents, load_document
     from .errors import DocumentError
 
     files = find_documents(folder)
     if not files:
         raise LandmarkError(f"no PDF, .txt or .md files under {folder}", "point --data at a folder of documents")
+    if loss_on and not getattr(tokenizer, "is_fast", False):
+        raise LandmarkError("--loss-on needs a fast (Rust) tokenizer, to map the marked text to tokens",
+                            "use a model whose folder has tokenizer.json, or leave --loss-on out")
     eos = tokenizer.eos_token_id
     parts: list[np.ndarray] = []
+    marks: list[np.ndarray] = []
     for f in files:
         try:
             text = load_document(f).text
         except DocumentError as e:
             progress(f"skipping {f}: {e}")
             continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        parts.append(np.asarray(ids + ([eos] if eos is not None else []), dtype=np.int64))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(loss_on))
+        ids = enc["input_ids"] + ([eos] if eos is not None else [])
+        parts.append(np.asarray(ids, dtype=np.int64))
+        if loss_on:
+            marks.append(answer_tokens(text, enc["offset_mapping"], loss_on, eos is not None))
     if not parts:
         raise LandmarkError(f"none of the {len(files)} files under {folder} could be read")
-    return np.concatenate(parts)
+    if not loss_on:
+        return np.concatenate(parts), None
+    trained = np.concatenate(marks)
+    if not trained.any():
+        raise LandmarkError(f"--loss-on {loss_on!r}: no text under {folder} follows that marker",
+                            "check the marker's spelling and case, or leave --loss-on out")
+    return np.concatenate(parts), trained
 
 
-def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: torch.Generator) -> torch.Tensor:
+def answer_tokens(text: str, offsets: list[tuple[int, int]], marker: str, eos: bool) -> np.ndarray:
+    """Which tokens of `text` (their character offsets) lie after an occurrence of `marker`
+    and before the end of its line; one more entry for the end-of-text token when `eos`,
+    marked if such a span reaches the end of the text (the model learns to stop there)."""
+    starts = np.asarray([a for a, _ in offsets], dtype=np.int64)
+    out = np.zeros(len(offsets) + eos, dtype=bool)
+    at = text.find(marker)
+    while at >= 0:
+        begin = at + len(marker)
+        end = text.find("\n", begin)
+        end = len(text) if end < 0 else end
+        out[:len(offsets)] |= (starts >= begin) & (starts < end)
+        if eos and not text[end:].strip():
+            out[-1] = True
+        at = text.find(marker, end)
+    return out
+
+
+def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: torch.Generator,
+                 trained: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[batch, blocks * (block_size + 1)] random windows of the corpus, a landmark after
-    every block_size tokens (so every row ends with a landmark)."""
+    every block_size tokens (so every row ends with a landmark); and with `trained`, the
+    same windows of it (False at the landmarks), else None."""
     n = cfg.blocks * cfg.block_size
-    starts = torch.randint(0, len(tokens) - n + 1, (cfg.batch,), generator=gen)
-    rows = torch.from_numpy(np.stack([tokens[s:s + n] for s in starts.tolist()]))
-    rows = rows.view(cfg.batch, cfg.blocks, cfg.block_size)
-    lm = torch.full((cfg.batch, cfg.blocks, 1), spec.mem_id, dtype=rows.dtype)
-    return torch.cat([rows, lm], -1).flatten(1)
+    starts = torch.randint(0, len(tokens) - n + 1, (cfg.batch,), generator=gen).tolist()
+
+    def windows(a: np.ndarray, landmark) -> torch.Tensor:
+        rows = torch.from_numpy(np.stack([a[s:s + n] for s in starts])).view(cfg.batch, cfg.blocks, cfg.block_size)
+        return torch.cat([rows, torch.full((cfg.batch, cfg.blocks, 1), landmark, dtype=rows.dtype)], -1).flatten(1)
+
+    return windows(tokens, spec.mem_id), None if trained is None else windows(trained, False)
 
 
-def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec) -> torch.Tensor:
-    """Mean next-token cross-entropy over the stream (landmarks included)."""
+def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec, trained: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the stream (landmarks included), or over the
+    targets `trained` marks."""
     logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id, local_layers=spec.local_layers,
                            local_blocks=spec.local_blocks)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    if trained is None:
+        return ce.mean()
+    w = trained[:, 1:].flatten().to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(1)
 
 
 def _optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -223,7 +267,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
     resuming = not restart and (out / STATE_META).is_file()
     src = out if resuming else resolve_dir(base, progress)
     model, tok, config, spec = load_base(src, cfg.block_size, cfg.context, cfg.local_layers, cfg.local_blocks)
-    tokens = corpus_tokens(Path(data).expanduser(), tok, progress)
+    tokens, trained = corpus_tokens(Path(data).expanduser(), tok, progress, cfg.loss_on)
     need = cfg.blocks * cfg.block_size
     if len(tokens) < need:
         raise LandmarkError(f"the documents under {data} hold {len(tokens):,} tokens, fewer than one training "
@@ -247,9 +291,9 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
             group["lr"] = cfg.lr_at(step)
         total = 0.0
         for _ in range(cfg.accum):
-            batch = sample_batch(tokens, cfg, spec, gen).to(device)
+            batch, mask = sample_batch(tokens, cfg, spec, gen, trained)
             with amp:
-                loss = loss_of(model, batch, spec) / cfg.accum
+                loss = loss_of(model, batch.to(device), spec, None if mask is None else mask.to(device)) / cfg.accum
             loss.backward()
             total += loss.item()
             tokens_seen += batch.numel()

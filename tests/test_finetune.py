@@ -59,7 +59,7 @@ def test_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, tmp_path):
     lm = load_model(str(tmp_path / "m"))
     assert lm.landmark.local_layers == 1
     model, _, _, spec = load_base(tmp_path / "m", 7, 64, 1)
-    batch = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
+    batch, _ = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
     with torch.no_grad():
         x = batch[:, :-1]
         local = model.forward(x, is_landmark=x == spec.mem_id, local_layers=1)
@@ -85,7 +85,7 @@ def test_own_block_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, 
     assert (config["landmark_local_layers"], config["landmark_local_blocks"]) == (1, 0)
     assert load_model(str(tmp_path / "m")).landmark.local_blocks == 0
     model, _, _, spec = load_base(tmp_path / "m", 7, 64, 1, 0)
-    batch = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
+    batch, _ = sample_batch(__import__("numpy").arange(5000) % 300, cfg, spec, torch.Generator().manual_seed(0))
     with torch.no_grad():
         x = batch[:, :-1]
         own = model.forward(x, is_landmark=x == spec.mem_id, local_layers=1, local_blocks=0)
@@ -98,6 +98,42 @@ def test_own_block_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, 
         load_model(str(tmp_path / "m"))
     with pytest.raises(ValueError, match="local-blocks"):
         replace(cfg, local_blocks=2)
+
+
+def test_loss_on_trains_on_the_marked_answers_only(tiny_dir, corpus, tmp_path):
+    """--loss-on MARKER: the loss is the mean over the tokens after each marker up to the
+    end of its line (and the end-of-text token where that line ends the document); the
+    setting is part of a resumable run's identity; a marker found nowhere is refused."""
+    from dataclasses import replace
+
+    from landmark_cli.finetune import answer_tokens, corpus_tokens, load_base, loss_of, sample_batch
+
+    tok = load_model(str(tiny_dir)).tokenizer
+    text = "Question: one?\nAnswer: yes it is.\nQuestion: two?\nAnswer: no"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    marked = answer_tokens(text, enc["offset_mapping"], "Answer:", eos=True)
+    assert len(marked) == len(enc["input_ids"]) + 1 and marked[-1]  # the last answer ends the text
+    assert tok.decode([i for i, m in zip(enc["input_ids"], marked) if m]) == " yes it is. no"
+    assert not answer_tokens(text + "\nmore", enc["offset_mapping"], "Answer:", eos=True)[-1]
+    tokens, trained = corpus_tokens(corpus, tok, loss_on="Answer:")
+    assert trained.shape == tokens.shape and 0 < trained.mean() < 0.2
+    first = tokens[:list(tokens).index(tok.eos_token_id) + 1]
+    assert tok.decode(first[trained[:len(first)]]).startswith(" The code of ") and trained[len(first) - 1]
+    assert corpus_tokens(corpus, tok)[1] is None
+
+    cfg = replace(CFG, steps=4, save_every=4, loss_on="Answer:")
+    finetune(str(tiny_dir), corpus, tmp_path / "m", cfg)
+    model, _, _, spec = load_base(tmp_path / "m", 7, 64)
+    batch, mask = sample_batch(tokens, replace(cfg, batch=16), spec, torch.Generator().manual_seed(1), trained)
+    assert mask[:, 1:].any() and not mask[batch == spec.mem_id].any()
+    with torch.no_grad():
+        logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        torch.testing.assert_close(loss_of(model, batch, spec, mask), ce[mask[:, 1:].flatten()].mean())
+    with pytest.raises(LandmarkError, match="other settings"):
+        finetune(str(tiny_dir), corpus, tmp_path / "m", replace(cfg, steps=8, loss_on=""))
+    with pytest.raises(LandmarkError, match="no text under .* follows that marker"):
+        finetune(str(tiny_dir), corpus, tmp_path / "n", replace(cfg, loss_on="Réponse:"))
 
 
 def test_interrupted_run_resumes_exactly(tiny_dir, corpus, tmp_path):
@@ -192,6 +228,11 @@ def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch
     code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out",
                           tmp_path / "y", "--context", 8)
     assert code == 1 and "fewer than 2 blocks" in stderr
+    code, stdout, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out",
+                               tmp_path / "a", "--block-size", 7, "--context", 64, "--steps", 2, "--batch", 2,
+                               "--loss-on", "Answer:")
+    assert code == 0 and "Trained 2 steps" in stdout, stderr
+    assert json.loads((tmp_path / "a" / STATE_META).read_text())["config"]["loss_on"] == "Answer:"
 
 
 def test_lookup_probe_measures_the_answer_tokens(tmp_path):
