@@ -172,7 +172,8 @@ class Stage:
     facts per document (min, max); `filler`, 0..N filler sentences per document;
     `numbers`, the share of filler sentences that carry a number (distractors); and two
     training keys (TRAIN_KEYS): `local_blocks`, the earlier blocks the local layers read in
-    this stage (None: --local-blocks); `until`, end the stage early, as soon as the model
+    this stage (None: --local-blocks); `loss_on`, finetune's marker of the text to train on
+    ("Answer:": the answers only; "": every token; None: --loss-on); `until`, end the stage early, as soon as the model
     writes the code for that share of the near-lookup probe (near_lookup), checked every
     PROBE_EVERY steps."""
 
@@ -183,6 +184,7 @@ class Stage:
     filler: int | None = None
     numbers: float | None = None
     local_blocks: int | None = None
+    loss_on: str | None = None
     until: float | None = None
 
     @classmethod
@@ -214,11 +216,12 @@ class Stage:
                            if (v := getattr(self, k)) is not None)
         return f"{self.steps}:{self.lr:g}" + (f":{changes}" if changes else "")
 
-    def resolve(self, style: "Style", local_blocks: int) -> "Stage":
-        """This stage with the options it leaves open taken from `style` and `local_blocks`
-        (the command line's)."""
+    def resolve(self, style: "Style", local_blocks: int, loss_on: str = "") -> "Stage":
+        """This stage with the options it leaves open taken from `style`, `local_blocks` and
+        `loss_on` (the command line's)."""
         return replace(self, **{k: getattr(style, k) for k in STAGE_KEYS if getattr(self, k) is None},
-                       local_blocks=local_blocks if self.local_blocks is None else self.local_blocks)
+                       local_blocks=local_blocks if self.local_blocks is None else self.local_blocks,
+                       loss_on=loss_on if self.loss_on is None else self.loss_on)
 
     def style(self, base: "Style") -> "Style":
         """The style of this (resolved) stage's documents."""
@@ -236,7 +239,7 @@ def fact_range(text: str) -> tuple[int, int]:
 
 # what a --stage may change in the style, and in the training
 STAGE_KEYS = {"gap": int, "facts": fact_range, "filler": int, "numbers": float}
-TRAIN_KEYS = {"local_blocks": int, "until": float}
+TRAIN_KEYS = {"local_blocks": int, "loss_on": str, "until": float}
 ALL_STAGE_KEYS = STAGE_KEYS | TRAIN_KEYS
 
 
@@ -384,8 +387,7 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
 # lottery over seeds: 90% at 8k for seed 0 (once 0%), 0% for seeds 1 and 3. The first
 # stage ends once its near lookup appears (until=0.5; tenth section): from scratch, no
 # seed did worse than with the whole 2,000 steps, and seed 0 went from 5% to 85%.
-RECIPE = (Stage(2000, 3e-3, until=0.5), Stage(2000, 2e-3, local_blocks=0))
-LOSS_ON = ""
+RECIPE = (Stage(3000, 3e-3, until=0.5), Stage(2000, 2e-3, local_blocks=0, loss_on="Answer:"))
 
 
 def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra) -> None:
@@ -455,7 +457,8 @@ def main(argv=None) -> int:
                     "KEY=VALUE change the stage's documents from the style options: gap=N (facts at least N "
                     "filler sentences before their questions), facts=N or MIN-MAX (facts per document), filler=N "
                     "(0..N filler sentences), numbers=F (a share F of them carrying a number); and "
-                    "local_blocks=0|1 (the local layers' reach), until=F (end the stage once a near-lookup probe "
+                    "local_blocks=0|1 (the local layers' reach), loss_on=MARKER (the text to train on: loss_on=Answer: "
+                    "the answers only; loss_on= every token), until=F (end the stage once a near-lookup probe "
                     "reaches F). "
                     "Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
@@ -470,9 +473,9 @@ def main(argv=None) -> int:
                     "(finetune --local-layers)")
     ap.add_argument("--local-blocks", type=int, default=1, choices=(0, 1),
                     help="earlier blocks a local layer reads (finetune --local-blocks)")
-    ap.add_argument("--loss-on", default=LOSS_ON, metavar="MARKER",
-                    help="finetune --loss-on: train on the answers only (the text after MARKER to its line's end); "
-                    "'' for every token (the paper's loss). Default: %(default)r")
+    ap.add_argument("--loss-on", default="", metavar="MARKER",
+                    help="finetune --loss-on for the stages that do not set loss_on: train on the text after "
+                    "MARKER to its line's end only ('Answer:': the answers). Default: every token (the paper's loss)")
     ap.add_argument("--train-docs", type=int, default=20000)
     style_args(ap)
     ap.add_argument("--docs", type=int, default=20, help="long documents to ask about")
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
             report(ev)
         return 0
     style = style_of(a)
-    stages = [st.resolve(style, a.local_blocks) for st in a.stages or RECIPE]
+    stages = [st.resolve(style, a.local_blocks, a.loss_on) for st in a.stages or RECIPE]
     # one corpus per style, the same seed otherwise (as lookup_probe.py's stages)
     corpora = {s: work / corpus_name(s, style) for s in dict.fromkeys(st.style(style) for st in stages)}
     for s, folder in corpora.items():
@@ -543,7 +546,7 @@ def main(argv=None) -> int:
     summaries = []
     for n, st in enumerate(stages, 1):
         cfg = TrainConfig(block_size=a.block_size, context=a.context, steps=st.steps, batch=a.batch, lr=st.lr,
-                          local_layers=a.local_layers, local_blocks=st.local_blocks, loss_on=a.loss_on,
+                          local_layers=a.local_layers, local_blocks=st.local_blocks, loss_on=st.loss_on,
                           warmup=min(100, st.steps // 10 + 1),
                           save_every=max(1, st.steps // 5), seed=a.seed)
         out = work / ("model" if n == 1 else f"model{n}")

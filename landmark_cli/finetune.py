@@ -3,7 +3,8 @@
 Add `<landmark>` (and `[PAD]`, as the reference does; new embedding rows = the mean of
 the others), cut the training text into windows of `context // (block + 1)` blocks, put
 a landmark after every `block` tokens, and train next-token prediction over the whole
-stream (landmarks included, the reference's `include_landmark_in_loss`) with the grouped
+stream (landmarks included, the reference's `include_landmark_in_loss`; with `loss_on`,
+only over the answers that follow a marker, such as "Answer:") with the grouped
 softmax (kernels/landmark_attention: the fused Triton kernel on CUDA, the torch
 reference elsewhere). AdamW, linear warm-up then cosine decay, gradient accumulation.
 

@@ -315,18 +315,20 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
 def test_trained_facts_stages_with_a_local_layer(tmp_path):
     """benchmarks/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
     stages, each from the previous checkpoint, the last on far facts, several per document,
-    with a local first layer that in the last stage reads its own block only; one file per
-    training document; the result records every stage and the final checkpoint is the one
-    asked."""
+    with a local first layer that in the last stage reads its own block only and a loss on
+    the answers only; one file per training document; the result records every stage and
+    the final checkpoint is the one asked."""
     out = tmp_path / "r.json"
     assert trained_facts.main(["--work", str(tmp_path / "w"), "--stage", "3:3e-3", "--stage", "2:2e-3",
-                               "--stage", "2:2e-3:gap=3,facts=2-3,local_blocks=0", "--local-layers", "1",
+                               "--stage", "2:2e-3:gap=3,facts=2-3,local_blocks=0,loss_on=Answer:", "--local-layers", "1",
                                "--train-docs", "80",
                                "--docs", "1", "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
                                "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert [(s["steps"], s["lr"], s["gap"], s["facts"], s["local_blocks"]) for s in r["train"]["stages"]] == [
-        (3, 3e-3, 0, [1, 1], 1), (2, 2e-3, 0, [1, 1], 1), (2, 2e-3, 3, [2, 3], 0)]
+    assert [(s["steps"], s["lr"], s["gap"], s["facts"], s["local_blocks"], s["loss_on"])
+            for s in r["train"]["stages"]] == [(3, 3e-3, 0, [1, 1], 1, ""), (2, 2e-3, 0, [1, 1], 1, ""),
+                                               (2, 2e-3, 3, [2, 3], 0, "Answer:")]
+    assert json.loads((tmp_path / "w" / "model3" / STATE_META).read_text())["config"]["loss_on"] == "Answer:"
     assert r["questions"] == 1 and r["records"][0]["stream_tokens"] > 64  # asked beyond the training context
     assert len(list((tmp_path / "w" / "corpus").glob("*.txt"))) == 80
     far = sorted((tmp_path / "w" / "corpus_gap3_facts2-3").glob("*.txt"))  # the plan's other style
@@ -348,6 +350,8 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
     assert str(trained_facts.Stage.parse("5:2e-3:numbers=0.3,gap=2")) == "5:0.002:gap=2,numbers=0.3"
     assert str(trained_facts.Stage.parse("5:2e-3:local_blocks=0")) == "5:0.002:local_blocks=0"
     assert str(trained_facts.Stage.parse("5:2e-3:until=0.5")) == "5:0.002:until=0.5"
+    assert trained_facts.Stage.parse("5:2e-3:local_blocks=0,loss_on=Answer:").loss_on == "Answer:"
+    assert str(trained_facts.Stage.parse("5:2e-3:loss_on=")) == "5:0.002:loss_on="
     for bad in ("3:fast", "3:3e-3:12", "3:3e-3:facts=0", "3:3e-3:size=2", "3:3e-3:gap=-1", "3:3e-3:numbers=2",
                 "3:3e-3:local_blocks=2", "3:3e-3:until=0", "3:3e-3:until=1.5"):
         with pytest.raises(SystemExit):
