@@ -161,14 +161,14 @@ def answer_tokens(text: str, offsets: list[tuple[int, int]], marker: str, eos: b
     """Which tokens of `text` (their character offsets) lie after an occurrence of `marker`
     and before the end of its line; one more entry for the end-of-text token when `eos`,
     marked if such a span reaches the end of the text (the model learns to stop there)."""
-    starts = np.asarray([a for a, _ in offsets], dtype=np.int64)
+    starts = np.asarray([a for a, _ in offsets], dtype=np.int64)  # ascending
     out = np.zeros(len(offsets) + eos, dtype=bool)
     at = text.find(marker)
     while at >= 0:
         begin = at + len(marker)
         end = text.find("\n", begin)
         end = len(text) if end < 0 else end
-        out[:len(offsets)] |= (starts >= begin) & (starts < end)
+        out[np.searchsorted(starts, begin):np.searchsorted(starts, end)] = True
         if eos and not text[end:].strip():
             out[-1] = True
         at = text.find(marker, end)
@@ -190,7 +190,8 @@ def sample_batch(tokens: np.ndarray, cfg: TrainConfig, spec: LandmarkSpec, gen: 
     return windows(tokens, spec.mem_id), None if trained is None else windows(trained, False)
 
 
-def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec, trained: torch.Tensor | None = None) -> torch.Tensor:
+def loss_of(model: Llama, batch: torch.Tensor, spec: LandmarkSpec,
+            trained: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the stream (landmarks included), or over the
     targets `trained` marks."""
     logits = model.forward(batch[:, :-1], is_landmark=batch[:, :-1] == spec.mem_id, local_layers=spec.local_layers,

@@ -320,7 +320,8 @@ def test_trained_facts_stages_with_a_local_layer(tmp_path):
     the final checkpoint is the one asked."""
     out = tmp_path / "r.json"
     assert trained_facts.main(["--work", str(tmp_path / "w"), "--stage", "3:3e-3", "--stage", "2:2e-3",
-                               "--stage", "2:2e-3:gap=3,facts=2-3,local_blocks=0,loss_on=Answer:", "--local-layers", "1",
+                               "--stage", "2:2e-3:gap=3,facts=2-3,local_blocks=0,loss_on=Answer:",
+                               "--local-layers", "1",
                                "--train-docs", "80",
                                "--docs", "1", "--tokens", "150", "--dim", "32", "--batch", "2", "--context", "64",
                                "--block-size", "7", "--top-k", "2", "--json", str(out)]) == 0
