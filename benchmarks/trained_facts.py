@@ -172,12 +172,12 @@ class Stage:
     line's style except where the stage says otherwise (STAGE_KEYS; None: as the style):
     `gap`, facts at least that many filler sentences before their questions; `facts`,
     facts per document (min, max); `filler`, 0..N filler sentences per document;
-    `numbers`, the share of filler sentences that carry a number (distractors); and two
+    `numbers`, the share of filler sentences that carry a number (distractors); and three
     training keys (TRAIN_KEYS): `local_blocks`, the earlier blocks the local layers read in
     this stage (None: --local-blocks); `loss_on`, finetune's marker of the text to train on
-    ("Answer:": the answers only; "": every token; None: --loss-on); `until`, end the stage early, as soon as the model
-    writes the code for that share of the near-lookup probe (near_lookup), checked every
-    PROBE_EVERY steps."""
+    ("Answer:": the answers only; "": every token; None: --loss-on); `until`, end the stage
+    early, as soon as the model writes the code for that share of the near-lookup probe
+    (near_lookup), checked every PROBE_EVERY steps."""
 
     steps: int
     lr: float
@@ -423,23 +423,18 @@ def answer_start(tok, text: str, name: str) -> list[int]:
     return p.ids + p.suffix + tok(f" The code of {name} is", add_special_tokens=False)["input_ids"]
 
 
-def near_prompts(tok, n: int, seed: int, pool: list[str], before: tuple[int, int] = (5, 25),
-                 after: tuple[int, int] = (0, 1)) -> list[tuple[list[int], int]]:
-    """n probe prompts for the lookup: `before` (min, max) filler sentences, a fact, `after`
-    more, then its question in the `landmark ask` layout and the answer's start ("The code
-    of X is"). The defaults put the fact in the query's own block or the one before; with
-    **FAR, 2-6 blocks back. (ids, code token id)."""
+def near_prompts(tok, n: int, seed: int, pool: list[str]) -> list[tuple[list[int], int]]:
+    """n probe prompts for the near lookup: 5-25 filler sentences, a fact, 0-1 more, then
+    its question in the `landmark ask` layout and the answer's start ("The code of X is"),
+    so that the fact lies in the query's own block or the one before. (ids, code token id)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         name, c = rng.choice(pool), code(rng)
-        text = " ".join([*filler_sentences(rng, rng.randint(*before), 0.0), fact(name, c),
-                         *filler_sentences(rng, rng.randint(*after), 0.0)])
+        text = " ".join([*filler_sentences(rng, rng.randint(5, 25), 0.0), fact(name, c),
+                         *filler_sentences(rng, rng.randint(0, 1), 0.0)])
         out.append((answer_start(tok, text, name), tok.convert_tokens_to_ids(c)))
     return out
-
-
-FAR = {"before": (0, 3), "after": (10, 26)}  # near_prompts with the fact 2-6 blocks of 31 before the query's
 
 
 @torch.no_grad()
