@@ -8,7 +8,8 @@ table. Needs a CUDA GPU and triton.
   (a) ceilings: bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s;
   (b) landmark_attention forward and backward, T=8192, Hq=Hkv=32, D=128, bf16, a landmark
       every 64th token, vs SDPA flash (is_causal) on the same shape; both are credited
-      with causal attention FLOPs (fwd 2*2*T*T/2*D per head, bwd 2.5x that);
+      with causal attention FLOPs (fwd 2*2*T*T/2*D per head, bwd 2.5x that); the kernels
+      run with their SPLIT launch setting (the default) and without it, in one process;
   (c) retrieval_attention decode, T=1 and 16 queries, Hq=32, Hkv=8, D=128, fp16, a store
       of 1M tokens (blocks of 64), K=16 blocks per kv head + 1024 dense tokens (~8 MB, near
       launch latency) and K=64 + 4096 (~33 MB, bandwidth-bound): the bytes it must move
@@ -105,7 +106,10 @@ def check_landmark():
     is_lm = torch.rand(bt, t, device=DEV, generator=gen) < 1 / 50  # ragged blocks
     is_lm[:, 100::100] = True  # no block longer than the kernel's 128-token limit
     is_lm[0, :640] = every(640, 64)[0]
-    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 4e-3), (torch.float32, 1e-4)):
+    for dtype, tol, split in ((torch.bfloat16, 2e-2, True), (torch.float16, 4e-3, True),
+                              (torch.float32, 1e-4, True), (torch.bfloat16, 2e-2, False)):
+        for which in ("fwd", "bwd"):
+            la.TUNING[which] = {"SPLIT": split}
         q = torch.randn(bt, hq, t, d, device=DEV, generator=gen).to(dtype).requires_grad_()
         k, v = (torch.randn(bt, hkv, t, d, device=DEV, generator=gen).to(dtype).requires_grad_()
                 for _ in range(2))
@@ -116,7 +120,8 @@ def check_landmark():
         ref = la.landmark_attention_reference(q32, k32, v32, is_lm)
         want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), dout.float()))
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-            check(f"landmark_attention {dtype} {name}", a, b, tol)
+            check(f"landmark_attention {dtype} SPLIT={split} {name}", a, b, tol)
+    la.TUNING.update(fwd={}, bwd={})
 
 
 def bench_landmark(rows, peak_tflops, t=8192, hq=32, hkv=32, d=128, block=64, sweep=False):
@@ -141,20 +146,30 @@ def bench_landmark(rows, peak_tflops, t=8192, hq=32, hkv=32, d=128, block=64, sw
         want = la.landmark_attention_reference(q[:, :1].float(), k[:, :1].float(), v[:, :1].float(), is_lm)
     check("landmark_attention T=%d vs reference (1 head)" % t, got, want, 2e-2)
 
+    def fwd_bwd_ms(split):
+        """Forward and backward times with the kernels' SPLIT launch setting on or off."""
+        for which in ("fwd", "bwd"):
+            la.TUNING[which] = {"SPLIT": split}
+        out = la.landmark_attention(q, k, v, is_lm, impl="triton")
+        times = (timed(lambda: la.landmark_attention(q, k, v, is_lm, impl="triton")),
+                 timed(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)))
+        la.TUNING.update(fwd={}, bwd={})
+        return times
+
     fwd_flops = 4 * hq * t * t * d / 2
-    out_s, out_l = sdpa(), la.landmark_attention(q, k, v, is_lm, impl="triton")
+    out_s = sdpa()
     ms_s = timed(sdpa)
-    ms_l = timed(lambda: la.landmark_attention(q, k, v, is_lm, impl="triton"))
     bms_s = timed(lambda: torch.autograd.grad(out_s, (q, k, v), dout, retain_graph=True))
-    bms_l = timed(lambda: torch.autograd.grad(out_l, (q, k, v), dout, retain_graph=True))
+    (ms_l, bms_l), (ms_one, bms_one) = fwd_bwd_ms(True), fwd_bwd_ms(False)
     shape = f"T={t} Hq={hq} Hkv={hkv} D={d} bf16"
-    for what, ms, base, flops in (("forward", ms_l, ms_s, fwd_flops),
-                                  ("backward", bms_l, bms_s, 2.5 * fwd_flops)):
+    for what, ms, ms_1, base, flops in (("forward", ms_l, ms_one, ms_s, fwd_flops),
+                                        ("backward", bms_l, bms_one, bms_s, 2.5 * fwd_flops)):
         rows.append(dict(name=f"SDPA flash causal {what}, {shape}", ms=base,
                          tflops=flops / base / 1e9, of_peak=flops / base / 1e9 / peak_tflops))
-        rows.append(dict(name=f"landmark_attention {what}, block {block}", ms=ms,
-                         tflops=flops / ms / 1e9, of_peak=flops / ms / 1e9 / peak_tflops,
-                         vs_sdpa=base / ms))
+        for name, x in ((f"landmark_attention {what}, block {block}", ms),
+                        (f"landmark_attention {what}, block {block}, one loop (SPLIT=False)", ms_1)):
+            rows.append(dict(name=name, ms=x, tflops=flops / x / 1e9,
+                             of_peak=flops / x / 1e9 / peak_tflops, vs_sdpa=base / x))
     if sweep:
         sweep_landmark(rows, q, k, v, is_lm, dout, fwd_flops)
 

@@ -34,6 +34,11 @@ dP_ij = dO_i.v_j and E_ic = sum_{j in c} pi_ij dP_ij (recomputed per block tile)
   own:   ds = P (dP - D_i);   inner: ds = P (dP - E_ic);   gate: ds = G_ic (E_ic - D_i).
 dQ is computed per query tile walking the blocks, dK/dV per (block, kv head) walking the
 query tiles (all query heads of the GQA group), so no atomics are needed.
+With SPLIT (the default launch setting), the (query tile, block) pairs where every row
+comes after the block, nearly all of them in a long sequence, run in a loop of their own:
+such a block is closed by its landmark, its last key, so its masks are per key alone (no
+causal or per-row block-id tests, no landmark flags to load). In the sm_90 code this cuts
+the instructions per (tile, block) by about a third (benchmarks/kernel_census.py).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from kernels._triton import HAVE_TRITON, tl, triton
 
 MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
 LOG2E = 1.4426950408889634
-TUNING = {"fwd": {}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages) to sweep
+TUNING = {"fwd": {}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages, SPLIT) to sweep
 NEG_INF = float("-inf")
 
 
@@ -212,51 +217,83 @@ def landmark_attention_naive(q, k, v, is_landmark, *, sm_scale=None, local=False
 
 
 @triton.jit
+def _load_kv(K, V, STARTS, b, c, T, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block c's keys and values in one tile from its start ([BLOCK_N, D], masked past its end)."""
+    start = tl.load(STARTS + b * (T + 1) + c)
+    end = tl.load(STARTS + b * (T + 1) + c + 1)
+    keys = start + tl.arange(0, BLOCK_N)
+    key_ok = keys < end
+    offs = keys[:, None] * D + tl.arange(0, D)[None, :]
+    k = tl.load(K + offs, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs, mask=key_ok[:, None], other=0.0)
+    return start, end, keys, key_ok, k, v
+
+
+@triton.jit
 def _group_logits(s, rows, keys, key_ok, key_lm, bi, c):
-    """Value-carrying logits x of block c for each row, and the row's gate logit g."""
+    """Any rows against block c: the value-carrying logits x of each row (-inf elsewhere),
+    its gate logit g, and where the gate sits in s."""
     earlier = (bi > c)[:, None]
     own = (bi == c)[:, None] & (keys[None, :] <= rows[:, None])
     ordinary = (key_ok & (key_lm == 0))[None, :]
     x = tl.where(ordinary & (earlier | own), s, float("-inf"))
-    g = tl.max(tl.where((key_lm != 0)[None, :] & earlier, s, float("-inf")), 1)
-    return x, g
+    is_gate = (key_lm != 0)[None, :] & earlier
+    g = tl.max(tl.where(is_gate, s, float("-inf")), 1)
+    return x, g, is_gate
 
 
 @triton.jit
-def _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta):
-    """Backward of one (query tile, block): value weights P and score gradients dS."""
-    x, g = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
-    earlier = bi > c
-    xm = tl.max(x, 1)
+def _earlier_logits(s, keys, end):
+    """Rows all after block c (a closed block: its landmark is its last key): x, g, is_gate
+    as _group_logits gives them, with per-key masks only."""
+    is_gate = (keys == end - 1)[None, :]
+    x = tl.where((keys < end - 1)[None, :], s, float("-inf"))
+    g = tl.max(tl.where(is_gate, s, float("-inf")), 1)
+    return x, g, is_gate
+
+
+@triton.jit
+def _fwd_step(m_i, l_i, acc, x, g, earlier, v, qk_scale, PREC: tl.constexpr):
+    """Fold one block into the running outer softmax. x, g: raw logits from _group_logits
+    (the scale goes into the exp2's multiply-add); earlier: rows after the block (inner
+    softmax and gate) rather than inside it (causal keys of the outer softmax)."""
+    xm = tl.max(x, 1) * qk_scale
+    g = g * qk_scale
+    m_new = tl.maximum(m_i, tl.where(earlier, g, xm))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), m_safe)
+    e = tl.exp2(x * qk_scale - ref[:, None])
+    rs = tl.sum(e, 1)
+    gate = tl.exp2(g - m_safe)
+    row_w = tl.where(earlier, gate / tl.where(rs > 0, rs, 1.0), 1.0)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.where(earlier, gate, rs)
+    p = (e * row_w[:, None]).to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _probs_and_dscores(x, g, is_gate, earlier, dp, lse, delta, qk_scale):
+    """Backward of one (query tile, block) from _group_logits' x, g, is_gate: the value
+    weights P and the score gradients dS."""
+    xm = tl.max(x, 1) * qk_scale
     ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), lse)
-    e = tl.exp2(x - ref[:, None])  # own rows: final probs; earlier rows: unnormalised pi
+    e = tl.exp2(x * qk_scale - ref[:, None])  # own rows: final probs; earlier rows: unnormalised pi
     rs = tl.sum(e, 1)
     rs = tl.where(rs > 0, rs, 1.0)
-    gate = tl.exp2(g - lse)
+    gate = tl.exp2(g * qk_scale - lse)
     e_blk = tl.sum(e * dp, 1) / rs  # E_ic = sum_j pi_ij dP_ij
     p = e * tl.where(earlier, gate / rs, 1.0)[:, None]
     ds = p * (dp - tl.where(earlier, e_blk, delta)[:, None])
-    is_gate = (key_lm != 0)[None, :] & earlier[:, None]
     ds += tl.where(is_gate, (gate * (e_blk - delta))[:, None], 0.0)
     return p, ds
 
 
 @triton.jit
-def _load_block(K, V, IS_LM, STARTS, b, c, T, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    start = tl.load(STARTS + b * (T + 1) + c)
-    end = tl.load(STARTS + b * (T + 1) + c + 1)
-    keys = start + tl.arange(0, BLOCK_N)
-    key_ok = keys < end
-    key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
-    offs = keys[:, None] * D + tl.arange(0, D)[None, :]
-    k = tl.load(K + offs, mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + offs, mask=key_ok[:, None], other=0.0)
-    return start, keys, key_ok, key_lm, k, v
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
-                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                SPLIT: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = pid_bh // H, pid_bh % H
     hk = h // (H // HKV)
@@ -272,24 +309,20 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for c in range(0, tl.max(bi, 0) + 1):
-        start, keys, key_ok, key_lm, k, v = _load_block(K, V, IS_LM, STARTS, b, c, T, D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-        x, g = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
-        earlier = bi > c
-        xm = tl.max(x, 1)
-        m_new = tl.maximum(m_i, tl.where(earlier, g, xm))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), m_safe)
-        e = tl.exp2(x - ref[:, None])
-        rs = tl.sum(e, 1)
-        gate = tl.exp2(g - m_safe)
-        row_w = tl.where(earlier, gate / tl.where(rs > 0, rs, 1.0), 1.0)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.where(earlier, gate, rs)
-        p = (e * row_w[:, None]).to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
-        m_i = m_new
+    c_lo = 0
+    if SPLIT:  # the blocks before every row's own first, in a loop without per-row masks
+        c_lo = tl.min(tl.where(row_ok, bi, T), 0)
+        for c in range(0, c_lo):
+            start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            x, g, is_gate = _earlier_logits(s, keys, end)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, x, g, tl.full([BLOCK_M], 1, tl.int1), v, qk_scale, PREC)
+    for c in range(c_lo, tl.max(bi, 0) + 1):
+        start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
+        key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, x, g, bi > c, v, qk_scale, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -300,7 +333,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, qk_scale, sm_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, SPLIT: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = pid_bh // H, pid_bh % H
     hk = h // (H // HKV)
@@ -317,43 +350,76 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, q
     V += (b * HKV + hk) * T * D
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for c in range(0, tl.max(bi, 0) + 1):
-        start, keys, key_ok, key_lm, k, v = _load_block(K, V, IS_LM, STARTS, b, c, T, D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    c_lo = 0
+    if SPLIT:  # as in the forward
+        c_lo = tl.min(tl.where(row_ok, bi, T), 0)
+        for c in range(0, c_lo):
+            start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            x, g, is_gate = _earlier_logits(s, keys, end)
+            p, ds = _probs_and_dscores(x, g, is_gate, tl.full([BLOCK_M], 1, tl.int1), dp, lse, delta, qk_scale)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    for c in range(c_lo, tl.max(bi, 0) + 1):
+        start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
+        key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        p, ds = _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta)
+        x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+        p, ds = _probs_and_dscores(x, g, is_gate, bi > c, dp, lse, delta, qk_scale)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, DELTA, bh, m0, T, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A tile of query rows of head bh: q, dO, lse, delta."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    q_off = (bh * T + rows[:, None]) * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+    return rows, row_ok, q, do, lse, delta
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
                      sm_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, SPLIT: tl.constexpr):
     c, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # one block, one kv head
     b, hk = pid_bh // HKV, pid_bh % HKV
     group = H // HKV
     dd = tl.arange(0, D)
     kv_base = pid_bh * T * D
-    start, keys, key_ok, key_lm, k, v = _load_block(K + kv_base, V + kv_base, IS_LM, STARTS,
-                                                    b, c, T, D, BLOCK_N)
+    start, end, keys, key_ok, k, v = _load_kv(K + kv_base, V + kv_base, STARTS, b, c, T, D,
+                                              BLOCK_N)
+    # with SPLIT, the query tiles from the block's end on read it as an earlier block: a loop
+    # of their own without per-row masks (first, so that its state is dead in the other)
+    m_split = tl.minimum(tl.cdiv(end, BLOCK_M) * BLOCK_M, T) if SPLIT else T
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for gi in range(0, group):
         bh = b * H + hk * group + gi
-        for m0 in range((start // BLOCK_M) * BLOCK_M, T, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < T
-            q_off = (bh * T + rows[:, None]) * D + dd[None, :]
-            q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-            bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        for m0 in range(m_split, T, BLOCK_M):
+            rows, row_ok, q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, bh, m0, T, D, BLOCK_M)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            p, ds = _probs_and_dscores(s, dp, rows, keys, key_ok, key_lm, bi, c, lse, delta)
+            x, g, is_gate = _earlier_logits(s, keys, end)
+            p, ds = _probs_and_dscores(x, g, is_gate, tl.full([BLOCK_M], 1, tl.int1), dp, lse,
+                                       delta, qk_scale)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        for m0 in range((start // BLOCK_M) * BLOCK_M, m_split, BLOCK_M):
+            rows, row_ok, q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, bh, m0, T, D, BLOCK_M)
+            bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
+            key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+            p, ds = _probs_and_dscores(x, g, is_gate, bi > c, dp, lse, delta, qk_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     kv_off = kv_base + keys[:, None] * D + dd[None, :]
@@ -394,7 +460,7 @@ def _config(d: int, max_len: int, dtype: torch.dtype, which: str) -> dict:
     if which == "fwd" and dtype != torch.float32 and block_n <= 64:
         warps, stages = 4, 3  # best forward setting of the H100 sweep (D=128, 64-token blocks, bf16)
     cfg = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-               PREC="ieee" if dtype == torch.float32 else "tf32")
+               PREC="ieee" if dtype == torch.float32 else "tf32", SPLIT=True)
     return {**cfg, **TUNING[which]}
 
 

@@ -97,6 +97,26 @@ def test_triton_forward(t, pattern, group, d):
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [True, False], ids=["earlier-blocks-apart", "one-loop"])
+@pytest.mark.parametrize("pattern,dtype", [(9, torch.float32), ("random", torch.float32),
+                                           (5, torch.bfloat16)])
+def test_triton_many_query_tiles(split, pattern, dtype, monkeypatch):
+    """Query tiles of 16 rows, so that most tiles have blocks before all their rows (which
+    the SPLIT kernels read in loops of their own, without per-row masks) besides blocks
+    they share: values and gradients, either way."""
+    for which in ("fwd", "bwd"):
+        monkeypatch.setitem(la.TUNING, which, {"BLOCK_M": 16, "SPLIT": split})
+    q, k, v = inputs(70, 3, dtype)
+    is_lm = landmarks(70, pattern)
+    dout = torch.randn(q.shape).to(dtype)
+    got = grads(la.landmark_attention, q, k, v, is_lm, dout, impl="triton")
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, b, *TOLS[dtype], name)
+
+
+@needs_triton
 @pytest.mark.parametrize("t,pattern,group,dtype", [
     (37, 7, 3, torch.float32),
     (37, "random", 1, torch.float32),  # landmark at 0, two in a row, partial last block
@@ -142,40 +162,41 @@ def test_auto_uses_reference_on_cpu():
 
 
 SM90_COMPILE = """
-import json, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, torch
 import kernels.landmark_attention as la
-
-def shared_bytes(fn, cfg, types):
-    consts = {n: v for n, v in cfg.items() if n in fn.arg_names}
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()})
-    opts = {n: cfg[n] for n in ("num_warps", "num_stages")}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+from kernels.sm90 import census, compile_sm90, landmark_types
 
 out = {}
 # the largest tiles (D=128, 128-token blocks); fp32 backward compiles slowly, so only bf16
 for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel",
                                                "_bwd_dkdv_kernel")),
                        (torch.float32, "fp32", ("_fwd_kernel",))):
-    types = {n: "*" + ty for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    types.update(LSE="*fp32", DELTA="*fp32", IS_LM="*i8", BLK="*i32", STARTS="*i32",
-                 qk_scale="fp32", sm_scale="fp32")
     for name in fns:
         cfg = la._config(128, la.MAX_BLOCK_LEN, dtype, "fwd" if name == "_fwd_kernel" else "bwd")
-        out[f"{name}-{ty}"] = shared_bytes(getattr(la, name), cfg, types)
-print(json.dumps(out))
+        consts = {n: v for n, v in cfg.items() if n not in ("num_warps", "num_stages")}
+        kernel = compile_sm90(getattr(la, name), consts, landmark_types(ty),
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                              aligned=("T", "H", "HKV"))
+        out[f"{name}-{ty}"] = kernel.metadata.shared
+        if name == "_fwd_kernel" and ty == "bf16":
+            loops = census(kernel)["loops"]
+print(json.dumps(dict(shared=out, loops=loops)))
 """
 
 
 @pytest.mark.skipif(not la.HAVE_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_h100():
     pytest.importorskip("triton.backends.nvidia")
-    shared = compile_for_sm90(SM90_COMPILE)
-    assert len(shared) == 4
-    for name, nbytes in shared.items():
+    result = compile_for_sm90(SM90_COMPILE)
+    assert len(result["shared"]) == 4
+    for name, nbytes in result["shared"].items():
         assert nbytes <= H100_SHARED_BYTES, f"{name} needs {nbytes} bytes of shared memory"
+    # the machine-code census finds the forward's two key-block loops (blocks before every
+    # row, blocks a row shares), each with its matrix multiplies and exp2s
+    loops = result["loops"]
+    assert len(loops) == 2, loops
+    assert all(loop["mma"] > 0 and loop["mufu"] > 0 for loop in loops), loops
+    assert loops[0]["instructions"] < loops[1]["instructions"], loops
 
 
 @pytest.mark.parametrize("tq", [1, 5, 12])

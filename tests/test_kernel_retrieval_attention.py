@@ -201,26 +201,21 @@ def test_impl_argument():
 
 
 SM90_COMPILE = """
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 import kernels.retrieval_attention as ra
+from kernels.sm90 import compile_sm90, retrieval_types
 
-def shared_bytes(fn, consts, types, **opts):
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
-
-types = {n: "*fp16" for n in ("Q", "KD", "VD", "KS", "VS", "LMK", "O")}
-types.update(IDX="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", LSE="*fp32", sm_scale="fp32")
 out = {}
 # the largest tiles the host picks for D=128: 64 query rows (8 warps), 64-key grouped tiles
+opts = dict(num_warps=ra.TUNING["num_warps"] or 8, num_stages=ra.TUNING["num_stages"])
 for grouped, block_n in ((False, ra.TUNING["BLOCK_N"]), (True, max(64, ra.TUNING["BLOCK_N"]))):
     consts = dict(D=128, BLOCK_M=64, BLOCK_N=block_n, ONE_TILE=True, GROUPED=grouped,
                   PREC="tf32")
-    opts = dict(num_warps=ra.TUNING["num_warps"] or 8, num_stages=ra.TUNING["num_stages"])
-    out[f"retrieval-grouped={grouped}"] = shared_bytes(ra._retrieval_kernel, consts, types, **opts)
-out["combine"] = shared_bytes(ra._combine_kernel, dict(D=128, CHUNK=32), types)
+    kernel = compile_sm90(ra._retrieval_kernel, consts, retrieval_types(), **opts)
+    out[f"retrieval-grouped={grouped}"] = kernel.metadata.shared
+kernel = compile_sm90(ra._combine_kernel, dict(D=128, CHUNK=32), retrieval_types(), num_warps=4,
+                      num_stages=3)
+out["combine"] = kernel.metadata.shared
 print(json.dumps(out))
 """
 
