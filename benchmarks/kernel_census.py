@@ -39,7 +39,8 @@ FUSED_ALIGNED = ("T", "H", "HKV")
 RETRIEVAL_ALIGNED = ("L_DENSE", "B", "NKB", "ret_pos0", "skd_h", "skd_n", "svd_h", "svd_n",
                      "sks_h", "sks_n", "sks_b", "svs_h", "svs_n", "svs_b", "slm_h", "slm_n", "scs")
 LOOPS = {  # what each innermost loop is, in code order
-    ("fwd", True): ("blocks before every row", "blocks a row shares"),
+    ("fwd", True): ("largest gate logit (64 blocks)", "blocks before every row",
+                    "blocks a row shares"),
     ("fwd", False): ("every block",),
     ("bwd_dq", True): ("blocks before every row", "blocks a row shares"),
     ("bwd_dq", False): ("every block",),
