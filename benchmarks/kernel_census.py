@@ -30,6 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+try:
+    import triton.backends.nvidia  # noqa: E402, F401
+except ImportError:
+    sys.exit("kernel_census.py needs triton with its NVIDIA backend: pip install triton")
+
 import kernels.landmark_attention as la  # noqa: E402
 import kernels.retrieval_attention as ra  # noqa: E402
 from kernels.sm90 import census, compile_sm90, landmark_types, retrieval_types  # noqa: E402
