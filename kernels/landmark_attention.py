@@ -39,7 +39,7 @@ comes after the block, nearly all of them in a long sequence, run in a loop of t
 such a block is closed by its landmark, its last key, so its masks are per key alone (no
 causal or per-row block-id tests, no landmark flags to load). The forward first takes the
 largest gate logit of those blocks (a product of the query tile with their landmark keys,
-64 at a time), so that loop accumulates against a fixed reference and never rescales its
+BLOCK_N at a time), so that loop accumulates against a fixed reference and never rescales its
 running sums. In the sm_90 code this takes the forward's instructions per (tile, block)
 from 1,018 to 582 (benchmarks/kernel_census.py).
 """
@@ -235,31 +235,31 @@ def _load_kv(K, V, STARTS, b, c, T, D: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _group_logits(s, rows, keys, key_ok, key_lm, bi, c):
     """Any rows against block c: the value-carrying logits x of each row (-inf elsewhere),
-    its gate logit g, and where the gate sits in s."""
-    earlier = (bi > c)[:, None]
+    its gate logit g, where the gate sits in s, and which rows come after the block
+    (inner softmax and gate) rather than inside it (causal keys of the outer softmax)."""
+    earlier = bi > c
     own = (bi == c)[:, None] & (keys[None, :] <= rows[:, None])
     ordinary = (key_ok & (key_lm == 0))[None, :]
-    x = tl.where(ordinary & (earlier | own), s, float("-inf"))
-    is_gate = (key_lm != 0)[None, :] & earlier
+    x = tl.where(ordinary & (earlier[:, None] | own), s, float("-inf"))
+    is_gate = (key_lm != 0)[None, :] & earlier[:, None]
     g = tl.max(tl.where(is_gate, s, float("-inf")), 1)
-    return x, g, is_gate
+    return x, g, is_gate, earlier
 
 
 @triton.jit
 def _earlier_logits(s, keys, end):
-    """Rows all after block c (a closed block: its landmark is its last key): x, g, is_gate
-    as _group_logits gives them, with per-key masks only."""
+    """Rows all after block c (a closed block: its landmark is its last key): what
+    _group_logits gives, with per-key masks only."""
     is_gate = (keys == end - 1)[None, :]
     x = tl.where((keys < end - 1)[None, :], s, float("-inf"))
     g = tl.max(tl.where(is_gate, s, float("-inf")), 1)
-    return x, g, is_gate
+    return x, g, is_gate, tl.full([s.shape[0]], 1, tl.int1)
 
 
 @triton.jit
 def _fwd_step(m_i, l_i, acc, x, g, earlier, v, qk_scale, PREC: tl.constexpr):
-    """Fold one block into the running outer softmax. x, g: raw logits from _group_logits
-    (the scale goes into the exp2's multiply-add); earlier: rows after the block (inner
-    softmax and gate) rather than inside it (causal keys of the outer softmax)."""
+    """Fold one block into the running outer softmax, from _group_logits' raw logits (the
+    scale goes into the exp2's multiply-add)."""
     xm = tl.max(x, 1) * qk_scale
     g = g * qk_scale
     m_new = tl.maximum(m_i, tl.where(earlier, g, xm))
@@ -278,8 +278,8 @@ def _fwd_step(m_i, l_i, acc, x, g, earlier, v, qk_scale, PREC: tl.constexpr):
 
 @triton.jit
 def _probs_and_dscores(x, g, is_gate, earlier, dp, lse, delta, qk_scale):
-    """Backward of one (query tile, block) from _group_logits' x, g, is_gate: the value
-    weights P and the score gradients dS."""
+    """Backward of one (query tile, block) from _group_logits' (or _earlier_logits') x, g,
+    is_gate, earlier: the value weights P and the score gradients dS."""
     xm = tl.max(x, 1) * qk_scale
     ref = tl.where(earlier, tl.where(xm == float("-inf"), 0.0, xm), lse)
     e = tl.exp2(x * qk_scale - ref[:, None])  # own rows: final probs; earlier rows: unnormalised pi
@@ -315,10 +315,10 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
     c_lo = 0
     if SPLIT:  # the blocks before every row's own first, in a loop without per-row masks
         c_lo = tl.min(tl.where(row_ok, bi, T), 0)
-        # their largest gate logit first (their landmarks, 64 per tile): it is the outer
-        # softmax's reference for their loop, which then never rescales acc and l_i
-        for c0 in range(0, c_lo, 64):
-            cs = c0 + tl.arange(0, 64)
+        # their largest gate logit first (their landmark keys, BLOCK_N per tile): it is the
+        # outer softmax's reference for their loop, which then never rescales acc and l_i
+        for c0 in range(0, c_lo, BLOCK_N):
+            cs = c0 + tl.arange(0, BLOCK_N)
             c_ok = cs < c_lo
             lm_pos = tl.load(STARTS + b * (T + 1) + cs + 1, mask=c_ok, other=1) - 1
             k_lm = tl.load(K + lm_pos[:, None] * D + dd[None, :], mask=c_ok[:, None], other=0.0)
@@ -327,7 +327,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
         for c in range(0, c_lo):
             start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            x, g, is_gate = _earlier_logits(s, keys, end)
+            x, g, is_gate, earlier = _earlier_logits(s, keys, end)
             xm = tl.max(x, 1) * qk_scale
             e = tl.exp2(x * qk_scale - tl.where(xm == float("-inf"), 0.0, xm)[:, None])
             rs = tl.sum(e, 1)
@@ -339,8 +339,8 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
         start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
         key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
-        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, x, g, bi > c, v, qk_scale, PREC)
+        x, g, is_gate, earlier = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, x, g, earlier, v, qk_scale, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -375,16 +375,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, IS_LM, BLK, STARTS, T, H, HKV, q
             start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            x, g, is_gate = _earlier_logits(s, keys, end)
-            p, ds = _probs_and_dscores(x, g, is_gate, tl.full([BLOCK_M], 1, tl.int1), dp, lse, delta, qk_scale)
+            p, ds = _probs_and_dscores(*_earlier_logits(s, keys, end), dp, lse, delta, qk_scale)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     for c in range(c_lo, tl.max(bi, 0) + 1):
         start, end, keys, key_ok, k, v = _load_kv(K, V, STARTS, b, c, T, D, BLOCK_N)
         key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
-        p, ds = _probs_and_dscores(x, g, is_gate, bi > c, dp, lse, delta, qk_scale)
+        p, ds = _probs_and_dscores(*_group_logits(s, rows, keys, key_ok, key_lm, bi, c), dp, lse,
+                                   delta, qk_scale)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -425,19 +424,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, IS_LM, BLK, STARTS, T, H, 
             rows, row_ok, q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, bh, m0, T, D, BLOCK_M)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            x, g, is_gate = _earlier_logits(s, keys, end)
-            p, ds = _probs_and_dscores(x, g, is_gate, tl.full([BLOCK_M], 1, tl.int1), dp, lse,
-                                       delta, qk_scale)
+            p, ds = _probs_and_dscores(*_earlier_logits(s, keys, end), dp, lse, delta, qk_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         for m0 in range((start // BLOCK_M) * BLOCK_M, m_split, BLOCK_M):
             rows, row_ok, q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, bh, m0, T, D, BLOCK_M)
             bi = tl.load(BLK + b * T + rows, mask=row_ok, other=-1)
+            # loaded here, not once per program: held across the other loop it costs spills
             key_lm = tl.load(IS_LM + b * T + keys, mask=key_ok, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            x, g, is_gate = _group_logits(s, rows, keys, key_ok, key_lm, bi, c)
-            p, ds = _probs_and_dscores(x, g, is_gate, bi > c, dp, lse, delta, qk_scale)
+            p, ds = _probs_and_dscores(*_group_logits(s, rows, keys, key_ok, key_lm, bi, c), dp,
+                                       lse, delta, qk_scale)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     kv_off = kv_base + keys[:, None] * D + dd[None, :]
