@@ -58,9 +58,7 @@ def fused(which: str, split: bool) -> dict:
     cfg = la._config(128, 64, torch.bfloat16, "fwd" if which == "fwd" else "bwd")
     cfg["SPLIT"] = split
     fn = getattr(la, f"_{which}_kernel")
-    consts = {n: v for n, v in cfg.items() if n not in ("num_warps", "num_stages")}
-    kernel = compile_sm90(fn, consts, landmark_types("bf16"), num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], aligned=FUSED_ALIGNED)
+    kernel = compile_sm90(fn, cfg, landmark_types("bf16"), aligned=FUSED_ALIGNED)
     out = census(kernel)
     out["kernel"], out["launch"] = f"landmark {which} SPLIT={split}", cfg
     out["loop_names"] = LOOPS[which, split]
@@ -68,15 +66,16 @@ def fused(which: str, split: bool) -> dict:
 
 
 def retrieval(grouped: bool) -> dict:
-    """The decode setting of bench_kernels.py: 1 query x 4 heads per kv head (16-row tile)."""
+    """The decode setting of bench_kernels.py: 1 query x 4 heads per kv head (16-row tile),
+    64-token blocks (one key tile each when the tile holds 64 keys, as _retrieval_triton picks)."""
     block_n = max(64, ra.TUNING["BLOCK_N"]) if grouped else ra.TUNING["BLOCK_N"]
-    consts = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, ONE_TILE=True, GROUPED=grouped, PREC="tf32")
-    warps = ra.TUNING["num_warps"] or 4
-    kernel = compile_sm90(ra._retrieval_kernel, consts, retrieval_types("fp16"), num_warps=warps,
-                          num_stages=ra.TUNING["num_stages"], aligned=RETRIEVAL_ALIGNED)
+    launch = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, ONE_TILE=block_n >= 64, GROUPED=grouped, PREC="tf32",
+                  num_warps=ra.TUNING["num_warps"] or 4, num_stages=ra.TUNING["num_stages"])
+    kernel = compile_sm90(ra._retrieval_kernel, launch, retrieval_types("fp16"),
+                          aligned=RETRIEVAL_ALIGNED)
     out = census(kernel)
     out["kernel"] = f"retrieval decode grouped={grouped}"
-    out["launch"] = dict(consts, num_warps=warps, num_stages=ra.TUNING["num_stages"])
+    out["launch"] = launch
     out["loop_names"] = ("retrieved blocks", "dense keys")
     return out
 

@@ -3,7 +3,7 @@
 Needs triton with its NVIDIA backend (the PyPI wheel bundles ptxas, nvdisasm and
 cuobjdump); no GPU and no CUDA driver. Run it without TRITON_INTERPRET=1.
 
-    compile_sm90(fn, constexprs, landmark_types("bf16"), num_warps=4, num_stages=2,
+    compile_sm90(fn, dict(constexprs, num_warps=4, num_stages=2), landmark_types("bf16"),
                  aligned=("T",))
     census(compiled) -> {"registers", "stack", "shared", "loops": [per-loop counts]}
 
@@ -45,17 +45,17 @@ def retrieval_types(ty: str = "fp16") -> dict:
     return types
 
 
-def compile_sm90(fn, constexprs: dict, types: dict, *, num_warps: int, num_stages: int,
-                 aligned=()):
-    """fn compiled for sm_90; types: argument name -> Triton type ("*bf16", "fp32", ...),
-    "i32" where not named."""
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+def compile_sm90(fn, launch: dict, types: dict, aligned=()):
+    """fn compiled for sm_90. launch: its constexpr arguments plus num_warps and num_stages
+    (a kernel module's launch config; keys fn does not take are ignored); types: argument
+    name -> Triton type ("*bf16", "fp32", ...), "i32" where not named."""
+    sig = {n: "constexpr" if n in launch else types.get(n, "i32") for n in fn.arg_names}
     hinted = [n for n in fn.arg_names if sig[n].startswith("*") or n in aligned]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items() if n in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): v for n, v in launch.items() if n in fn.arg_names}
     src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=launch.get("num_warps", 4), num_stages=launch.get("num_stages", 3))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _tool(name: str, *args: str) -> str:

@@ -179,10 +179,7 @@ for dtype, ty, fns in ((torch.bfloat16, "bf16", ("_fwd_kernel", "_bwd_dq_kernel"
                        (torch.float32, "fp32", ("_fwd_kernel",))):
     for name in fns:
         cfg = la._config(128, la.MAX_BLOCK_LEN, dtype, "fwd" if name == "_fwd_kernel" else "bwd")
-        consts = {n: v for n, v in cfg.items() if n not in ("num_warps", "num_stages")}
-        kernel = compile_sm90(getattr(la, name), consts, landmark_types(ty),
-                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                              aligned=("T", "H", "HKV"))
+        kernel = compile_sm90(getattr(la, name), cfg, landmark_types(ty), aligned=("T", "H", "HKV"))
         out[f"{name}-{ty}"] = kernel.metadata.shared
         if name == "_fwd_kernel" and ty == "bf16":
             loops = census(kernel)["loops"]

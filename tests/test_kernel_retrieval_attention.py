@@ -211,10 +211,9 @@ opts = dict(num_warps=ra.TUNING["num_warps"] or 8, num_stages=ra.TUNING["num_sta
 for grouped, block_n in ((False, ra.TUNING["BLOCK_N"]), (True, max(64, ra.TUNING["BLOCK_N"]))):
     consts = dict(D=128, BLOCK_M=64, BLOCK_N=block_n, ONE_TILE=True, GROUPED=grouped,
                   PREC="tf32")
-    kernel = compile_sm90(ra._retrieval_kernel, consts, retrieval_types(), **opts)
+    kernel = compile_sm90(ra._retrieval_kernel, dict(consts, **opts), retrieval_types())
     out[f"retrieval-grouped={grouped}"] = kernel.metadata.shared
-kernel = compile_sm90(ra._combine_kernel, dict(D=128, CHUNK=32), retrieval_types(), num_warps=4,
-                      num_stages=3)
+kernel = compile_sm90(ra._combine_kernel, dict(D=128, CHUNK=32), retrieval_types())
 out["combine"] = kernel.metadata.shared
 print(json.dumps(out))
 """
