@@ -163,13 +163,14 @@ def answer_tokens(text: str, offsets: list[tuple[int, int]], marker: str, eos: b
     marked if such a span reaches the end of the text (the model learns to stop there)."""
     starts = np.asarray([a for a, _ in offsets], dtype=np.int64)  # ascending
     out = np.zeros(len(offsets) + eos, dtype=bool)
+    tail = len(text.rstrip())  # a span ending at or after this reaches the end of the text
     at = text.find(marker)
     while at >= 0:
         begin = at + len(marker)
         end = text.find("\n", begin)
         end = len(text) if end < 0 else end
         out[np.searchsorted(starts, begin):np.searchsorted(starts, end)] = True
-        if eos and not text[end:].strip():
+        if eos and end >= tail:
             out[-1] = True
         at = text.find(marker, end)
     return out
