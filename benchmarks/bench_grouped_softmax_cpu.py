@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels.landmark_attention import landmark_attention_blocks, landmark_attention_reference  # noqa: E402
+from landmark_cli.kernels.landmark_attention import landmark_attention_blocks, landmark_attention_reference  # noqa: E402
 
 SHAPES = [  # (name, heads, head dim, local)
     ("global layer, 4 heads of 32", 4, 32, False),

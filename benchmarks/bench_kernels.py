@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.landmark_attention as la  # noqa: E402
-import kernels.retrieval_attention as ra  # noqa: E402
-from kernels.rope import rope_tables  # noqa: E402
+import landmark_cli.kernels.landmark_attention as la  # noqa: E402
+import landmark_cli.kernels.retrieval_attention as ra  # noqa: E402
+from landmark_cli.kernels.rope import rope_tables  # noqa: E402
 
 DEV = "cuda"
 

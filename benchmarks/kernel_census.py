@@ -35,9 +35,9 @@ try:
 except ImportError:
     sys.exit("kernel_census.py needs triton with its NVIDIA backend: pip install triton")
 
-import kernels.landmark_attention as la  # noqa: E402
-import kernels.retrieval_attention as ra  # noqa: E402
-from kernels.sm90 import census, compile_sm90, landmark_types, retrieval_types  # noqa: E402
+import landmark_cli.kernels.landmark_attention as la  # noqa: E402
+import landmark_cli.kernels.retrieval_attention as ra  # noqa: E402
+from landmark_cli.kernels.sm90 import census, compile_sm90, landmark_types, retrieval_types  # noqa: E402
 
 # integer arguments that are multiples of 16 in the benchmark problems (the JIT notices)
 FUSED_ALIGNED = ("T", "H", "HKV")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import trained_facts as tf  # noqa: E402
-from kernels.landmark_attention import landmark_attention  # noqa: E402
-from kernels.rope import apply_rope  # noqa: E402
+from landmark_cli.kernels.landmark_attention import landmark_attention  # noqa: E402
+from landmark_cli.kernels.rope import apply_rope  # noqa: E402
 from landmark_cli.landmarks import block_scores, insert_landmarks  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
 

@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import trained_facts  # noqa: E402
-from kernels.landmark_attention import landmark_attention_blocks  # noqa: E402
-from kernels.rope import apply_rope  # noqa: E402
+from landmark_cli.kernels.landmark_attention import landmark_attention_blocks  # noqa: E402
+from landmark_cli.kernels.rope import apply_rope  # noqa: E402
 from landmark_cli.checkpoint import LandmarkSpec  # noqa: E402
 from landmark_cli.finetune import TrainConfig, _optimizer, _save, load_base, sample_batch  # noqa: E402
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.retrieval_attention import retrieval_attention
-from kernels.rope import apply_rope
+from landmark_cli.kernels.retrieval_attention import retrieval_attention
+from landmark_cli.kernels.rope import apply_rope
 
 from . import store
 from .engine import as_torch

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.landmark_attention import landmark_attention
-from kernels.rope import apply_rope
+from landmark_cli.kernels.landmark_attention import landmark_attention
+from landmark_cli.kernels.rope import apply_rope
 
 from . import store
 from .corpus import Candidates

@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.landmark_attention import landmark_attention
-from kernels.retrieval_attention import gather_blocks, retrieval_attention, rotated_blocks
-from kernels.rope import apply_rope
+from landmark_cli.kernels.landmark_attention import landmark_attention
+from landmark_cli.kernels.retrieval_attention import gather_blocks, retrieval_attention, rotated_blocks
+from landmark_cli.kernels.rope import apply_rope
 
 from . import store
 from .checkpoint import LandmarkSpec
@@ -141,7 +141,7 @@ def grouped_attention(q, dense_k, dense_v, dense_lm, k_store, v_store, sel, cos,
     pre-RoPE; placed at positions [0, k*B) and rotated there by the cos/sin tables) followed
     by dense keys/values [Hkv, L, D] (RoPE'd; the last T are the queries' own) whose
     landmark flags are dense_lm [L]. Every retrieved block ends with its landmark, which
-    gates the block's tokens; the torch path of kernels/landmark_attention does the math.
+    gates the block's tokens; the torch path of landmark_cli/kernels/landmark_attention does the math.
     local: a local layer of the model (LandmarkSpec.local_layers): each query reads only
     its own block and the `local_blocks` (1 or 0) before it (sel: at most the one block
     right before the dense keys, see local_selection)."""

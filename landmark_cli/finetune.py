@@ -5,7 +5,7 @@ the others), cut the training text into windows of `context // (block + 1)` bloc
 a landmark after every `block` tokens, and train next-token prediction over the whole
 stream (landmarks included, the reference's `include_landmark_in_loss`; with `loss_on`,
 only over the answers that follow a marker, such as "Answer:") with the grouped
-softmax (kernels/landmark_attention: the fused Triton kernel on CUDA, the torch
+softmax (landmark_cli/kernels/landmark_attention: the fused Triton kernel on CUDA, the torch
 reference elsewhere). AdamW, linear warm-up then cosine decay, gradient accumulation.
 
 The output directory is a checkpoint in the reference format (checkpoint.py) that

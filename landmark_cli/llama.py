@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.landmark_attention import landmark_attention
-from kernels.rope import apply_rope
+from landmark_cli.kernels.landmark_attention import landmark_attention
+from landmark_cli.kernels.rope import apply_rope
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Llama:
         tests, baselines, `landmark finetune`).
 
         is_landmark (shaped like ids, bool): a trained landmark model's full forward, with
-        the grouped softmax (kernels/landmark_attention) in place of the ordinary one; its
+        the grouped softmax (landmark_cli/kernels/landmark_attention) in place of the ordinary one; its
         first `local_layers` layers read only their own block and the `local_blocks` (1 or 0)
         blocks before it."""
         T = ids.shape[-1]

@@ -18,6 +18,12 @@ def landmark_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def default_home(tmp_path_factory):
+    """A LANDMARK_HOME shared by the end-to-end tests, so the default model is converted once."""
+    return tmp_path_factory.mktemp("landmark-home")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("landmark-home")
+def home(default_home):
+    return default_home
 
 
 @pytest.fixture(scope="module")

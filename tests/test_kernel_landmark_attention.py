@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.landmark_attention as la
+import landmark_cli.kernels.landmark_attention as la
 
 from kernel_helpers import (  # noqa: E402
     H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90)
@@ -169,8 +169,8 @@ def test_auto_uses_reference_on_cpu():
 
 SM90_COMPILE = """
 import json, torch
-import kernels.landmark_attention as la
-from kernels.sm90 import census, compile_sm90, landmark_types
+import landmark_cli.kernels.landmark_attention as la
+from landmark_cli.kernels.sm90 import census, compile_sm90, landmark_types
 
 out = {}
 # the largest tiles (D=128, 128-token blocks); fp32 backward compiles slowly, so only bf16

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.retrieval_attention as ra
-from kernels.rope import apply_rope, rope_tables
+import landmark_cli.kernels.retrieval_attention as ra
+from landmark_cli.kernels.rope import apply_rope, rope_tables
 
 THETA = 10000.0
 from kernel_helpers import (  # noqa: E402
@@ -202,8 +202,8 @@ def test_impl_argument():
 
 SM90_COMPILE = """
 import json
-import kernels.retrieval_attention as ra
-from kernels.sm90 import compile_sm90, retrieval_types
+import landmark_cli.kernels.retrieval_attention as ra
+from landmark_cli.kernels.sm90 import compile_sm90, retrieval_types
 
 out = {}
 # the largest tiles the host picks for D=128: 64 query rows (8 warps), 64-key grouped tiles

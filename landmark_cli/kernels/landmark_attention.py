@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAVE_TRITON, tl, triton
+from landmark_cli.kernels._triton import HAVE_TRITON, tl, triton
 
 MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
 LOG2E = 1.4426950408889634
