@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli.engine import Engine, Session, Settings  # noqa: E402
+from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.session import Session  # noqa: E402
 from landmark_cli.models import load_model, resolve_dir  # noqa: E402
 from landmark_cli.passkey import parse_length  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
@@ -124,7 +125,7 @@ def main() -> None:
     print(f"transformers forward over the short document: {short_ids.shape[1] / hf_s:.0f} tok/s", flush=True)
 
     for name, (entry, p) in entries.items():
-        sec, _ = timed(lambda: eng.answer(entry, p.suffix, max_new_tokens=NEW_TOKENS, focus=p.focus), args.runs)
+        sec, _ = timed(lambda: eng.answer(entry, p.suffix, max_new_tokens=NEW_TOKENS, question=p.question), args.runs)
         res[f"ask_{name}_s"] = round(sec, 3)
         print(f"ask on cached {name} ({entry.n_tokens} tokens): {sec:.2f}s", flush=True)
     res["ask_long_over_short"] = round(res["ask_long_s"] / res["ask_short_s"], 3)

@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli.engine import Engine, Session, Settings  # noqa: E402
+from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.session import Session  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
 from landmark_cli.passkey import parse_length  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     lm = load_model("default")
-    eng = Engine(lm, Settings(rep=args.rep))
+    eng = Engine(lm, Settings(rep=args.rep, select="layer"))
     rng, text = random.Random(0), essays()
     hits = None
     for t in range(args.trials):
@@ -64,12 +65,12 @@ def main():
         entry, _ = eng.read(p.ids, p.spans)
         sess = Session(eng, entry, capacity=len(p.suffix) + 1)
         sess.step(torch.tensor(p.suffix))
-        spans = torch.from_numpy(entry.spans[sess.cand])
+        spans = torch.from_numpy(entry.spans[sess.retrievable])
         needle = ((spans[:, 0] < c1) & (spans[:, 1] > c0)).nonzero().flatten()
         if needle.numel() == 0:
             print(f"trial {t}: needle is not among the candidate blocks (in the window or sink)")
             continue
-        scores = torch.stack(sess.question_scores)  # [L, Hkv, N]
+        scores = torch.stack(sess.layer_scores)  # [L, Hkv, N]
         best_needle = scores[:, :, needle].amax(-1, keepdim=True)
         rank = (scores > best_needle).sum(-1)  # [L, Hkv]: 0 = top
         hits = (rank < args.k).float() if hits is None else hits + (rank < args.k).float()

@@ -99,8 +99,8 @@ def run_needles(args, lm, settings):
             p = ask_prompt(lm.tokenizer, plant(lm.tokenizer, text, n_long, fact, depth), question)
             entry, _ = eng.read(p.ids, p.spans)
             for mode in modes:
-                eng.s = replace(settings, select=mode)
-                ans = eng.answer(entry, p.suffix, max_new_tokens=24, stop_ids=lm.stop_ids(), focus=p.focus)
+                eng.settings = replace(settings, select=mode)
+                ans = eng.answer(entry, p.suffix, max_new_tokens=24, stop_ids=lm.stop_ids(), question=p.question)
                 row[mode] = ans.text.strip()
                 row[f"{mode}_ok"] = key in ans.text.lower()
             if full:

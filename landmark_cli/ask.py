@@ -112,7 +112,7 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
     index_s = time.perf_counter() - t0
 
     stream, flush = _streamer(lm.tokenizer, on_token)
-    ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream, focus=prompt.focus)
+    ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream, question=prompt.question)
     flush(ans.text)
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,
                   model=lm.name, document_tokens=entry.n_tokens, retrieved_per_step=ans.retrieved_per_step,
@@ -147,7 +147,7 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     sess = session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
     stream, flush = _streamer(lm.tokenizer, on_token)
     ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
-                          stream, 3, prompt.focus, t0)
+                          stream, 3, prompt.question, t0)
     flush(ans.text)
     docs: dict[int, Document] = {}
     sources = []

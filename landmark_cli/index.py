@@ -60,7 +60,7 @@ class Indexer:
     def __init__(self, lm: LoadedModel, settings: Settings, store_root: Path | None = None):
         self.lm, self.settings = lm, settings
         self.engine = Engine(lm, settings, root=store_root)
-        self.key = (lm.fingerprint, settings_key(self.engine.s.reading()))  # as the engine reads (trained models adjust them)
+        self.key = (lm.fingerprint, settings_key(self.engine.settings.reading()))  # as the engine reads (trained models adjust them)
 
     def _lock(self, folder: Path) -> FileLock:
         locks = home() / "locks"

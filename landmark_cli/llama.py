@@ -3,14 +3,17 @@
 The model is split into the pieces the landmark engine needs: embedding, per-layer
 `qkv` (keys and values come out *before* RoPE, as the KV store keeps them), per-layer
 `finish` (attention output projection + MLP), and the LM head on the last position only.
-`forward` chains them with plain causal attention; it exists for the parity test
-against transformers and for the `full` baseline.
+`run_layers` is the one layer loop: every reader and answering session runs the model
+through it, passing the attention it needs. `forward` runs it with plain causal (or
+trained landmarks' grouped) attention: the parity test against transformers, the `full`
+baseline and `landmark finetune`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +106,10 @@ class Rope:
         return cos[positions], sin[positions]
 
 
+# attend(layer, q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]) -> attention output [H, T, D]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -170,21 +177,31 @@ class Llama:
         the grouped softmax (landmark_cli/kernels/landmark_attention) in place of the ordinary one; its
         first `local_layers` layers read only their own block and the `local_blocks` (1 or 0)
         blocks before it."""
-        T = ids.shape[-1]
         x = self.embed(ids)
-        cos, sin = (t.to(x.device) for t in self.rope.tables(T))
-        for i in range(self.cfg.n_layers):
-            q, k, v = self.qkv(i, x)
+        cos, sin = (t.to(x.device) for t in self.rope.tables(ids.shape[-1]))
+        batched = ids.dim() > 1
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if is_landmark is None:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
-            elif ids.dim() == 1:
-                a = landmark_attention(q[None], k[None], v[None], is_landmark[None], local=i < local_layers,
-                                       local_blocks=local_blocks)[0]
-            else:
-                a = landmark_attention(q, k, v, is_landmark, local=i < local_layers, local_blocks=local_blocks)
-            x = self.finish(i, x, a)
-        return self.logits(x)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
+            if not batched:
+                q, k, v = q[None], k[None], v[None]
+            out = landmark_attention(q, k, v, is_landmark if batched else is_landmark[None],
+                                     local=layer < local_layers, local_blocks=local_blocks)
+            return out if batched else out[0]
+
+        return self.logits(self.run_layers(x, attend))
+
+    def run_layers(self, x: torch.Tensor, attend: Attend, layers: int | None = None) -> torch.Tensor:
+        """The layer loop, for every path that runs the model: hidden states x [T, dim]
+        through layers [0, layers) (default: all). `attend(layer, q, k, v)` gets the
+        layer's queries, keys and values before RoPE and returns the attention output
+        [H, T, D]; positions, caches and retrieval are its business."""
+        for layer in range(self.cfg.n_layers if layers is None else layers):
+            q, k, v = self.qkv(layer, x)
+            x = self.finish(layer, x, attend(layer, q, k, v))
+        return x
 
     def parameters(self) -> list[torch.Tensor]:
         """The tensors the forward reads (fused per layer), for training them in place."""

@@ -20,7 +20,7 @@ class Prompt:
     ids: list[int]  # prefix + document tokens: what the KV store holds
     spans: np.ndarray  # [len(ids), 2] character span of each token in the document, -1 for prompt tokens
     suffix: list[int]  # question + answer cue
-    focus: slice = field(default_factory=lambda: slice(None))  # the question's own tokens in `suffix`
+    question: slice = field(default_factory=lambda: slice(None))  # the question's own tokens in `suffix`
 
 
 def _template(tokenizer) -> tuple[str, str, str]:
@@ -62,7 +62,7 @@ def ask_prompt(tokenizer, document: str, question: str) -> Prompt:
     spans = tokenizer(suffix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(spans) if a < q1 and b > q0 and b > a]
     if inside:
-        p.focus = slice(inside[0], inside[-1] + 1)
+        p.question = slice(inside[0], inside[-1] + 1)
     return p
 
 

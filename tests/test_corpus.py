@@ -2,7 +2,8 @@
 
 import torch
 
-from landmark_cli.corpus import Candidates, CorpusSession
+from landmark_cli.corpus import CorpusSession
+from landmark_cli.selection import Candidates
 from landmark_cli.engine import Engine, Settings
 from landmark_cli.landmarks import top_runs
 
@@ -70,9 +71,9 @@ def test_candidates_span_every_document_and_sources_name_them(tiny, tmp_path):
     assert len(chosen) == 2 * 3 and sess.retrieved_per_step == 8 + int(cand.valid[chosen].sum())
     # runs stay inside a document; documents come in order of their best block, the best last
     docs = cand.doc[chosen].tolist()
-    assert docs == sorted(docs, key=lambda d: max(float(sess.question_scores[i]) for i in chosen
+    assert docs == sorted(docs, key=lambda d: max(float(sess.votes[i]) for i in chosen
                                                   if int(cand.doc[i]) == d))
-    assert cand.doc[chosen][-1] == cand.doc[int(sess.question_scores.argmax())]
+    assert cand.doc[chosen][-1] == cand.doc[int(sess.votes.argmax())]
 
 
 def test_runs_stop_at_document_boundaries():

@@ -6,7 +6,8 @@ import torch
 
 from landmark_cli import store
 from landmark_cli.errors import LandmarkError
-from landmark_cli.engine import Engine, Session, Settings
+from landmark_cli.engine import Engine, Settings
+from landmark_cli.session import Session
 
 
 def _ids(n, vocab, seed=0):
@@ -116,11 +117,11 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     entry, _ = eng.read(ids[:380])
     sess = Session(eng, entry, capacity=32)
     sess.step(torch.tensor(ids[380:]))
-    assert sess.shared.shape == (tiny.model.cfg.n_kv_heads, 3)
-    assert (sess.shared == sess.shared[0]).all()
-    assert sess.cand.start <= int(sess.shared.min()) and int(sess.shared.max()) < sess.cand.stop
+    assert sess.chosen.shape == (tiny.model.cfg.n_kv_heads, 3)
+    assert (sess.chosen == sess.chosen[0]).all()
+    assert sess.retrievable.start <= int(sess.chosen.min()) and int(sess.chosen.max()) < sess.retrievable.stop
     cited = [b for _, b, _ in sess.sources(3)]
-    assert all(sess.cand.start <= b < entry.kv.shape[3] for b in cited)  # retrieved or in the window
+    assert all(sess.retrievable.start <= b < entry.kv.shape[3] for b in cited)  # retrieved or in the window
 
 
 def test_a_document_inside_the_window_is_still_cited(tiny, tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from landmark_cli import passkey as pk
 from landmark_cli import passkey_run as run
-from landmark_cli.engine import Engine, Session, Settings
+from landmark_cli.engine import Engine, Settings
+from landmark_cli.session import Session
 from landmark_cli.errors import LandmarkError
 from landmark_cli.prompts import raw_prompt
 from test_cli import run as run_cli

@@ -53,14 +53,14 @@ def test_trained_mode_equals_full_grouped_forward(trained_any, tmp_path, n_doc):
     trained = trained_any
     spec = trained.landmark
     eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
-    assert (eng.s.block, eng.s.rep, eng.s.sink, eng.s.chunk_tokens) == (8, "landmark", 0, 32)
+    assert (eng.settings.block, eng.settings.rep, eng.settings.sink, eng.settings.chunk_tokens) == (8, "landmark", 0, 32)
     g = torch.Generator().manual_seed(n_doc)
     doc = torch.randint(2, spec.mem_id - 1, (n_doc,), generator=g).tolist()
     suffix = torch.randint(2, spec.mem_id - 1, (9,), generator=g).tolist()
     entry, cached = eng.read(doc)
     assert not cached and entry.n_tokens == len(insert_landmarks(doc, None, 7, spec.mem_id)[0])
 
-    from landmark_cli.engine import Session
+    from landmark_cli.session import Session
 
     sess = Session(eng, entry, capacity=32)
     got = [sess.step(torch.tensor(suffix)), sess.step(torch.tensor([5])), sess.step(torch.tensor([6]))]
@@ -79,7 +79,7 @@ def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
     """A model whose every layer is local needs no retrieval: with --top-k 0 and no window,
     reading and answering still give the full forward's logits (each step's previous
     block comes from the store, or nothing at all for layers that read their own block only)."""
-    from landmark_cli.engine import Session
+    from landmark_cli.session import Session
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2, local_blocks=local_blocks)))
     spec = lm.landmark
@@ -98,11 +98,11 @@ def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
 
 def test_trained_settings_fit_the_training_context(trained, tmp_path):
     eng = Engine(trained, Settings(top_k=8), root=tmp_path)  # defaults: chunk 512, window 1024
-    assert eng.s.span() <= 256 and eng.s.chunk_tokens == 256 - 8 * 8 and eng.s.window == 0
+    assert eng.settings.span() <= 256 and eng.settings.chunk_tokens == 256 - 8 * 8 and eng.settings.window == 0
     with pytest.raises(LandmarkError, match="training context"):
         Engine(trained, Settings(top_k=40), root=tmp_path)
     free = Engine(trained, Settings(top_k=2, landmarks="free"), root=tmp_path)
-    assert free.spec is None and free.s.block == 32
+    assert free.spec is None and free.settings.block == 32
 
 
 def test_default_top_k_fits_a_trained_model(tmp_path):
@@ -116,12 +116,12 @@ def test_default_top_k_fits_a_trained_model(tmp_path):
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", mem_freq=31, train_context=256)))
     auto = Settings(top_k_auto=True)
-    assert Engine(lm, auto, root=tmp_path).s.top_k == TRAINED_TOP_K == 4
+    assert Engine(lm, auto, root=tmp_path).settings.top_k == TRAINED_TOP_K == 4
     small = load_model(str(make_tiny_landmark_model(tmp_path / "s", mem_freq=31, train_context=96)))
-    assert Engine(small, auto, root=tmp_path).s.top_k == 2
+    assert Engine(small, auto, root=tmp_path).settings.top_k == 2
     with pytest.raises(LandmarkError, match="no room"):
         Engine(lm, Settings(top_k=8), root=tmp_path)
-    assert Engine(lm, replace(auto, landmarks="free"), root=tmp_path).s.top_k == 8
+    assert Engine(lm, replace(auto, landmarks="free"), root=tmp_path).settings.top_k == 8
 
 
 def test_landmarks_trained_needs_a_landmark_model(tiny, tmp_path):
@@ -165,7 +165,7 @@ def test_folder_question_retrieves_across_documents_within_budget(trained, tmp_p
     entries = [eng.read(torch.randint(2, spec.mem_id - 1, (n,), generator=g).tolist(),
                         np.stack([np.arange(n), np.arange(1, n + 1)], 1))[0] for n in (40, 61, 90)]
     sess = TrainedCorpusSession(eng, entries, capacity=16)
-    assert len(sess.cand) == sum(-(-e.n_tokens // 8) for e in entries) and len(sess.closing) == 3
+    assert len(sess.candidates) == sum(-(-e.n_tokens // 8) for e in entries) and len(sess.closing) == 3
     logits = sess.step(torch.tensor([3, 4, 5, 6]))
     assert torch.isfinite(logits[:spec.mem_id]).all() and logits[spec.mem_id] == float("-inf")
     assert sess.k == 3 and sess.retrieved_per_step == 24 <= spec.train_context

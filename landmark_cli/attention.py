@@ -1,0 +1,144 @@
+"""What one attention step reads, for every reader and answering session.
+
+- `DenseKV`: per layer, the RoPE'd keys and values a session attends to in full (the
+  sink, the local window, the question, the answer), at fixed positions.
+- `FreeLandmarks` / `TrainedLandmarks`: the two kinds of landmark, as one interface.
+  Training-free landmarks attend with an ordinary softmax over the retrieved blocks and
+  the dense keys; trained landmarks (the paper's method) put a `<landmark>` token after
+  every block, attend with the grouped softmax (each retrieved block's landmark gates
+  its tokens), may have local layers that never retrieve, and never generate a landmark.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from landmark_cli.kernels.landmark_attention import landmark_attention
+from landmark_cli.kernels.retrieval_attention import gather_blocks, retrieval_attention
+from landmark_cli.kernels.rope import apply_rope
+
+from .checkpoint import LandmarkSpec
+from .landmarks import insert_landmarks, is_landmark_position
+from .selection import LocalLayers, Selection
+
+
+def as_torch(a: np.ndarray) -> torch.Tensor:
+    """A (possibly read-only, memory-mapped) numpy array as a tensor, without copying."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class DenseKV:
+    """Per layer, keys (RoPE'd) and values at positions [0, capacity): [layers, 2, Hkv, capacity, D].
+    `length` is how many positions hold tokens; `write` fills the next ones."""
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
+        self.kv = torch.empty(layers, 2, kv_heads, capacity, head_dim, dtype=dtype)
+        self.length = 0
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [Hkv, T, D] at positions [start, start + T) of `layer`; return that
+        layer's keys and values [Hkv, start + T, D] (views)."""
+        end = start + k.shape[1]
+        self.kv[layer, 0, :, start:end] = k
+        self.kv[layer, 1, :, start:end] = v
+        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+
+    def positions(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [Hkv, end - start, D] of `layer` at positions [start, end)."""
+        return self.kv[layer, 0, :, start:end], self.kv[layer, 1, :, start:end]
+
+
+def grouped_attention(q, dense_k, dense_v, dense_flags, k_store, v_store, sel, cos, sin, local=False,
+                      local_blocks=1) -> torch.Tensor:
+    """Trained landmarks: grouped-softmax attention of queries q [H, T, D] (RoPE'd) over the
+    blocks sel [Hkv, k] of k_store/v_store [Hkv, N, B, D] (pre-RoPE; placed at positions
+    [0, k*B) and rotated there by the cos/sin tables), followed by dense keys/values
+    [Hkv, L, D] (RoPE'd; the last T are the queries' own) whose landmark flags are
+    dense_flags [L]. Every retrieved block ends with its landmark, which gates the block's
+    tokens; the torch path of landmark_cli/kernels/landmark_attention does the math.
+    local: a local layer (LandmarkSpec.local_layers): each query reads only its own block
+    and the `local_blocks` (1 or 0) before it."""
+    hkv, k = sel.shape
+    B, D = k_store.shape[2], k_store.shape[3]
+    kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
+    vr = gather_blocks(v_store, sel).reshape(hkv, k * B, D).to(q.dtype)
+    kr = apply_rope(kr, cos[:k * B], sin[:k * B])
+    flags = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_flags])
+    keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
+    return landmark_attention(q[None], keys[None], vals[None], flags[None], impl="torch", local=local,
+                              local_blocks=local_blocks)[0]
+
+
+def local_selection(first_dense: int, n_kv_heads: int, local_blocks: int = 1) -> torch.Tensor:
+    """What a local layer reads from the store: the block right before the dense keys (the
+    previous block of their first block), or nothing at the document's start or when the
+    layer reads its own block only (local_blocks 0). [Hkv, 0 or 1]."""
+    prev = torch.tensor([first_dense - 1] if first_dense > 0 and local_blocks else [], dtype=torch.long)
+    return prev.expand(n_kv_heads, -1)
+
+
+class FreeLandmarks:
+    """Training-free landmarks: block representatives computed from the cached keys; an
+    ordinary softmax over [sink] [retrieved blocks] [dense keys]."""
+
+    spec: LandmarkSpec | None = None
+
+    def stream(self, ids: list[int], spans=None, pos: int = 0):
+        """The token stream the store holds for ids (unchanged)."""
+        return ids, spans
+
+    def local(self, layer: int) -> bool:
+        return False
+
+    def selection(self, inner: Selection, first_dense: int, n_kv_heads: int) -> Selection:
+        return inner
+
+    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0,
+               rotated=None) -> torch.Tensor:
+        """q [H, T, D] RoPE'd over the blocks sel of the store, placed from ret_pos0 and
+        rotated by the cos/sin tables, then the dense keys and values [Hkv, L, D]."""
+        return retrieval_attention(q, keys, values, k_store, v_store, sel, cos, sin, ret_pos0, rotated=rotated)
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+class TrainedLandmarks(FreeLandmarks):
+    """A model's own `<landmark>` token after every `mem_freq` tokens (LandmarkSpec)."""
+
+    def __init__(self, spec: LandmarkSpec):
+        self.spec = spec
+
+    def stream(self, ids: list[int], spans=None, pos: int = 0):
+        """ids with a <landmark> after every mem_freq tokens of the stream (pos: the stream
+        position of ids[0]); spans get (-1, -1) rows for the landmarks."""
+        return insert_landmarks(ids, spans, self.spec.mem_freq, self.spec.mem_id, pos)
+
+    def local(self, layer: int) -> bool:
+        """A local layer reads its own block and the local_blocks before it; it retrieves nothing."""
+        return layer < self.spec.local_layers
+
+    def selection(self, inner: Selection, first_dense: int, n_kv_heads: int) -> Selection:
+        """inner for the retrieving layers; the block before the dense keys for local layers."""
+        return LocalLayers(inner, self.spec.local_layers,
+                           local_selection(first_dense, n_kv_heads, self.spec.local_blocks))
+
+    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0,
+               rotated=None) -> torch.Tensor:
+        return grouped_attention(q, keys, values, flags, k_store, v_store, sel, cos, sin, local=self.local(layer),
+                                 local_blocks=self.spec.local_blocks)
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """After a landmark the model predicts the next token (the reference's convention): it
+        never writes one."""
+        logits[self.spec.mem_id] = float("-inf")
+        return logits
+
+
+def landmark_kind(spec: LandmarkSpec | None) -> FreeLandmarks:
+    return FreeLandmarks() if spec is None else TrainedLandmarks(spec)

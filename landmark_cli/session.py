@@ -1,0 +1,183 @@
+"""Answering sessions: the attention state of one question, fed a step at a time.
+
+Every session (one document: `Session`; a folder: corpus.CorpusSession and
+corpus_trained.TrainedCorpusSession) offers the same protocol, `AnswerSession`:
+`step(ids, question)` feeds tokens and returns the next token's logits, `sources(n)`
+names the blocks the question scored highest, `retrieved_per_step` says how many
+document tokens each step attends to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from landmark_cli.kernels.retrieval_attention import rotated_blocks
+from landmark_cli.kernels.rope import apply_rope
+
+from . import store
+from .attention import DenseKV, as_torch
+from .landmarks import is_landmark_position, top_runs
+from .selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
+
+
+class AnswerSession:
+    """The protocol every answering session follows (see the module docstring)."""
+
+    candidates: Candidates  # the blocks sources may name
+    votes: torch.Tensor | None = None  # relevance of candidates [0, len(votes)) to the question
+    retrieved_per_step: int = 0  # document tokens attended per step
+
+    def step(self, ids: torch.Tensor, question: slice | None = None) -> torch.Tensor:
+        """Feed tokens ids [T]; return the logits after the last one [vocab].
+        question: which of these tokens are the question (the first step's; default: all)."""
+        raise NotImplementedError
+
+    def sources(self, n: int) -> list[tuple[int, int, float]]:
+        """(entry, block, score) of the n blocks the question scored highest, best first."""
+        if self.votes is None or self.votes.numel() == 0:
+            return []
+        best = self.votes.topk(min(n, self.votes.shape[0]))
+        return [(int(self.candidates.doc[i]), int(self.candidates.block[i]), float(v))
+                for v, i in zip(best.values, best.indices)]
+
+
+def scoring_layers(band: tuple[float, float], n_layers: int) -> range:
+    """The layers (fractions of depth `band`) whose exact block scores choose a shared selection."""
+    lo, hi = (round(f * n_layers) for f in band)
+    return range(lo, max(hi, lo + 1))
+
+
+class Session(AnswerSession):
+    """Continuing one cached document (engine.Engine.answer).
+
+    Per layer, a dense buffer holds the RoPE'd keys and values of the sink, the local
+    window (the end of the document) and every token since, at fixed positions: the
+    retrieved blocks always occupy positions [sink, sink + k*block), so nothing already
+    in the buffer ever moves.
+
+    With `select="shared"` the question is run twice: once with per-layer selection up to
+    the last scoring layer, where the question's own tokens score every retrievable block
+    by its best-matching key (BandScores) to choose one set of k blocks; then through all
+    layers with that set, which the answer keeps to its end. Mean-key landmarks rank a
+    fact planted in natural prose poorly; the exact block maximum at a few middle layers
+    ranks it first. With `select="layer"` (and always with trained landmarks) every layer
+    and step chooses its own blocks by their representatives, the paper's retrieval."""
+
+    def __init__(self, engine, entry: store.Entry, capacity: int):
+        self.engine, self.entry = engine, entry
+        self.settings, self.model, self.landmarks = engine.settings, engine.model, engine.landmarks
+        s, c, m = self.settings, self.model.cfg, self.model
+        B, n = s.block, entry.n_tokens
+        self.store = as_torch(entry.kv)
+        self.reps = torch.from_numpy(entry.reps)
+        window = s.window_tokens if s.answer_window is None else s.answer_window // B * B
+        self.sink_end = min(s.sink_tokens, n // B * B)
+        win0 = max(self.sink_end, (n - window) // B * B)
+        self.retrievable = slice(self.sink_end // B, win0 // B)  # complete blocks between sink and window
+        self.candidates = Candidates.of([entry], B, self.sink_end)  # the retrievable blocks, then the window's
+        self.k = min(s.top_k, self.retrievable.stop - self.retrievable.start)
+        self.scoring_layers = scoring_layers(s.band, c.n_layers)
+        self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
+        n_dense = self.sink_end + (n - win0)
+        self.next_pos = self.sink_end + self.k * B + (n - win0)
+        self.stream_len = n  # the stream position of the next token (trained: landmarks included)
+        capacity = n_dense + capacity + (capacity // self.landmarks.spec.mem_freq + 2 if self.landmarks.spec else 0)
+        # landmark flags of the dense positions (trained landmarks)
+        self.dense_flags = is_landmark_position(win0 + torch.arange(capacity), B)
+        if self.landmarks.spec is not None:
+            # a local layer's previous block sits right before the window (RoPE is relative,
+            # so a position below 0 is a rotation the other way)
+            p = self.sink_end + self.k * B - B + torch.arange(B)
+            lc, ls = m.rope.at(p.abs())
+            self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
+        self.first_dense_block = win0 // B
+        self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
+        pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
+        cos, sin = m.rope.at(pos)
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
+        for layer in range(c.n_layers):
+            flat = self.store[layer].flatten(2, 3)  # [2, Hkv, nb*B, D] view of the memory map
+            kv = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
+            self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
+        self.dense.length = n_dense
+        self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, blocks], the first step's
+        self.chosen: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
+        self.rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: the chosen blocks, RoPE'd
+        self.steps = 0
+
+    def ranker(self, record: bool = False) -> ByRepresentatives:
+        """Per-layer top-k of the retrievable blocks by their representatives."""
+        return ByRepresentatives(self.reps[:, :, self.retrievable], self.settings.rep, self.retrievable.start,
+                                 self.k, self.model.cfg.n_kv_heads, record)
+
+    def per_layer(self, ranker: ByRepresentatives) -> Selection:
+        """ranker at the retrieving layers (a trained model's local layers read the block before the window)."""
+        return self.landmarks.selection(ranker, self.first_dense_block, self.model.cfg.n_kv_heads)
+
+    def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, selection: Selection,
+             layers: int | None = None) -> torch.Tensor:
+        """Hidden states x [T, dim] at dense positions [start, start + T) (RoPE tables cos/sin)
+        through layers [0, layers), each reading the blocks `selection` picks."""
+        end = start + x.shape[0]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
+            sel = selection.blocks(layer, q)
+            rc, rs = (self.local_cos, self.local_sin) if self.landmarks.local(layer) else (self.ret_cos, self.ret_sin)
+            rotated = None
+            if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: rotate them once
+                if layer not in self.rotated:
+                    self.rotated[layer] = rotated_blocks(self.store[layer, 0], self.store[layer, 1], sel, rc, rs,
+                                                         self.sink_end, x.device)
+                rotated = self.rotated[layer]
+            return self.landmarks.attend(layer, apply_rope(q, cos, sin), keys, values, self.dense_flags[:end],
+                                         self.store[layer, 0], self.store[layer, 1], sel, rc, rs, self.sink_end,
+                                         rotated=rotated)
+
+        return self.model.run_layers(x, attend, layers)
+
+    def _choose(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, question: slice) -> None:
+        """The shared selection: run the question up to the last scoring layer, where its
+        tokens score every candidate block; keep the best runs of blocks."""
+        s, c = self.settings, self.model.cfg
+        band = BandScores(self.scoring_layers, self.candidates, [self.store], c.n_kv_heads, question)
+        self._run(x, cos, sin, self.dense.length, Scoring(self.per_layer(self.ranker()), band),
+                  layers=self.scoring_layers.stop)
+        n_retrievable = self.retrievable.stop - self.retrievable.start  # the first candidates
+        best = top_runs(band.votes(n_retrievable), self.k, s.follow, best_last=s.order == "best-last")
+        self.chosen = (best + self.retrievable.start).expand(c.n_kv_heads, -1)
+        self.votes = band.votes()
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, question: slice | None = None) -> torch.Tensor:
+        m = self.model
+        ids = torch.tensor(self.landmarks.stream(ids.tolist(), None, self.stream_len)[0])
+        self.stream_len += len(ids)
+        T, start = ids.shape[0], self.dense.length
+        cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
+        x = m.embed(ids)
+        if self.settings.select == "shared" and self.chosen is None:
+            self._choose(x, cos, sin, question or slice(None))
+        if self.chosen is not None:
+            x = self._run(x, cos, sin, start, Fixed(self.chosen))
+        else:
+            ranker = self.ranker(record=self.steps == 0)
+            x = self._run(x, cos, sin, start, self.per_layer(ranker))
+            if ranker.scores:  # the question's step: its scores name the sources
+                self.layer_scores = ranker.scores
+                self.votes = torch.stack(ranker.scores).mean((0, 1))
+        self.dense.length, self.next_pos, self.steps = start + T, self.next_pos + T, self.steps + 1
+        return self.landmarks.mask_logits(m.logits(x[-1:])[0])
+
+    @torch.inference_mode()
+    def close(self) -> torch.Tensor:
+        """Trained landmarks, on a fresh session of a stream that ends inside a block: the
+        `<landmark>` run after the stream, as if its block ended there (per-layer retrieval,
+        grouped softmax, like a landmark read in place). Returns its pre-RoPE key and value
+        [layers, 2, Hkv, D]: the partial block's landmark for a folder question."""
+        m, start = self.model, self.dense.length
+        self.dense_flags[start] = True
+        cos, sin = m.rope.at(torch.tensor([self.next_pos]))
+        self._run(m.embed(torch.tensor([self.landmarks.spec.mem_id])), cos, sin, start, self.per_layer(self.ranker()))
+        k = apply_rope(self.dense.kv[:, 0, :, start:start + 1], cos, -sin)[:, :, 0]  # rotated back: pre-RoPE
+        return torch.stack([k, self.dense.kv[:, 1, :, start]], 1)
