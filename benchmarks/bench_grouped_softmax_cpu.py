@@ -5,7 +5,7 @@
 Times one forward + backward of `landmark_attention_blocks` (the regular-layout path the
 engine and `landmark finetune` use off CUDA) against `landmark_attention_reference` (the
 general path: [T, T] scores, masks and scatters) on the same inputs, in the same process,
-at the shapes of benchmarks/trained_facts.py's training (batches of 16 x 256 tokens,
+at the shapes of experiments/trained_facts.py's training (batches of 16 x 256 tokens,
 blocks of 31 + landmark): its global layer with 4 heads of 32 and 8 heads of 16, and its
 local first layer. Reports the median of --runs (after one warm-up) and the ratio. The
 two outputs and gradients are compared too, so a fast wrong path shows up here.

@@ -1,6 +1,6 @@
 """Have a trained model's landmarks learned to stand for their blocks? Rank of the fact's block.
 
-    python benchmarks/landmark_ranks.py /tmp/landmark-trained-facts/model [--tokens 256] [--numbers 0.1]
+    python experiments/landmark_ranks.py /tmp/landmark-trained-facts/model [--tokens 256] [--numbers 0.1]
 
 For documents written like trained_facts.py's long documents (one fact among filler,
 --numbers: share of filler sentences carrying a number), of about --tokens tokens, asked
@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 import trained_facts as tf  # noqa: E402
 from landmark_cli.kernels.landmark_attention import landmark_attention  # noqa: E402

@@ -1,11 +1,11 @@
 """How fast does a small LLaMA learn the in-context lookup that trained_facts.py needs?
 
-    python benchmarks/lookup_probe.py                      # 2 layers, dim 64, one head of 64
-    python benchmarks/lookup_probe.py --dim 128 --heads 2 --kv-heads 2 --steps 1000
-    python benchmarks/lookup_probe.py --train-facts 3-8 --code-only --filler 10 --steps 4000
+    python experiments/lookup_probe.py                     # 2 layers, dim 64, one head of 64
+    python experiments/lookup_probe.py --dim 128 --heads 2 --kv-heads 2 --steps 1000
+    python experiments/lookup_probe.py --train-facts 3-8 --code-only --filler 10 --steps 4000
                                                            # several facts: the name must match too
-    python benchmarks/lookup_probe.py --block 0            # ordinary causal attention
-    python benchmarks/lookup_probe.py --retrieve 2 --local-layers 1
+    python experiments/lookup_probe.py --block 0           # ordinary causal attention
+    python experiments/lookup_probe.py --retrieve 2 --local-layers 1
                                                            # retrieval in the loop (below)
 
 Trains a randomly initialised model on the training documents of trained_facts.py (the
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 import trained_facts  # noqa: E402
 from landmark_cli.kernels.landmark_attention import landmark_attention_blocks  # noqa: E402

@@ -1,12 +1,12 @@
 """Trained landmarks end to end: a small LLaMA trained from scratch by `landmark finetune`
 on synthetic facts, then asked about facts in documents far longer than its context.
 
-    python benchmarks/trained_facts.py                    # the README's recipe: a local first layer, 2 stages
-    python benchmarks/trained_facts.py --stage 2000:3e-3 --stage 2000:2e-3:gap=12   # the previous recipe
-    python benchmarks/trained_facts.py --local-layers 0 --heads 2 --kv-heads 2 --stage 2500:3e-3
-                                                          # the paper's layout, one stage (fails at 8k: README)
-    python benchmarks/trained_facts.py --stage 40:3e-3 --docs 1  # a quick smoke run
-    python benchmarks/trained_facts.py --eval-only /tmp/landmark-trained-facts/model --tokens 200
+    python experiments/trained_facts.py                   # the default plan (RECIPE): a local first layer, 3 stages
+    python experiments/trained_facts.py --stage 2000:3e-3 --stage 2000:2e-3:gap=12   # far facts in the second stage
+    python experiments/trained_facts.py --local-layers 0 --heads 2 --kv-heads 2 --stage 2500:3e-3
+                                                          # the paper's layout, one stage (fails at 8k)
+    python experiments/trained_facts.py --stage 40:3e-3 --docs 1  # a quick smoke run
+    python experiments/trained_facts.py --eval-only /tmp/landmark-trained-facts/model --tokens 200
                                                           # ask again, about shorter documents
 
 Steps: (1) write a training corpus of short "documents" in which a fact ("The code of
@@ -40,8 +40,8 @@ default) each holding --facts facts at random depths, the same names paired with
 drawn afresh, and ask `landmark ask` about every fact; (5) the same questions with the
 same model without retrieval, truncated to its training context (the last tokens of
 the prompt, full grouped attention): the baseline.
-Results go to benchmarks/results/trained_facts_cpu.json (trained_facts_cuda.json with
---device cuda: training on the GPU, asking on the CPU).
+Results go to experiments/results/trained_facts_cpu.json (trained_facts_cuda.json with
+--device cuda: training on the GPU, asking on the CPU); --json names another file.
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ def answer(name: str, code: str, restate: bool) -> str:
 @dataclass(frozen=True)
 class Style:
     """How the training documents are written. The defaults are the ones a small model
-    learns from on a CPU budget (benchmarks/lookup_probe.py): one fact per document,
+    learns from on a CPU budget (experiments/lookup_probe.py): one fact per document,
     stated 1-3 times (each restatement is one more lookup to learn from), answered with
     the fact restated ("The code of X is N."), whose code then follows the same words as
     in the document. With several facts per document the model must also match the
-    name: not learned within 20 CPU minutes (README)."""
+    name: not learned within 20 CPU minutes (experiments/README.md)."""
 
     facts: tuple[int, int] = (1, 1)  # facts per document, min-max
     repeats: int = 3  # each fact stated 1..repeats times
@@ -381,18 +381,16 @@ def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int,
             "records": records}
 
 
-# The default plan (README): near facts with a local first layer that reads its own and
-# the previous block (it learns to copy a near fact), then the same documents with that
-# layer reading its own block only, so that every fact in an earlier block, the previous
-# one included, must be fetched by the second layer's landmarks (variants file, eighth
-# section). The plan before it, far facts in the second stage (`2000:2e-3:gap=12`), was a
-# lottery over seeds: 90% at 8k for seed 0 (once 0%), 0% for seeds 1 and 3. The first
-# stage ends once its near lookup appears (until=0.5; tenth section): from scratch, no
-# seed did worse than with the whole 2,000 steps, and seed 0 went from 5% to 85%. The
-# own-block stages train on the answers only (loss_on; eleventh section): the lookup's
-# share of the loss grows about 20-fold, and the second layer took it over from every
-# first stage tried but one; a second, slower run of that stage finishes the handover
-# (seed 2: 80% to 100% at 8k).
+# The default plan: near facts with a local first layer that reads its own and the
+# previous block (it learns to copy a near fact), then the same documents with that layer
+# reading its own block only, so that every fact in an earlier block, the previous one
+# included, must be fetched through the second layer's landmarks. The first stage ends
+# once the near lookup appears (until=0.5), so that the own-block stages start from a
+# lookup that is still new rather than one long settled in the first layer.
+# The own-block stages train on the answers only (loss_on): the lookup's share of the
+# loss is then about 20 times larger, so that the second layer takes the lookup over;
+# the third, slower stage finishes a handover that comes late. The plans tried and their
+# results: experiments/README.md.
 ANSWERS = "Answer:"
 RECIPE = (Stage(3000, 3e-3, until=0.5), Stage(2000, 2e-3, local_blocks=0, loss_on=ANSWERS),
           Stage(1000, 1e-3, local_blocks=0, loss_on=ANSWERS))
@@ -463,7 +461,7 @@ def main(argv=None) -> int:
                     "local_blocks=0|1 (the local layers' reach), loss_on=MARKER (the text to train on: loss_on=Answer: "
                     "the answers only; loss_on= every token), until=F (end the stage once a near-lookup probe "
                     "reaches F). "
-                    "Default: the README's recipe, " + " then ".join(map(str, RECIPE)))
+                    "Default: " + " then ".join(map(str, RECIPE)))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=31)
@@ -495,7 +493,7 @@ def main(argv=None) -> int:
                     help="write the training corpora (WORK/corpus, and one per stage style: WORK/corpus_gap12, "
                     "WORK/corpus_gap12_facts1-3, ...) and the random base model (WORK/base) and stop (to train them "
                     "with `landmark finetune`)")
-    ap.add_argument("--json", help="results file (default: benchmarks/results/trained_facts_DEVICE.json; with "
+    ap.add_argument("--json", help="results file (default: experiments/results/trained_facts_DEVICE.json; with "
                     "--eval-only, none unless given)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -567,7 +565,7 @@ def main(argv=None) -> int:
           flush=True)
     ev = evaluate(model, work, docs=a.docs, facts=a.facts, tokens=a.tokens, top_k=a.top_k,
                   seed=a.seed + 1, pool=pool, style=style)
-    report(ev, Path(a.json or ROOT / f"benchmarks/results/trained_facts_{a.device.split(':')[0]}.json"),
+    report(ev, Path(a.json or ROOT / f"experiments/results/trained_facts_{a.device.split(':')[0]}.json"),
            {**vars(a), "stages": [asdict(st) for st in stages]}, parameters=n_params,
            train={"stages": summaries, "seconds": round(train_s, 1), "torch_threads": torch.get_num_threads()})
     return 0

@@ -19,7 +19,7 @@ from landmark_cli.landmarks import insert_landmarks
 from landmark_cli.models import load_model
 from test_cli import run
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import trained_facts  # noqa: E402
 
 CFG = TrainConfig(block_size=7, context=64, steps=20, batch=4, lr=3e-3, warmup=3, save_every=10)
@@ -313,7 +313,7 @@ def test_numbered_filler_and_landmark_ranks(corpus, tmp_path, capsys):
 
 
 def test_trained_facts_stages_with_a_local_layer(tmp_path):
-    """benchmarks/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
+    """experiments/trained_facts.py end to end, shortened: a plan of three `landmark finetune`
     stages, each from the previous checkpoint, the last on far facts, several per document,
     with a local first layer that in the last stage reads its own block only and a loss on
     the answers only; one file per training document; the result records every stage and
