@@ -29,7 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.engine import Engine  # noqa: E402
+
+from landmark_cli.settings import Settings  # noqa: E402
 from landmark_cli.session import Session  # noqa: E402
 from landmark_cli.models import load_model, resolve_dir  # noqa: E402
 from landmark_cli.passkey import parse_length  # noqa: E402

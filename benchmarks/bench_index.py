@@ -47,7 +47,7 @@ def main() -> None:
 
     import library
     from landmark_cli.ask import ask, ask_folder
-    from landmark_cli.engine import Settings
+    from landmark_cli.settings import Settings
     from landmark_cli.index import Indexer
     from landmark_cli.models import load_model
 

@@ -22,7 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.engine import Engine  # noqa: E402
+
+from landmark_cli.settings import Answering, Reading, Settings  # noqa: E402
 from landmark_cli.session import Session  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
 from landmark_cli.passkey import parse_length  # noqa: E402
@@ -56,7 +58,7 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     lm = load_model("default")
-    eng = Engine(lm, Settings(rep=args.rep, select="layer"))
+    eng = Engine(lm, Settings(Reading(rep=args.rep), Answering(select="layer")))
     rng, text = random.Random(0), essays()
     hits = None
     for t in range(args.trials):

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from landmark_cli import passkey  # noqa: E402
-from landmark_cli.engine import Engine, Settings  # noqa: E402
+from landmark_cli.engine import Engine  # noqa: E402
+from landmark_cli.settings import Answering, Reading, Settings  # noqa: E402
 from landmark_cli.models import load_model  # noqa: E402
 from landmark_cli.passkey_run import full_settings  # noqa: E402
 from landmark_cli.prompts import ask_prompt, raw_prompt  # noqa: E402
@@ -58,11 +60,18 @@ def plant(tokenizer, text: str, n_tokens: int, fact: str, depth: float) -> str:
 
 
 def parse_settings(spec: str) -> Settings:
-    kw = {}
+    """'top_k=8,rep=minmax,order=document' -> Settings: Reading's fields, then Answering's
+    (`answer_window` for its window; band is not settable here)."""
+    read, answer = {}, {}
+    reading_fields = {f.name for f in fields(Reading)}
     for item in filter(None, spec.split(",")):
         k, v = item.split("=")
-        kw[k] = v if k in ("rep", "kv_dtype", "select") else int(v)  # band is not settable here
-    return Settings(**kw)
+        value = v if k in ("rep", "kv_dtype", "select", "order") else int(v)
+        if k in reading_fields:
+            read[k] = value
+        else:
+            answer["window" if k == "answer_window" else k] = value
+    return Settings(Reading(**read), Answering(**answer))
 
 
 def run_passkey(args, lm, settings):
@@ -84,7 +93,6 @@ def run_passkey(args, lm, settings):
 
 
 def run_needles(args, lm, settings):
-    from dataclasses import replace
 
     text = haystack_text()
     eng = Engine(lm, settings, root=args.store)
@@ -99,7 +107,7 @@ def run_needles(args, lm, settings):
             p = ask_prompt(lm.tokenizer, plant(lm.tokenizer, text, n_long, fact, depth), question)
             entry, _ = eng.read(p.ids, p.spans)
             for mode in modes:
-                eng.settings = replace(settings, select=mode)
+                eng.settings = replace(eng.settings, answer=replace(eng.settings.answer, select=mode))
                 ans = eng.answer(entry, p.suffix, max_new_tokens=24, stop_ids=lm.stop_ids(), question=p.question)
                 row[mode] = ans.text.strip()
                 row[f"{mode}_ok"] = key in ans.text.lower()

@@ -348,12 +348,12 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
 def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int, top_k: int, seed: int,
              pool: list[str], style: Style = Style()) -> dict:
     from landmark_cli.ask import ask
-    from landmark_cli.engine import Settings
+    from landmark_cli.settings import Reading, Settings
     from landmark_cli.models import load_model
     from landmark_cli.prompts import ask_prompt
 
     lm = load_model(str(model_dir))
-    settings = Settings(top_k=top_k)
+    settings = Settings(Reading(top_k=top_k))
     rng = random.Random(seed)
     records = []
     for d in range(docs):

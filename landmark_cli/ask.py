@@ -10,10 +10,11 @@ from typing import Callable
 from filelock import FileLock, Timeout
 
 from .documents import Document, load_document
-from .engine import Engine, Settings
+from .engine import Engine
 from .errors import LandmarkError, StoreError
 from .models import LoadedModel
 from .prompts import ask_prompt
+from .settings import Settings
 
 LOCK_TIMEOUT_S = 3600
 

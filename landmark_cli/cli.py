@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -28,13 +29,39 @@ BlockOpt = Annotated[int, typer.Option("--block-size", help="tokens per landmark
 WindowOpt = Annotated[int, typer.Option("--window", help="local window: recent tokens always attended")]
 SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always attended")]
 ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per reading step")]
-RepOpt = Annotated[str, typer.Option("--rep", help="block representative while reading: mean | minmax")]
-LandmarksOpt = Annotated[str, typer.Option("--landmarks", help="auto (trained if the model has a <landmark> token "
-                                           "and mem_freq, else free) | trained | free (block representatives)")]
-SelectOpt = Annotated[str, typer.Option("--select", help="answer-time block selection: shared (one set chosen "
-                                        "by a band of middle layers) | layer (per layer and KV head)")]
-OrderOpt = Annotated[str, typer.Option("--order", help="shared selection: where the retrieved passages go, "
-                                       "best-last (best nearest the question) | document (document order)")]
+
+
+class RepChoice(str, Enum):
+    mean = "mean"
+    minmax = "minmax"
+
+
+class SelectChoice(str, Enum):
+    shared = "shared"
+    layer = "layer"
+
+
+class OrderChoice(str, Enum):
+    best_last = "best-last"
+    document = "document"
+
+
+class LandmarksChoice(str, Enum):
+    auto = "auto"
+    trained = "trained"
+    free = "free"
+
+
+RepOpt = Annotated[RepChoice, typer.Option("--rep", help="block representative while reading: the mean key, or "
+                                           "per-channel min/max bounds")]
+LandmarksOpt = Annotated[LandmarksChoice, typer.Option("--landmarks", help="trained: the model's <landmark> "
+                                                       "tokens; free: block representatives; auto: trained if the "
+                                                       "model has a <landmark> token and mem_freq")]
+SelectOpt = Annotated[SelectChoice, typer.Option("--select", help="answer-time block selection: shared (one set "
+                                                 "chosen by a band of middle layers) or layer (per layer and KV "
+                                                 "head)")]
+OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
+                                               "(nearest the question) or in document order")]
 
 
 @app.callback()
@@ -42,21 +69,16 @@ def _group() -> None:
     """Ask questions about long documents with a LLaMA-family model and Landmark Attention."""
 
 
-def _top_k(top_k: int | None) -> dict:
-    """--top-k as Settings fields: not given -> the default, which a trained model may lower."""
-    from .engine import Settings
-
-    return {"top_k": Settings.top_k if top_k is None else top_k, "top_k_auto": top_k is None}
-
-
-def _settings(top_k, block, window, sink, chunk, rep, select, landmarks="auto", order="best-last"):
-    from .engine import Settings
+def _settings(top_k, block, window, sink, chunk, rep=RepChoice.mean, select=SelectChoice.shared,
+              landmarks=LandmarksChoice.auto, order=OrderChoice.best_last):
+    """The options as Settings; top_k None: the default for the model's kind of landmark."""
+    from .settings import Answering, Reading, Settings
 
     try:
-        return Settings(block=block, **_top_k(top_k), window=window, sink=sink, chunk=chunk, rep=rep, select=select,
-                        landmarks=landmarks, order=order)
+        return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value),
+                        Answering(select=select.value, order=order.value), landmarks=landmarks.value)
     except ValueError as e:
-        raise LandmarkError(str(e), "see landmark ask --help") from None
+        raise LandmarkError(str(e), "see the command's --help") from None
 
 
 def _progress() -> Progress:
@@ -84,10 +106,10 @@ def ask(
     window: WindowOpt = 1024,
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
-    rep: RepOpt = "mean",
-    select: SelectOpt = "shared",
-    order: OrderOpt = "best-last",
-    landmarks: LandmarksOpt = "auto",
+    rep: RepOpt = RepChoice.mean,
+    select: SelectOpt = SelectChoice.shared,
+    order: OrderOpt = OrderChoice.best_last,
+    landmarks: LandmarksOpt = LandmarksChoice.auto,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
                                               "documents first")] = False,
@@ -221,8 +243,8 @@ def index(
     window: WindowOpt = 1024,
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
-    rep: RepOpt = "mean",
-    landmarks: LandmarksOpt = "auto",
+    rep: RepOpt = RepChoice.mean,
+    landmarks: LandmarksOpt = LandmarksChoice.auto,
     status: Annotated[bool, typer.Option("--status", help="show what is indexed, stale, new or failed; "
                                          "read nothing")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="drop the caches of files that were deleted")] = False,
@@ -234,7 +256,7 @@ def index(
     from .documents import find_documents
     from .index import Indexer
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, "shared", landmarks)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks)
     find_documents(folder)  # a missing folder fails before the model loads
     lm, _ = _load(model)
     if status:
@@ -281,7 +303,7 @@ def passkey(
                                          "the last tokens that fit the model's context)")] = "landmark,full,truncate",
     top_k: TopKOpt = None,
     block_size: BlockOpt = 32,
-    landmarks: LandmarksOpt = "auto",
+    landmarks: LandmarksOpt = LandmarksChoice.auto,
     model: ModelOpt = "default",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="seed of the first trial of each length")] = 0,
@@ -295,14 +317,12 @@ def passkey(
 
     from . import passkey as pk
     from . import passkey_run as grid_run
-    from .engine import Settings
     from .models import load_model
+    from .settings import Reading
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
-    try:
-        settings = Settings(**_top_k(top_k), block=block_size, landmarks=landmarks)
-    except ValueError as e:
-        raise LandmarkError(str(e), "see landmark passkey --help") from None
+    defaults = Reading()
+    settings = _settings(top_k, block_size, defaults.window, defaults.sink, defaults.chunk, landmarks=landmarks)
     grid_run.check_device(device)
     if plot_file:
         pk.require_matplotlib()  # before hours of work, not after

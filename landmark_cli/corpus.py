@@ -44,18 +44,18 @@ class CorpusSession(AnswerSession):
         if engine.spec is not None:
             raise ValueError("trained landmark models answer a folder through corpus_trained.TrainedCorpusSession")
         self.engine, self.entries = engine, entries
-        self.settings, self.model = engine.settings, engine.model
-        s, c, m = self.settings, self.model.cfg, self.model
+        self.reading, self.answering, self.model = engine.reading, engine.settings.answer, engine.model
+        s, c, m = self.reading, self.model.cfg, self.model
         B = s.block
         self.stores = [as_torch(e.kv) for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
         self.sink_end = min(s.sink_tokens, entries[0].n_tokens // B * B)
         self.candidates = Candidates.of(entries, B, self.sink_end)
         self.complete = torch.nonzero(self.candidates.valid == B).flatten()
-        self.k = min(2 * s.top_k if blocks is None else blocks, len(self.candidates))
+        self.k = min(2 * s.top_k_or_default if blocks is None else blocks, len(self.candidates))
         self.k_per_layer = min(self.k, self.complete.shape[0])  # per-layer selection while choosing
         self.reps = torch.cat([torch.from_numpy(entries[d].reps[:, :, b0:b0 + sl.stop - sl.start])
                                for d, sl, b0 in self.candidates.ranges()], 2) if len(self.candidates) else None
-        self.scoring_layers = scoring_layers(s.band, c.n_layers)
+        self.scoring_layers = scoring_layers(self.answering.band, c.n_layers)
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k_per_layer * B)
         self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim, m.dtype)
         cos, sin = m.rope.at(torch.arange(self.sink_end))
@@ -78,7 +78,7 @@ class CorpusSession(AnswerSession):
     def _choose(self, x: torch.Tensor, question: slice) -> None:
         """Run the question up to the last scoring layer (per-layer retrieval over the
         complete candidates), score every candidate there, keep the best runs of blocks."""
-        s, c, m = self.settings, self.model.cfg, self.model
+        s, c, m = self.reading, self.model.cfg, self.model
         B, T, start = s.block, x.shape[0], self.sink_end
         cos, sin = m.rope.at(torch.arange(T) + self.sink_end + self.k_per_layer * B)
         idx = torch.arange(self.k_per_layer).expand(c.n_kv_heads, -1)
@@ -127,7 +127,7 @@ class CorpusSession(AnswerSession):
         T, start = ids.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(start, start + T))
         none = torch.zeros(c.n_kv_heads, 0, dtype=torch.long)
-        empty = self.dense.kv.new_zeros(c.n_kv_heads, 0, self.settings.block, c.head_dim)
+        empty = self.dense.kv.new_zeros(c.n_kv_heads, 0, self.reading.block, c.head_dim)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)

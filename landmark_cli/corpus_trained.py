@@ -39,8 +39,8 @@ class TrainedCorpusSession(AnswerSession):
 
     def __init__(self, engine, entries: list[store.Entry], capacity: int):
         self.engine, self.entries = engine, entries
-        self.settings, self.model, self.landmarks = engine.settings, engine.model, engine.landmarks
-        s, c, m, spec = self.settings, self.model.cfg, self.model, engine.spec
+        self.reading, self.model, self.landmarks = engine.reading, engine.model, engine.landmarks
+        s, c, m, spec = self.reading, self.model.cfg, self.model, engine.spec
         B = s.block
         self.stores = [as_torch(e.kv) for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
         # every block from the first document's start and the others' first document text
@@ -55,7 +55,7 @@ class TrainedCorpusSession(AnswerSession):
             reps.append(torch.from_numpy(entries[d].reps[:, :, b0:b0 + n_full, 0]).float())  # [L, Hkv, n, D]
             reps += [self.closing[i][:, 0, :, None].float() for i in range(sl.start + n_full, sl.stop)]
         self.reps = torch.cat(reps, 2)[:, :, :, None]  # [L, Hkv, N, 1, D] (N >= 1: the first document's start)
-        self.k = min(s.top_k + s.window_tokens // B, len(cand))
+        self.k = min(s.top_k_or_default + s.window_tokens // B, len(cand))
         self.top = self.k * B  # the question's first position: every head's blocks end here
         capacity += capacity // spec.mem_freq + 2  # room for the landmarks inserted among new tokens
         self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
@@ -65,7 +65,7 @@ class TrainedCorpusSession(AnswerSession):
 
     def _blocks(self, layer: int, head: int, chosen: list[int]):
         """The chosen candidates' pre-RoPE keys, values [n, D] and landmark flags [n], end to end."""
-        B, m, cand = self.settings.block, self.model, self.candidates
+        B, m, cand = self.reading.block, self.model, self.candidates
         empty = torch.zeros(0, m.cfg.head_dim, dtype=m.dtype)  # k may be 0 (--top-k 0, no window)
         ks, vs, flags = [empty], [empty], [torch.zeros(0, dtype=torch.bool)]
         for i in chosen:

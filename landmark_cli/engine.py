@@ -9,14 +9,14 @@ placed contiguously at positions 0, 1, 2, ... so the model never sees a distance
 than sink + k*block + window + chunk, whatever the document length. Retrieved blocks are
 the top-k by landmark score (landmarks.py) among the complete blocks between the sink
 and the window, kept in document order (while answering with the shared selection,
-passages of adjacent blocks go best last: Settings.order). Keys are stored pre-RoPE and
+passages of adjacent blocks go best last: Answering.order). Keys are stored pre-RoPE and
 rotated at their new positions when attended.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,95 +27,12 @@ from landmark_cli.kernels.rope import apply_rope
 
 from . import store
 from .attention import as_torch, landmark_kind
-from .checkpoint import LandmarkSpec
 from .errors import LandmarkError
 from .landmarks import N_REPS, block_reps, is_landmark_position
 from .models import LoadedModel
 from .paths import home
 from .selection import ByRepresentatives
-
-
-@dataclass(frozen=True)
-class Settings:
-    block: int = 32  # tokens per block (the unit of retrieval)
-    top_k: int = 8  # blocks retrieved per layer and KV head at every step
-    sink: int = 64  # initial tokens always attended (rounded up to whole blocks)
-    window: int = 1024  # local window before each step (rounded down to whole blocks)
-    chunk: int = 512  # document tokens per reading step (rounded down to whole blocks)
-    rep: str = "mean"  # block representative: mean | minmax
-    kv_dtype: str = "float16"  # KV store precision on disk
-    # answering only (not part of the store key):
-    select: str = "shared"  # "shared": one selection for all layers, made by the band; "layer": per layer and head
-    band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) that make the shared selection
-    answer_window: int | None = None  # local window while answering (None: same as `window`)
-    follow: int = 1  # shared selection: blocks taken after each top block
-    order: str = "best-last"  # shared selection: passages "best-last" (nearest the question) or in "document" order
-    landmarks: str = "auto"  # "trained": the model's own <landmark> tokens; "free": representatives; auto: trained if the model has them
-    top_k_auto: bool = False  # top_k is the default, not the user's: trained landmarks then take TRAINED_TOP_K
-
-    def __post_init__(self):
-        if self.block < 1 or self.top_k < 0 or self.sink < 0 or self.window < 0:
-            raise ValueError("block must be >= 1; top_k, sink and window >= 0")
-        if self.rep not in N_REPS:
-            raise ValueError(f"unknown representative {self.rep!r}; choose from {sorted(N_REPS)}")
-        if self.select not in ("layer", "shared"):
-            raise ValueError(f"unknown selection {self.select!r}; choose layer or shared")
-        if self.order not in ("best-last", "document"):
-            raise ValueError(f"unknown order {self.order!r}; choose best-last or document")
-        if self.landmarks not in ("auto", "trained", "free"):
-            raise ValueError(f"unknown landmarks {self.landmarks!r}; choose auto, trained or free")
-
-    def reading(self) -> dict:
-        """The settings that shape the stored KV (the store key)."""
-        return {k: getattr(self, k) for k in ("block", "top_k", "sink", "window", "chunk", "rep", "kv_dtype")}
-
-    @property
-    def sink_tokens(self) -> int:
-        return -(-self.sink // self.block) * self.block
-
-    @property
-    def window_tokens(self) -> int:
-        return self.window // self.block * self.block
-
-    @property
-    def chunk_tokens(self) -> int:
-        return max(self.block, self.chunk // self.block * self.block, self.sink_tokens)
-
-    def span(self) -> int:
-        """Largest position used by one step: what must fit the model's context."""
-        return self.sink_tokens + self.top_k * self.block + self.window_tokens + self.chunk_tokens
-
-
-TRAINED_TOP_K = 4  # blocks per layer and KV head for trained landmarks when --top-k is not given (the paper: 2-5)
-
-
-def trained_settings(s: Settings, spec: LandmarkSpec) -> Settings:
-    """Settings for a trained landmark model, as in the paper: blocks of mem_freq tokens +
-    their <landmark>, retrieval by the landmark keys per layer and KV head, no sink, and
-    every step inside the training context: k blocks + window + chunk <= train_context
-    (the chunk shrinks first, then the window). Without a top_k of the user's
-    (top_k_auto), TRAINED_TOP_K blocks, fewer if the training context leaves no room."""
-    B = spec.block
-    if s.top_k_auto:
-        s = replace(s, top_k=min(TRAINED_TOP_K, spec.train_context // B - 1))
-    avail = spec.train_context // B * B - s.top_k * B
-    if avail < B:
-        raise LandmarkError(f"--top-k {s.top_k} blocks of {B} tokens leave no room for a chunk in the model's "
-                            f"training context of {spec.train_context} tokens",
-                            f"use --top-k {max(spec.train_context // B - 1, 0)} or less")
-    chunk = max(B, min(s.chunk // B * B, avail))
-    return replace(s, block=B, rep="landmark", select="layer", sink=0, chunk=chunk,
-                   window=max(0, min(s.window // B * B, avail - chunk)))
-
-
-def effective_settings(lm: LoadedModel, s: Settings) -> tuple[Settings, LandmarkSpec | None]:
-    """The settings an engine for this model really reads and answers with, and the
-    model's trained landmarks when they are used (None: training-free landmarks)."""
-    if s.landmarks == "trained" and lm.landmark is None:
-        raise LandmarkError(f"{lm.name} has no trained landmarks (a <landmark> token and mem_freq in its config)",
-                            "use --landmarks auto or free")
-    spec = lm.landmark if s.landmarks != "free" else None
-    return (s, None) if spec is None else (trained_settings(s, spec), spec)
+from .settings import Settings, effective_settings
 
 
 @dataclass
@@ -137,13 +54,13 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, settings: Settings = Settings(), root: Path | None = None):
         settings, self.spec = effective_settings(loaded, settings)  # spec set: trained landmarks
-        self.loaded, self.settings = loaded, settings
+        self.loaded, self.settings, self.reading = loaded, settings, settings.read
         self.model = loaded.model
         self.landmarks = landmark_kind(self.spec)
         self.root = root or home() / "store"
         limit = self.spec.train_context if self.spec else self.model.cfg.context
-        if settings.span() > limit:
-            raise LandmarkError(f"sink + top_k*block + window + chunk = {settings.span()} tokens exceeds the "
+        if self.reading.span() > limit:
+            raise LandmarkError(f"sink + top_k*block + window + chunk = {self.reading.span()} tokens exceeds the "
                                 f"model's context of {limit} tokens", "lower --top-k, --window or --chunk")
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
@@ -154,7 +71,7 @@ class Engine:
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
         digest = store.entry_key({"ids": store._digest(np.asarray(ids, dtype=np.int32))})
-        return store.entry_key({"model": self.loaded.fingerprint, "settings": self.settings.reading(), "ids": digest})
+        return store.entry_key({"model": self.loaded.fingerprint, "settings": self.reading.key(), "ids": digest})
 
     def lookup(self, ids: list[int]) -> store.Entry | None:
         """The valid cached entry for this token stream, or None (a corrupt one is removed)."""
@@ -180,13 +97,13 @@ class Engine:
         store.sweep_temporaries(self.root)
         key, given = self.key(ids), ids
         ids, spans = self.stream(ids, spans)
-        s, c = self.settings, self.model.cfg
+        s, c = self.reading, self.model.cfg
         n = len(ids)
         nb = -(-n // s.block)
         shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
                      head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
         w = store.Writer(self.root, key, shape, {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint,
-                                                 "settings": s.reading()}, kv_dtype=s.kv_dtype)
+                                                 "settings": s.key()}, kv_dtype=s.kv_dtype)
         try:
             w.ids[:] = ids
             if spans is not None:
@@ -215,12 +132,12 @@ class Engine:
         0 if `entry` was read by another model or with other settings. Counted in stream tokens."""
         ids = self.stream(ids)[0]
         meta = entry.meta
-        if meta.get("fingerprint") != self.loaded.fingerprint or meta.get("settings") != self.settings.reading():
+        if meta.get("fingerprint") != self.loaded.fingerprint or meta.get("settings") != self.reading.key():
             return 0
         n = min(entry.n_tokens, len(ids))
         same = np.asarray(entry.ids[:n]) == np.asarray(ids[:n], dtype=entry.ids.dtype)
         common = n if bool(same.all()) else int(same.argmin())
-        return min(common, len(ids) - 1) // self.settings.chunk_tokens * self.settings.chunk_tokens
+        return min(common, len(ids) - 1) // self.reading.chunk_tokens * self.reading.chunk_tokens
 
     # ---- reading (chunked prefill with retrieval) --------------------------------------
     @torch.inference_mode()
@@ -230,7 +147,7 @@ class Engine:
         Each chunk attends to [sink] [top-k blocks by representative, per layer and KV head,
         among the complete blocks between sink and window] [window] [itself]; its pre-RoPE
         keys and values and its blocks' representatives go into the entry being written."""
-        s, m = self.settings, self.model
+        s, m = self.reading, self.model
         B, n = s.block, ids.shape[0]
         store_kv = as_torch(w.kv)
         last_valid = n - (w.kv.shape[3] - 1) * B
@@ -241,7 +158,7 @@ class Engine:
             win0 = max(sink_end, start - s.window_tokens)
             retrievable = slice(sink_end // B, win0 // B)
             ranker = ByRepresentatives(torch.from_numpy(w.reps[:, :, retrievable]), s.rep, retrievable.start,
-                                       s.top_k, m.cfg.n_kv_heads)
+                                       s.top_k_or_default, m.cfg.n_kv_heads)
             selection = self.landmarks.selection(ranker, win0 // B, m.cfg.n_kv_heads)
 
             def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -261,7 +178,7 @@ class Engine:
         """Attention of one reading chunk (q, k, v pre-RoPE) over the sink [0, sink_end), the
         blocks sel of layer_kv [2, Hkv, N, B, D], the window [win0, start) and itself, placed
         contiguously from position 0."""
-        s, m = self.settings, self.model
+        s, m = self.reading, self.model
         sink, win = (layer_kv[:, :, i0 // s.block:i1 // s.block].flatten(2, 3) for i0, i1 in ((0, sink_end),
                                                                                          (win0, start)))
         T, n_sink, n_win = q.shape[1], sink.shape[2], win.shape[2]

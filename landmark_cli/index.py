@@ -23,12 +23,13 @@ from filelock import FileLock, Timeout
 from . import store
 from .ask import read_locked
 from .documents import find_documents, load_document
-from .engine import Engine, Settings
+from .engine import Engine
 from .errors import LandmarkError, StoreError
 from .manifest import Manifest, Row, settings_key
 from .models import LoadedModel
 from .paths import home
 from .prompts import document_prompt
+from .settings import Settings
 
 
 def manifest_path() -> Path:
@@ -60,7 +61,7 @@ class Indexer:
     def __init__(self, lm: LoadedModel, settings: Settings, store_root: Path | None = None):
         self.lm, self.settings = lm, settings
         self.engine = Engine(lm, settings, root=store_root)
-        self.key = (lm.fingerprint, settings_key(self.engine.settings.reading()))  # as the engine reads (trained models adjust them)
+        self.key = (lm.fingerprint, settings_key(self.engine.reading.key()))  # as the engine reads (trained models adjust them)
 
     def _lock(self, folder: Path) -> FileLock:
         locks = home() / "locks"

@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from . import passkey, store
-from .engine import Engine, Settings, effective_settings
+from .engine import Engine
 from .errors import LandmarkError
 from .models import LoadedModel
 from .paths import home
 from .passkey import METHODS
 from .prompts import Prompt, raw_prompt
+from .settings import Answering, Reading, Settings, effective_settings
 
 MAX_NEW_TOKENS = 8  # " 12345." is at most 7 tokens in the tokenizers we know
 FORMAT = 1  # version of the results file
@@ -63,8 +64,8 @@ def full_settings(n_tokens: int, context: int, reserve: int = 64) -> Settings:
         raise LandmarkError(f"{n_tokens:,} tokens leave too little of the model's context of {context:,} tokens "
                             f"for exact full attention (at most {full_capacity(context, reserve, sink):,})")
     top_k = (context - sink - window - chunk) // block
-    return Settings(block=block, sink=sink, window=window, chunk=chunk, kv_dtype="float32", top_k=top_k,
-                    select="layer", landmarks="free")
+    return Settings(Reading(block=block, sink=sink, window=window, chunk=chunk, kv_dtype="float32", top_k=top_k),
+                    Answering(select="layer"), landmarks="free")
 
 
 def full_capacity(context: int, reserve: int, chunk: int = 512) -> int:
@@ -100,7 +101,9 @@ def machine() -> dict:
 def grid_meta(lm: LoadedModel, settings: Settings, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """What must match for trials of two runs to be comparable: the settings the landmark
     method really runs with (a trained landmark model adjusts them)."""
-    landmark = asdict(effective_settings(lm, settings)[0])
+    effective = effective_settings(lm, settings)[0]
+    answering = {("answer_window" if k == "window" else k): v for k, v in asdict(effective.answer).items()}
+    landmark = {**asdict(effective.read), **answering, "landmarks": effective.landmarks}
     if lm.landmark is None:
         landmark.pop("landmarks")  # means nothing without trained landmarks (and older files lack it)
     return _json({"format": FORMAT, "benchmark": "passkey",
@@ -274,7 +277,8 @@ def run_trial(lm: LoadedModel, settings: Settings, trial: Trial, case: passkey.C
            "read_tokens": None, "reused_tokens": 0, "read_s": None, "read_tok_s": None, "answer_s": None, "first_token_s": None,
            "retrieved_per_step": None, "peak_rss_mib": None, "error": None}
     if trial.method == "landmark":
-        rec.update(top_k=settings.top_k, block=settings.block)
+        reading = effective_settings(lm, settings)[0].read
+        rec.update(top_k=reading.top_k, block=reading.block)
     ids = p.ids
     if trial.method == "truncate":
         keep = min(len(ids), full_capacity(context, reserve))

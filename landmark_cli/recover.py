@@ -309,7 +309,7 @@ def passkey_check(model_dir, *, length: int = 2048, trials: int = 2, settings=No
     """The short passkey retrieval test run after recovery: `trials` prompts of `length`
     tokens, landmark method (default Settings unless given). Returns (correct, trials)."""
     from . import passkey_run as pr
-    from .engine import Settings
+    from .settings import Settings
     from .models import load_model
 
     lm = load_model(str(model_dir), progress=progress)

@@ -65,18 +65,19 @@ class Session(AnswerSession):
 
     def __init__(self, engine, entry: store.Entry, capacity: int):
         self.engine, self.entry = engine, entry
-        self.settings, self.model, self.landmarks = engine.settings, engine.model, engine.landmarks
-        s, c, m = self.settings, self.model.cfg, self.model
+        self.reading, self.answering = engine.reading, engine.settings.answer
+        self.model, self.landmarks = engine.model, engine.landmarks
+        s, c, m = self.reading, self.model.cfg, self.model
         B, n = s.block, entry.n_tokens
         self.store = as_torch(entry.kv)
         self.reps = torch.from_numpy(entry.reps)
-        window = s.window_tokens if s.answer_window is None else s.answer_window // B * B
+        window = s.window_tokens if self.answering.window is None else self.answering.window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
         win0 = max(self.sink_end, (n - window) // B * B)
         self.retrievable = slice(self.sink_end // B, win0 // B)  # complete blocks between sink and window
         self.candidates = Candidates.of([entry], B, self.sink_end)  # the retrievable blocks, then the window's
-        self.k = min(s.top_k, self.retrievable.stop - self.retrievable.start)
-        self.scoring_layers = scoring_layers(s.band, c.n_layers)
+        self.k = min(s.top_k_or_default, self.retrievable.stop - self.retrievable.start)
+        self.scoring_layers = scoring_layers(self.answering.band, c.n_layers)
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
         n_dense = self.sink_end + (n - win0)
         self.next_pos = self.sink_end + self.k * B + (n - win0)
@@ -107,7 +108,7 @@ class Session(AnswerSession):
 
     def ranker(self, record: bool = False) -> ByRepresentatives:
         """Per-layer top-k of the retrievable blocks by their representatives."""
-        return ByRepresentatives(self.reps[:, :, self.retrievable], self.settings.rep, self.retrievable.start,
+        return ByRepresentatives(self.reps[:, :, self.retrievable], self.reading.rep, self.retrievable.start,
                                  self.k, self.model.cfg.n_kv_heads, record)
 
     def per_layer(self, ranker: ByRepresentatives) -> Selection:
@@ -139,12 +140,12 @@ class Session(AnswerSession):
     def _choose(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, question: slice) -> None:
         """The shared selection: run the question up to the last scoring layer, where its
         tokens score every candidate block; keep the best runs of blocks."""
-        s, c = self.settings, self.model.cfg
+        a, c = self.answering, self.model.cfg
         band = BandScores(self.scoring_layers, self.candidates, [self.store], c.n_kv_heads, question)
         self._run(x, cos, sin, self.dense.length, Scoring(self.per_layer(self.ranker()), band),
                   layers=self.scoring_layers.stop)
         n_retrievable = self.retrievable.stop - self.retrievable.start  # the first candidates
-        best = top_runs(band.votes(n_retrievable), self.k, s.follow, best_last=s.order == "best-last")
+        best = top_runs(band.votes(n_retrievable), self.k, a.follow, best_last=a.order == "best-last")
         self.chosen = (best + self.retrievable.start).expand(c.n_kv_heads, -1)
         self.votes = band.votes()
 
@@ -156,7 +157,7 @@ class Session(AnswerSession):
         T, start = ids.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(self.next_pos, self.next_pos + T))
         x = m.embed(ids)
-        if self.settings.select == "shared" and self.chosen is None:
+        if self.answering.select == "shared" and self.chosen is None:
             self._choose(x, cos, sin, question or slice(None))
         if self.chosen is not None:
             x = self._run(x, cos, sin, start, Fixed(self.chosen))

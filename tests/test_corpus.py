@@ -4,7 +4,8 @@ import torch
 
 from landmark_cli.corpus import CorpusSession
 from landmark_cli.selection import Candidates
-from landmark_cli.engine import Engine, Settings
+from landmark_cli.engine import Engine
+from landmark_cli.settings import Reading, Settings
 from landmark_cli.landmarks import top_runs
 
 
@@ -12,7 +13,7 @@ def _ids(n, vocab, seed=0):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-EXACT = Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32")
+EXACT = Settings(Reading(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"))
 
 
 def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path):
@@ -36,7 +37,7 @@ def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path):
 
 def test_small_budget_differs_from_full_attention(tiny, tmp_path):
     ids = _ids(203, tiny.model.cfg.vocab_size)
-    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32, kv_dtype="float32"),
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32, kv_dtype="float32")),
                  root=tmp_path / "store")
     entry, _ = eng.read(ids[:173])
     sess = CorpusSession(eng, [entry], capacity=64)
@@ -49,7 +50,7 @@ def test_small_budget_differs_from_full_attention(tiny, tmp_path):
 
 def test_candidates_span_every_document_and_sources_name_them(tiny, tmp_path):
     vocab = tiny.model.cfg.vocab_size
-    s = Settings(block=8, top_k=3, sink=8, window=16, chunk=32)
+    s = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32))
     eng = Engine(tiny, s, root=tmp_path / "store")
     prefix = _ids(5, vocab, seed=9)  # a shared prompt prefix, as the index writes it
     entries = []

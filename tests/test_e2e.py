@@ -7,7 +7,8 @@ import pytest
 
 from landmark_cli import passkey
 from landmark_cli.cli import main
-from landmark_cli.engine import Engine, Settings
+from landmark_cli.engine import Engine
+from landmark_cli.settings import Settings
 from landmark_cli.prompts import raw_prompt
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,8 @@ import torch
 
 from landmark_cli import store
 from landmark_cli.errors import LandmarkError
-from landmark_cli.engine import Engine, Settings
+from landmark_cli.engine import Engine
+from landmark_cli.settings import Answering, Reading, Settings
 from landmark_cli.session import Session
 
 
@@ -19,8 +20,8 @@ def test_covering_k_equals_full_attention(tiny, tmp_path, select):
     """k covering every block + a document inside the context => same logits as full causal attention."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
     doc, suffix = ids[:170], ids[170:]
-    eng = Engine(tiny, Settings(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32",
-                                select=select), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                                Answering(select=select)), root=tmp_path / "store")
     entry, cached = eng.read(doc)
     assert not cached
     sess = Session(eng, entry, capacity=64)
@@ -43,8 +44,8 @@ def test_covering_k_equals_full_attention(tiny, tmp_path, select):
 def test_small_k_differs_from_full_attention(tiny, tmp_path, select):
     """Sanity check of the test above: with few retrieved blocks the result is not full attention."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
-    eng = Engine(tiny, Settings(block=8, top_k=1, sink=8, window=16, chunk=32, kv_dtype="float32",
-                                select=select), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=1, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                                Answering(select=select)), root=tmp_path / "store")
     entry, _ = eng.read(ids[:170])
     got = Session(eng, entry, capacity=64).step(torch.tensor(ids[170:]))
     with torch.inference_mode():
@@ -54,7 +55,7 @@ def test_small_k_differs_from_full_attention(tiny, tmp_path, select):
 
 def test_second_read_is_cached_and_does_no_prefill(tiny, tmp_path, monkeypatch):
     ids = _ids(300, tiny.model.cfg.vocab_size, seed=3)
-    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
     first, cached = eng.read(ids)
     assert not cached
     monkeypatch.setattr(Engine, "_prefill", lambda *a, **k: pytest.fail("prefill on a cached document"))
@@ -68,7 +69,7 @@ def test_second_read_is_cached_and_does_no_prefill(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate_kv", "flip_reps", "bad_meta", "missing_ids"])
 def test_corrupted_entry_is_detected_and_rebuilt(tiny, tmp_path, damage):
     ids = _ids(150, tiny.model.cfg.vocab_size, seed=4)
-    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
     entry, _ = eng.read(ids)
     path, expected = entry.path, np.array(entry.kv)
     del entry
@@ -91,7 +92,7 @@ def test_corrupted_entry_is_detected_and_rebuilt(tiny, tmp_path, damage):
 
 def test_interrupted_read_leaves_no_valid_entry(tiny, tmp_path, monkeypatch):
     ids = _ids(200, tiny.model.cfg.vocab_size, seed=5)
-    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
 
     def interrupt(done, total):
         if done > 64:
@@ -107,12 +108,12 @@ def test_interrupted_read_leaves_no_valid_entry(tiny, tmp_path, monkeypatch):
 
 def test_settings_must_fit_the_context(tiny):
     with pytest.raises(LandmarkError, match="context"):
-        Engine(tiny, Settings(block=64, top_k=64, window=1024, chunk=512))
+        Engine(tiny, Settings(Reading(block=64, top_k=64, window=1024, chunk=512)))
 
 
 def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     ids = _ids(400, tiny.model.cfg.vocab_size, seed=6)
-    eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=16, chunk=32, select="shared"),
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32), Answering(select="shared")),
                  root=tmp_path / "store")
     entry, _ = eng.read(ids[:380])
     sess = Session(eng, entry, capacity=32)
@@ -126,7 +127,7 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
 
 def test_a_document_inside_the_window_is_still_cited(tiny, tmp_path):
     ids = _ids(60, tiny.model.cfg.vocab_size, seed=9)
-    eng = Engine(tiny, Settings(block=8, top_k=3, sink=8, window=64, chunk=32), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=3, sink=8, window=64, chunk=32)), root=tmp_path / "store")
     entry, _ = eng.read(ids)
     ans = eng.answer(entry, ids[:6], max_new_tokens=2)
     assert ans.sources and all(d == 0 and 1 <= b < entry.kv.shape[3] for d, b, _ in ans.sources)
@@ -134,9 +135,9 @@ def test_a_document_inside_the_window_is_still_cited(tiny, tmp_path):
 
 def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
     ids = _ids(100, tiny.model.cfg.vocab_size, seed=7)
-    base = Settings(block=8, top_k=2, sink=8, window=16, chunk=32)
-    same = Settings(block=8, top_k=2, sink=8, window=16, chunk=32, select="shared", answer_window=8)
-    other = Settings(block=8, top_k=3, sink=8, window=16, chunk=32)
+    base = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32))
+    same = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32), Answering(select="shared", window=8))
+    other = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32))
     key = lambda s: Engine(tiny, s, root=tmp_path).key(ids)
     assert key(base) == key(same) != key(other)
 
@@ -148,7 +149,7 @@ def test_second_process_on_the_same_document_waits_then_gives_up_clearly(tiny, t
     from landmark_cli.errors import StoreError
 
     ids = _ids(120, tiny.model.cfg.vocab_size, seed=8)
-    eng = Engine(tiny, Settings(block=8, top_k=2, sink=8, window=16, chunk=32), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
     eng.root.mkdir(parents=True)
     other = FileLock(str(eng.root / f"{eng.key(ids)}.lock"))  # another reader holds the document
     other.acquire()
@@ -179,12 +180,12 @@ def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, 
     vocab = tiny.model.cfg.vocab_size
     old = _ids(150, vocab, seed=5)
     new = old[:110] + _ids(90, vocab, seed=6)  # differs from token 110: chunks [0, 96) are shared
-    s = Settings(block=8, top_k=2, sink=8, window=16, chunk=32)
+    s = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32))
     full, _ = Engine(tiny, s, root=tmp_path / "a").read(new)
     eng = Engine(tiny, s, root=tmp_path / "b")
     donor, _ = eng.read(old)
     assert eng.shared_prefix(donor, new) == 96
-    assert Engine(tiny, Settings(block=8, top_k=3, sink=8, window=16, chunk=32),
+    assert Engine(tiny, Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32)),
                   root=tmp_path / "b").shared_prefix(donor, new) == 0  # other settings: nothing shared
     chunks = []
     real = tiny.model.embed

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from landmark_cli.ask import ask
 from landmark_cli.checkpoint import LandmarkSpec
-from landmark_cli.engine import Settings
+from landmark_cli.settings import Reading, Settings
 from landmark_cli.errors import LandmarkError
 from landmark_cli.finetune import STATE_META, TrainConfig, finetune
 from landmark_cli.landmarks import insert_landmarks
@@ -42,7 +42,7 @@ def test_loss_falls_and_checkpoint_loads(tiny_dir, corpus, tmp_path):
     assert r["mem_id"] == lm.landmark.mem_id
     doc = tmp_path / "doc.txt"
     doc.write_text(trained_facts.long_document(__import__("random").Random(0), trained_facts.names(50), 2, 60)[0])
-    res = ask(lm, doc, "What is the code of Kite?", Settings(top_k=2), max_new_tokens=4)
+    res = ask(lm, doc, "What is the code of Kite?", Settings(Reading(top_k=2)), max_new_tokens=4)
     assert res.retrieved_per_step <= 64 and res.document_tokens > 64  # the document is beyond the context
 
 

@@ -9,14 +9,14 @@ from filelock import FileLock
 
 from landmark_cli import manifest as manifest_mod
 from landmark_cli import store
-from landmark_cli.engine import Settings
+from landmark_cli.settings import Reading, Settings
 from landmark_cli.errors import StoreError
 from landmark_cli.index import Indexer, manifest_path
 from landmark_cli.llama import Llama
 from pdf_fixtures import make_blank_pdf, make_text_pdf
 from test_cli import run
 
-S = Settings(block=16, top_k=2, sink=16, window=64, chunk=64)
+S = Settings(Reading(block=16, top_k=2, sink=16, window=64, chunk=64))
 OPTS = ["--block-size", "16", "--top-k", "2", "--window", "64", "--sink", "16", "--chunk", "64"]
 
 
@@ -155,7 +155,7 @@ def test_deleted_files_reported_then_pruned(tiny, folder):
 
 def test_other_settings_make_their_own_rows(tiny, folder):
     Indexer(tiny, S).run(folder)
-    other = Settings(block=8, top_k=2, sink=16, window=64, chunk=64)
+    other = Settings(Reading(block=8, top_k=2, sink=16, window=64, chunk=64))
     assert states(Indexer(tiny, other).run(folder))["a.md"] == "indexed"
     assert len(rows()) == 8
 

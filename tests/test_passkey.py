@@ -8,13 +8,14 @@ import torch
 
 from landmark_cli import passkey as pk
 from landmark_cli import passkey_run as run
-from landmark_cli.engine import Engine, Settings
+from landmark_cli.engine import Engine
+from landmark_cli.settings import Reading, Settings
 from landmark_cli.session import Session
 from landmark_cli.errors import LandmarkError
 from landmark_cli.prompts import raw_prompt
 from test_cli import run as run_cli
 
-SMALL = Settings(block=16, top_k=2, sink=16, window=64, chunk=64)  # retrieval on short prompts
+SMALL = Settings(Reading(block=16, top_k=2, sink=16, window=64, chunk=64))  # retrieval on short prompts
 
 
 # ---- prompt and scoring ------------------------------------------------------------------
@@ -92,8 +93,8 @@ def test_full_settings_are_full_causal_attention(tiny, tmp_path, n):
 
 def test_full_settings_refuse_prompts_beyond_the_context():
     ctx = 4096
-    assert run.full_settings(run.full_capacity(ctx, 20), ctx, 20).chunk == 512
-    assert run.full_settings(run.full_capacity(ctx, 20, chunk=64), ctx, 20).span() <= ctx
+    assert run.full_settings(run.full_capacity(ctx, 20), ctx, 20).read.chunk == 512
+    assert run.full_settings(run.full_capacity(ctx, 20, chunk=64), ctx, 20).read.span() <= ctx
     with pytest.raises(LandmarkError, match="exceed the model's context of 4,096 tokens"):
         run.full_settings(ctx - 10, ctx, 20)
     with pytest.raises(LandmarkError, match="too little of the model's context"):
@@ -190,7 +191,7 @@ def test_a_results_file_of_other_settings_or_model_is_refused(tiny, tmp_path):
     path = tmp_path / "r.json"
     run.run_grid(tiny, SMALL, run.Grid([512], 1, ["full"]), _results(tiny, path))
     before = path.read_text()
-    other = Settings(block=16, top_k=3, sink=16, window=64, chunk=64)
+    other = Settings(Reading(block=16, top_k=3, sink=16, window=64, chunk=64))
     with pytest.raises(LandmarkError, match=r"made with other settings: top_k=2 \(this run: 3\)"):
         _results(tiny, path, other)
     meta = run.grid_meta(tiny, SMALL)

@@ -173,12 +173,12 @@ def test_reference_rotary_buffers(models, tmp_path, buffers_in_diff):
 
 
 def test_passkey_check_runs(models, tmp_path):
-    from landmark_cli.engine import Settings
+    from landmark_cli.settings import Reading, Settings
     from landmark_cli.recover import passkey_check
 
     base, _, diff = models
     r = recover(base, diff, tmp_path / "out")
-    small = Settings(block=16, top_k=2, window=64, sink=16, chunk=128)
+    small = Settings(Reading(block=16, top_k=2, window=64, sink=16, chunk=128))
     correct, trials = passkey_check(r.out, length=512, trials=1, settings=small)
     assert trials == 1 and correct in (0, 1)  # a random tiny model: only that it runs
 

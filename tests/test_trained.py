@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from landmark_cli.engine import Engine, Settings
+from landmark_cli.engine import Engine
+
+from landmark_cli.settings import Reading, Settings
 from landmark_cli.errors import LandmarkError
 from landmark_cli.landmarks import insert_landmarks
 from landmark_cli.models import load_model
@@ -52,8 +54,8 @@ def test_trained_mode_equals_full_grouped_forward(trained_any, tmp_path, n_doc):
     (with local layers: theirs too)."""
     trained = trained_any
     spec = trained.landmark
-    eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
-    assert (eng.settings.block, eng.settings.rep, eng.settings.sink, eng.settings.chunk_tokens) == (8, "landmark", 0, 32)
+    eng = Engine(trained, Settings(Reading(top_k=16, chunk=32, window=0, kv_dtype="float32")), root=tmp_path)
+    assert (eng.reading.block, eng.reading.rep, eng.reading.sink, eng.reading.chunk_tokens) == (8, "landmark", 0, 32)
     g = torch.Generator().manual_seed(n_doc)
     doc = torch.randint(2, spec.mem_id - 1, (n_doc,), generator=g).tolist()
     suffix = torch.randint(2, spec.mem_id - 1, (9,), generator=g).tolist()
@@ -83,7 +85,7 @@ def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2, local_blocks=local_blocks)))
     spec = lm.landmark
-    eng = Engine(lm, Settings(top_k=0, chunk=32, window=0, kv_dtype="float32"), root=tmp_path / "store")
+    eng = Engine(lm, Settings(Reading(top_k=0, chunk=32, window=0, kv_dtype="float32")), root=tmp_path / "store")
     g = torch.Generator().manual_seed(1)
     doc = torch.randint(2, spec.mem_id - 1, (300,), generator=g).tolist()  # longer than the training context
     suffix = torch.randint(2, spec.mem_id - 1, (5,), generator=g).tolist()
@@ -97,12 +99,12 @@ def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
 
 
 def test_trained_settings_fit_the_training_context(trained, tmp_path):
-    eng = Engine(trained, Settings(top_k=8), root=tmp_path)  # defaults: chunk 512, window 1024
-    assert eng.settings.span() <= 256 and eng.settings.chunk_tokens == 256 - 8 * 8 and eng.settings.window == 0
+    eng = Engine(trained, Settings(Reading(top_k=8)), root=tmp_path)  # defaults: chunk 512, window 1024
+    assert eng.reading.span() <= 256 and eng.reading.chunk_tokens == 256 - 8 * 8 and eng.reading.window == 0
     with pytest.raises(LandmarkError, match="training context"):
-        Engine(trained, Settings(top_k=40), root=tmp_path)
-    free = Engine(trained, Settings(top_k=2, landmarks="free"), root=tmp_path)
-    assert free.spec is None and free.settings.block == 32
+        Engine(trained, Settings(Reading(top_k=40)), root=tmp_path)
+    free = Engine(trained, Settings(Reading(top_k=2), landmarks="free"), root=tmp_path)
+    assert free.spec is None and free.reading.block == 32
 
 
 def test_default_top_k_fits_a_trained_model(tmp_path):
@@ -112,16 +114,16 @@ def test_default_top_k_fits_a_trained_model(tmp_path):
     keep 8."""
     from dataclasses import replace
 
-    from landmark_cli.engine import TRAINED_TOP_K
+    from landmark_cli.settings import TRAINED_TOP_K
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", mem_freq=31, train_context=256)))
-    auto = Settings(top_k_auto=True)
-    assert Engine(lm, auto, root=tmp_path).settings.top_k == TRAINED_TOP_K == 4
+    auto = Settings()  # no --top-k: the default for the kind of landmark
+    assert Engine(lm, auto, root=tmp_path).reading.top_k == TRAINED_TOP_K == 4
     small = load_model(str(make_tiny_landmark_model(tmp_path / "s", mem_freq=31, train_context=96)))
-    assert Engine(small, auto, root=tmp_path).settings.top_k == 2
+    assert Engine(small, auto, root=tmp_path).reading.top_k == 2
     with pytest.raises(LandmarkError, match="no room"):
-        Engine(lm, Settings(top_k=8), root=tmp_path)
-    assert Engine(lm, replace(auto, landmarks="free"), root=tmp_path).settings.top_k == 8
+        Engine(lm, Settings(Reading(top_k=8)), root=tmp_path)
+    assert Engine(lm, replace(auto, landmarks="free"), root=tmp_path).reading.top_k == 8
 
 
 def test_landmarks_trained_needs_a_landmark_model(tiny, tmp_path):
@@ -137,7 +139,7 @@ def test_folder_session_equals_full_grouped_forward(trained, tmp_path, n_doc):
     from landmark_cli.corpus_trained import TrainedCorpusSession
 
     spec = trained.landmark
-    eng = Engine(trained, Settings(top_k=16, chunk=32, window=0, kv_dtype="float32"), root=tmp_path)
+    eng = Engine(trained, Settings(Reading(top_k=16, chunk=32, window=0, kv_dtype="float32")), root=tmp_path)
     g = torch.Generator().manual_seed(n_doc)
     doc = torch.randint(2, spec.mem_id - 1, (n_doc,), generator=g).tolist()
     suffix = torch.randint(2, spec.mem_id - 1, (9,), generator=g).tolist()
@@ -160,7 +162,7 @@ def test_folder_question_retrieves_across_documents_within_budget(trained, tmp_p
     from landmark_cli.corpus_trained import TrainedCorpusSession
 
     spec = trained.landmark
-    eng = Engine(trained, Settings(top_k=3, window=0), root=tmp_path)
+    eng = Engine(trained, Settings(Reading(top_k=3, window=0)), root=tmp_path)
     g = torch.Generator().manual_seed(0)
     entries = [eng.read(torch.randint(2, spec.mem_id - 1, (n,), generator=g).tolist(),
                         np.stack([np.arange(n), np.arange(1, n + 1)], 1))[0] for n in (40, 61, 90)]

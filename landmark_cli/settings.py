@@ -1,0 +1,130 @@
+"""What a user can set, in two parts: how a document is read into the store (`Reading`,
+every field part of the store key) and how a question is answered from it (`Answering`,
+none of it in the key, so answers can change without reading anything again).
+
+`effective_settings` resolves, in one place, what a model's trained landmarks impose
+(their block size, no sink, every step inside the training context) and the defaults
+that depend on the kind of landmark (`top_k`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, get_args
+
+from .checkpoint import LandmarkSpec
+from .errors import LandmarkError
+
+Rep = Literal["mean", "minmax", "landmark"]  # landmark: trained models only (the <landmark> token's key)
+KVDtype = Literal["float16", "float32"]
+Select = Literal["shared", "layer"]
+Order = Literal["best-last", "document"]
+LandmarkChoice = Literal["auto", "trained", "free"]
+
+DEFAULT_TOP_K = 8  # blocks per layer and KV head, training-free landmarks
+TRAINED_TOP_K = 4  # the same for trained landmarks (the paper: 2-5)
+
+
+def _check(value: str, choices, what: str) -> None:
+    if value not in get_args(choices):
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(get_args(choices))}")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a document is read into the store (the store key)."""
+
+    block: int = 32  # tokens per block (the unit of retrieval)
+    top_k: int | None = None  # blocks retrieved per layer and KV head at every step (None: the default)
+    sink: int = 64  # initial tokens always attended (rounded up to whole blocks)
+    window: int = 1024  # local window before each step (rounded down to whole blocks)
+    chunk: int = 512  # document tokens per reading step (rounded down to whole blocks)
+    rep: Rep = "mean"  # block representative
+    kv_dtype: KVDtype = "float16"  # KV store precision on disk
+
+    def __post_init__(self):
+        if self.block < 1 or (self.top_k or 0) < 0 or self.sink < 0 or self.window < 0:
+            raise ValueError("block must be >= 1; top_k, sink and window >= 0")
+        _check(self.rep, Rep, "representative")
+        _check(self.kv_dtype, KVDtype, "KV dtype")
+
+    @property
+    def top_k_or_default(self) -> int:
+        """top_k, or the training-free default when it is not set (effective_settings sets it)."""
+        return DEFAULT_TOP_K if self.top_k is None else self.top_k
+
+    def key(self) -> dict:
+        """The store key's part: every field, top_k resolved."""
+        return {**asdict(self), "top_k": self.top_k_or_default}
+
+    @property
+    def sink_tokens(self) -> int:
+        return -(-self.sink // self.block) * self.block
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window // self.block * self.block
+
+    @property
+    def chunk_tokens(self) -> int:
+        return max(self.block, self.chunk // self.block * self.block, self.sink_tokens)
+
+    def span(self) -> int:
+        """Largest position used by one step: what must fit the model's context."""
+        return self.sink_tokens + self.top_k_or_default * self.block + self.window_tokens + self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class Answering:
+    """How a question is answered from the store (not part of the store key)."""
+
+    select: Select = "shared"  # shared: one set of blocks for every layer, chosen by `band`; layer: per layer and head
+    band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) whose scores choose the shared set
+    window: int | None = None  # local window while answering (None: the reading window)
+    follow: int = 1  # shared selection: blocks taken after each best block
+    order: Order = "best-last"  # shared selection: passages best last (nearest the question) or in document order
+
+    def __post_init__(self):
+        _check(self.select, Select, "selection")
+        _check(self.order, Order, "order")
+
+
+@dataclass(frozen=True)
+class Settings:
+    read: Reading = field(default_factory=Reading)
+    answer: Answering = field(default_factory=Answering)
+    landmarks: LandmarkChoice = "auto"  # trained: the model's <landmark> tokens; free: representatives; auto: trained if it has them
+
+    def __post_init__(self):
+        _check(self.landmarks, LandmarkChoice, "landmarks")
+
+
+def trained_settings(s: Settings, spec: LandmarkSpec) -> Settings:
+    """Settings for a trained landmark model, as in the paper: blocks of mem_freq tokens +
+    their <landmark>, retrieval by the landmark keys per layer and KV head, no sink, and
+    every step inside the training context: k blocks + window + chunk <= train_context
+    (the chunk shrinks first, then the window). Without a top_k of the user's,
+    TRAINED_TOP_K blocks, fewer if the training context leaves no room."""
+    B, r = spec.block, s.read
+    top_k = min(TRAINED_TOP_K, spec.train_context // B - 1) if r.top_k is None else r.top_k
+    avail = spec.train_context // B * B - top_k * B
+    if avail < B:
+        raise LandmarkError(f"--top-k {top_k} blocks of {B} tokens leave no room for a chunk in the model's "
+                            f"training context of {spec.train_context} tokens",
+                            f"use --top-k {max(spec.train_context // B - 1, 0)} or less")
+    chunk = max(B, min(r.chunk // B * B, avail))
+    read = replace(r, block=B, top_k=top_k, rep="landmark", sink=0, chunk=chunk,
+                   window=max(0, min(r.window // B * B, avail - chunk)))
+    return replace(s, read=read, answer=replace(s.answer, select="layer"))
+
+
+def effective_settings(loaded, s: Settings) -> tuple[Settings, LandmarkSpec | None]:
+    """The settings an engine for this model (models.LoadedModel) really reads and answers
+    with, and the model's trained landmarks when they are used (None: training-free)."""
+    if s.landmarks == "trained" and loaded.landmark is None:
+        raise LandmarkError(f"{loaded.name} has no trained landmarks (a <landmark> token and mem_freq in its config)",
+                            "use --landmarks auto or free")
+    spec = loaded.landmark if s.landmarks != "free" else None
+    if spec is None:
+        return replace(s, read=replace(s.read, top_k=s.read.top_k_or_default)), None
+    return trained_settings(s, spec), spec
