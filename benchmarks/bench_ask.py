@@ -29,13 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli.engine import Engine  # noqa: E402
-
-from landmark_cli.settings import Settings  # noqa: E402
-from landmark_cli.session import Session  # noqa: E402
-from landmark_cli.models import load_model, resolve_dir  # noqa: E402
-from landmark_cli.passkey import parse_length  # noqa: E402
+from landmark_cli.bench.passkey import parse_length  # noqa: E402
+from landmark_cli.model.loading import load_model, resolve_dir  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
+from landmark_cli.retrieval.engine import Engine  # noqa: E402
+from landmark_cli.retrieval.session import Session  # noqa: E402
+from landmark_cli.retrieval.settings import Settings  # noqa: E402
 
 QUESTION = "Which company bought the Lantern Bay Ferry Company in 1998?"
 NEW_TOKENS = 32

@@ -46,10 +46,11 @@ def main() -> None:
         os.symlink(user_models, work / "home" / "models")
 
     import library
+
     from landmark_cli.ask import ask, ask_folder
-    from landmark_cli.settings import Settings
     from landmark_cli.index import Indexer
-    from landmark_cli.models import load_model
+    from landmark_cli.model.loading import load_model
+    from landmark_cli.retrieval.settings import Settings
 
     lib = library.build(work / "library")
     lm = load_model("default")

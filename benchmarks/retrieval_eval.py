@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from landmark_cli import passkey  # noqa: E402
-from landmark_cli.engine import Engine  # noqa: E402
-from landmark_cli.settings import Answering, Reading, Settings  # noqa: E402
-from landmark_cli.models import load_model  # noqa: E402
-from landmark_cli.passkey_run import full_settings  # noqa: E402
+from landmark_cli.bench.passkey_run import full_settings  # noqa: E402
+from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.prompts import ask_prompt, raw_prompt  # noqa: E402
+from landmark_cli.retrieval.engine import Engine  # noqa: E402
+from landmark_cli.retrieval.settings import Answering, Reading, Settings  # noqa: E402
 
 NEEDLES = [  # (fact, question, expected answer keyword)
     ("The secret ingredient in Aunt Miriam's soup is smoked paprika.",

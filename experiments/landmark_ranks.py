@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import trained_facts as tf  # noqa: E402
+
 from landmark_cli.kernels.landmark_attention import landmark_attention  # noqa: E402
 from landmark_cli.kernels.rope import apply_rope  # noqa: E402
-from landmark_cli.landmarks import block_scores, insert_landmarks  # noqa: E402
-from landmark_cli.models import load_model  # noqa: E402
+from landmark_cli.model.loading import load_model  # noqa: E402
+from landmark_cli.retrieval.landmarks import block_scores, insert_landmarks  # noqa: E402
 
 
 def fact_stream(lm, rng, pool, tokens: int, numbers: float, parts: int = 1):

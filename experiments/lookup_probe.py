@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import trained_facts  # noqa: E402
+
 from landmark_cli.kernels.landmark_attention import landmark_attention_blocks  # noqa: E402
 from landmark_cli.kernels.rope import apply_rope  # noqa: E402
-from landmark_cli.checkpoint import LandmarkSpec  # noqa: E402
-from landmark_cli.finetune import TrainConfig, _optimizer, _save, load_base, sample_batch  # noqa: E402
+from landmark_cli.model.checkpoint import LandmarkSpec  # noqa: E402
+from landmark_cli.training.finetune import TrainConfig, _optimizer, _save, load_base, sample_batch  # noqa: E402
 
 
 def answer_flags(ids: list[int], answer: int, codes: set[int]) -> list[int]:
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lookup-probe-") as tmp:
         curve = probe(a, Path(tmp))
     if a.json:
-        from landmark_cli.passkey_run import machine
+        from landmark_cli.bench.passkey_run import machine
 
         Path(a.json).write_text(json.dumps({"machine": machine(), "args": vars(a), "curve": curve}, indent=1) + "\n")
     return 0
@@ -162,7 +163,7 @@ def probe(a, work: Path) -> list[dict]:
                       warmup=min(100, a.steps // 10 + 1), seed=a.seed)
     fill = LandmarkSpec(spec.mem_id * 2, block_size, context)  # landmarks as (id, flag 0) in the packed stream
     if a.device != "cpu":
-        from landmark_cli.llama import Llama
+        from landmark_cli.model.llama import Llama
 
         model = Llama(model.cfg, {k: v.to(a.device) for k, v in model.w.items()})
     params = model.parameters()

@@ -327,7 +327,7 @@ def answered_code(text: str, parts: int) -> str | None:
 def truncated_answer(lm, prompt, max_new: int = 14) -> str:
     """The model without retrieval: full grouped attention over the last train_context
     tokens of the prompt (landmarks in place), greedy."""
-    from landmark_cli.landmarks import insert_landmarks
+    from landmark_cli.retrieval.landmarks import insert_landmarks
 
     spec = lm.landmark
     seq = prompt.ids + prompt.suffix
@@ -348,9 +348,9 @@ def truncated_answer(lm, prompt, max_new: int = 14) -> str:
 def evaluate(model_dir: Path, work: Path, *, docs: int, facts: int, tokens: int, top_k: int, seed: int,
              pool: list[str], style: Style = Style()) -> dict:
     from landmark_cli.ask import ask
-    from landmark_cli.settings import Reading, Settings
-    from landmark_cli.models import load_model
+    from landmark_cli.model.loading import load_model
     from landmark_cli.prompts import ask_prompt
+    from landmark_cli.retrieval.settings import Reading, Settings
 
     lm = load_model(str(model_dir))
     settings = Settings(Reading(top_k=top_k))
@@ -399,7 +399,7 @@ RECIPE = (Stage(3000, 3e-3, until=0.5), Stage(2000, 2e-3, local_blocks=0, loss_o
 def report(ev: dict, out: Path | None = None, args: dict | None = None, **extra) -> None:
     """Print the accuracies of `evaluate`; with `out`, also write them, the machine, the
     arguments and `extra` (parameters, training) there as JSON."""
-    from landmark_cli.passkey_run import machine
+    from landmark_cli.bench.passkey_run import machine
 
     print(f"landmark ask: {ev['landmark_accuracy']:.0%} of {ev['questions']} questions; "
           f"truncated to the training context: {ev['truncated_accuracy']:.0%}", flush=True)
@@ -439,7 +439,7 @@ def near_prompts(tok, n: int, seed: int, pool: list[str]) -> list[tuple[list[int
 def near_lookup(model, spec, prompts: list[tuple[list[int], int]]) -> float:
     """Share of the prompts for which the model, read as it is trained (landmarks in
     place, its local layers as `spec` says), writes the code next."""
-    from landmark_cli.landmarks import insert_landmarks
+    from landmark_cli.retrieval.landmarks import insert_landmarks
 
     hits, device = 0, model.parameters()[0].device
     for ids, code_id in prompts:
@@ -498,7 +498,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from landmark_cli.finetune import TrainConfig, finetune
+    from landmark_cli.training.finetune import TrainConfig, finetune
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

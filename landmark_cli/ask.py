@@ -7,16 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock, Timeout
-
-from .documents import Document, load_document
-from .engine import Engine
-from .errors import LandmarkError, StoreError
-from .models import LoadedModel
-from .prompts import ask_prompt
-from .settings import Settings
-
-LOCK_TIMEOUT_S = 3600
+from landmark_cli.documents import Document, load_document
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.loading import LoadedModel
+from landmark_cli.prompts import ask_prompt
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.settings import Settings
 
 
 @dataclass
@@ -49,26 +45,6 @@ class Result:
                 "model": self.model, "documents": self.documents,
                 "tokens": {"document": self.document_tokens, "retrieved_per_step": self.retrieved_per_step},
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
-
-
-def read_locked(engine: Engine, ids, spans, progress=None, on_wait: Callable[[], None] | None = None, prefix=None):
-    """engine.read under a per-entry file lock: a second process waits, then finds the cache."""
-    engine.root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(engine.root / f"{engine.key(ids)}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if on_wait:
-            on_wait()
-        try:
-            lock.acquire(timeout=LOCK_TIMEOUT_S)
-        except Timeout:
-            raise StoreError("another landmark process has been reading this document for an hour",
-                             "wait for it to finish or stop it") from None
-    try:
-        return engine.read(ids, spans, progress, prefix)
-    finally:
-        lock.release()
 
 
 def sources_of(doc: Document, entry, blocks: list[tuple[int, int, float]]) -> list[Source]:
@@ -109,7 +85,7 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
     engine = Engine(lm, settings)
     prompt = ask_prompt(lm.tokenizer, doc.text, question)
     t0 = time.perf_counter()
-    entry, cached = read_locked(engine, prompt.ids, prompt.spans, progress, on_wait)
+    entry, cached = engine.read_locked(prompt.ids, prompt.spans, progress, on_wait)
     index_s = time.perf_counter() - t0
 
     stream, flush = _streamer(lm.tokenizer, on_token)
@@ -128,9 +104,9 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     """Answer `question` from every indexed document below `folder` (landmark retrieval across
     all their blocks); sources name the file. Documents not indexed yet are left out and
     reported through `on_left_out`; none indexed at all is an error."""
-    from .corpus import CorpusSession
-    from .corpus_trained import TrainedCorpusSession
-    from .index import Indexer
+    from landmark_cli.index import Indexer
+    from landmark_cli.retrieval.corpus import CorpusSession
+    from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
 
     indexer = Indexer(lm, settings)
     usable, left_out = indexer.ready(folder)

@@ -20,16 +20,15 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from . import store
-from .ask import read_locked
-from .documents import find_documents, load_document
-from .engine import Engine
-from .errors import LandmarkError, StoreError
-from .manifest import Manifest, Row, settings_key
-from .models import LoadedModel
-from .paths import home
-from .prompts import document_prompt
-from .settings import Settings
+from landmark_cli.documents import find_documents, load_document
+from landmark_cli.errors import LandmarkError, StoreError
+from landmark_cli.model.loading import LoadedModel
+from landmark_cli.paths import home
+from landmark_cli.prompts import document_prompt
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.settings import Settings
+from landmark_cli.storage import store
+from landmark_cli.storage.manifest import Manifest, Row, settings_key
 
 
 def manifest_path() -> Path:
@@ -136,7 +135,7 @@ class Indexer:
         previous = self.entry(row) if row is not None and row.status == "ok" else None
         if previous is not None and self.engine.shared_prefix(previous, prompt.ids):
             note = f"changed after token {self.engine.shared_prefix(previous, prompt.ids):,}: read from there"
-        entry, cached = read_locked(self.engine, prompt.ids, prompt.spans, progress, prefix=previous)
+        entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous)
         man.put(Row(**base, tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name,
                     status="ok", error=None, indexed_at=time.time()))
         if row is not None and row.store_key and row.store_key != entry.path.name \

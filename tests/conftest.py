@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-
 from tiny import make_tiny_model
 
 
@@ -30,6 +29,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from landmark_cli.models import load_model
+    from landmark_cli.model.loading import load_model
 
     return load_model(str(tiny_dir))

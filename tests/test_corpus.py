@@ -2,11 +2,11 @@
 
 import torch
 
-from landmark_cli.corpus import CorpusSession
-from landmark_cli.selection import Candidates
-from landmark_cli.engine import Engine
-from landmark_cli.settings import Reading, Settings
-from landmark_cli.landmarks import top_runs
+from landmark_cli.retrieval.corpus import CorpusSession
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.landmarks import top_runs
+from landmark_cli.retrieval.selection import Candidates
+from landmark_cli.retrieval.settings import Reading, Settings
 
 
 def _ids(n, vocab, seed=0):

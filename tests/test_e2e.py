@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from landmark_cli import passkey
+from landmark_cli.bench import passkey
 from landmark_cli.cli import main
-from landmark_cli.engine import Engine
-from landmark_cli.settings import Settings
 from landmark_cli.prompts import raw_prompt
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,7 @@ def home(default_home):
 
 @pytest.fixture(scope="module")
 def default_model(home):
-    from landmark_cli.models import load_model
+    from landmark_cli.model.loading import load_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("LANDMARK_HOME", str(home))
@@ -103,7 +103,7 @@ def test_forward_matches_transformers_on_the_default_model(default_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from landmark_cli.models import resolve_dir
+    from landmark_cli.model.loading import resolve_dir
 
     ref = AutoModelForCausalLM.from_pretrained(resolve_dir("default"), dtype=torch.float32).eval()
     ids = torch.tensor(default_model.tokenizer("The Lantern Bay Ferry Company was founded in")["input_ids"])

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from landmark_cli import store
 from landmark_cli.errors import LandmarkError
-from landmark_cli.engine import Engine
-from landmark_cli.settings import Answering, Reading, Settings
-from landmark_cli.session import Session
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.session import Session
+from landmark_cli.retrieval.settings import Answering, Reading, Settings
+from landmark_cli.storage import store
 
 
 def _ids(n, vocab, seed=0):
@@ -145,8 +145,8 @@ def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
 def test_second_process_on_the_same_document_waits_then_gives_up_clearly(tiny, tmp_path, monkeypatch):
     from filelock import FileLock
 
-    from landmark_cli import ask
     from landmark_cli.errors import StoreError
+    from landmark_cli.retrieval import engine
 
     ids = _ids(120, tiny.model.cfg.vocab_size, seed=8)
     eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
@@ -154,17 +154,17 @@ def test_second_process_on_the_same_document_waits_then_gives_up_clearly(tiny, t
     other = FileLock(str(eng.root / f"{eng.key(ids)}.lock"))  # another reader holds the document
     other.acquire()
     waited = []
-    monkeypatch.setattr(ask, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(engine, "LOCK_TIMEOUT_S", 0.3)
     with pytest.raises(StoreError, match="another landmark process"):
-        ask.read_locked(eng, ids, None, on_wait=lambda: waited.append(True))
+        eng.read_locked(ids, None, on_wait=lambda: waited.append(True))
     assert waited == [True] and eng.lookup(ids) is None
     other.release()
-    entry, cached = ask.read_locked(eng, ids, None)
+    entry, cached = eng.read_locked(ids, None)
     assert not cached and entry.n_tokens == 120
 
 
 def test_padding_of_the_last_block_never_matches():
-    from landmark_cli.landmarks import exact_block_logits
+    from landmark_cli.retrieval.landmarks import exact_block_logits
 
     keys = torch.randn(1, 2, 4, 8)
     keys[:, 1, 2:] = 0.0  # padding of a half-full last block

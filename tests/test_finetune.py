@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import run
 
 from landmark_cli.ask import ask
-from landmark_cli.checkpoint import LandmarkSpec
-from landmark_cli.settings import Reading, Settings
 from landmark_cli.errors import LandmarkError
-from landmark_cli.finetune import STATE_META, TrainConfig, finetune
-from landmark_cli.landmarks import insert_landmarks
-from landmark_cli.models import load_model
-from test_cli import run
+from landmark_cli.model.checkpoint import LandmarkSpec
+from landmark_cli.model.loading import load_model
+from landmark_cli.retrieval.landmarks import insert_landmarks
+from landmark_cli.retrieval.settings import Reading, Settings
+from landmark_cli.training.finetune import STATE_META, TrainConfig, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import trained_facts  # noqa: E402
@@ -51,7 +51,7 @@ def test_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, tmp_path):
     it, and its loss is the local forward's; resuming with other local layers is refused."""
     from dataclasses import replace
 
-    from landmark_cli.finetune import load_base, loss_of, sample_batch
+    from landmark_cli.training.finetune import load_base, loss_of, sample_batch
 
     cfg = replace(CFG, steps=4, save_every=4, local_layers=1)
     finetune(str(tiny_dir), corpus, tmp_path / "m", cfg)
@@ -77,7 +77,7 @@ def test_own_block_local_layers_are_trained_saved_and_read_so(tiny_dir, corpus, 
     value is refused with a clear error."""
     from dataclasses import replace
 
-    from landmark_cli.finetune import load_base, loss_of, sample_batch
+    from landmark_cli.training.finetune import load_base, loss_of, sample_batch
 
     cfg = replace(CFG, steps=4, save_every=4, local_layers=1, local_blocks=0)
     finetune(str(tiny_dir), corpus, tmp_path / "m", cfg)
@@ -106,7 +106,7 @@ def test_loss_on_trains_on_the_marked_answers_only(tiny_dir, corpus, tmp_path):
     setting is part of a resumable run's identity; a marker found nowhere is refused."""
     from dataclasses import replace
 
-    from landmark_cli.finetune import answer_tokens, corpus_tokens, load_base, loss_of, sample_batch
+    from landmark_cli.training.finetune import answer_tokens, corpus_tokens, load_base, loss_of, sample_batch
 
     tok = load_model(str(tiny_dir)).tokenizer
     text = "Question: one?\nAnswer: yes it is.\nQuestion: two?\nAnswer: no"

@@ -6,15 +6,15 @@ import sqlite3
 
 import pytest
 from filelock import FileLock
-
-from landmark_cli import manifest as manifest_mod
-from landmark_cli import store
-from landmark_cli.settings import Reading, Settings
-from landmark_cli.errors import StoreError
-from landmark_cli.index import Indexer, manifest_path
-from landmark_cli.llama import Llama
 from pdf_fixtures import make_blank_pdf, make_text_pdf
 from test_cli import run
+
+from landmark_cli.errors import StoreError
+from landmark_cli.index import Indexer, manifest_path
+from landmark_cli.model.llama import Llama
+from landmark_cli.retrieval.settings import Reading, Settings
+from landmark_cli.storage import manifest as manifest_mod
+from landmark_cli.storage import store
 
 S = Settings(Reading(block=16, top_k=2, sink=16, window=64, chunk=64))
 OPTS = ["--block-size", "16", "--top-k", "2", "--window", "64", "--sink", "16", "--chunk", "64"]

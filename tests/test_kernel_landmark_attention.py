@@ -7,12 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90  # noqa: E402
 
 import landmark_cli.kernels.landmark_attention as la
-
-from kernel_helpers import (  # noqa: E402
-    H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90)
-
 
 # Triton decides at import whether it interprets; if another test module imported it
 # first, the kernels would need a GPU: set TRITON_INTERPRET=1 in the environment.

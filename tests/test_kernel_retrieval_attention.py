@@ -14,9 +14,7 @@ import landmark_cli.kernels.retrieval_attention as ra
 from landmark_cli.kernels.rope import apply_rope, rope_tables
 
 THETA = 10000.0
-from kernel_helpers import (  # noqa: E402
-    H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90)
-
+from kernel_helpers import H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90  # noqa: E402
 
 # Triton decides at import whether it interprets; if another test module imported it
 # first, the kernels would need a GPU: set TRITON_INTERPRET=1 in the environment.

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from landmark_cli.models import load_model
 from tiny import make_tiny_model
+
+from landmark_cli.model.loading import load_model
 
 
 @pytest.mark.parametrize("tie,heads,kv_heads", [(True, 4, 2), (False, 4, 4), (True, 8, 1)])

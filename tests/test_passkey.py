@@ -5,15 +5,15 @@ import sys
 
 import pytest
 import torch
+from test_cli import run as run_cli
 
-from landmark_cli import passkey as pk
-from landmark_cli import passkey_run as run
-from landmark_cli.engine import Engine
-from landmark_cli.settings import Reading, Settings
-from landmark_cli.session import Session
+from landmark_cli.bench import passkey as pk
+from landmark_cli.bench import passkey_run as run
 from landmark_cli.errors import LandmarkError
 from landmark_cli.prompts import raw_prompt
-from test_cli import run as run_cli
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.session import Session
+from landmark_cli.retrieval.settings import Reading, Settings
 
 SMALL = Settings(Reading(block=16, top_k=2, sink=16, window=64, chunk=64))  # retrieval on short prompts
 

@@ -10,10 +10,16 @@ from safetensors.torch import load_file, save_file
 from test_cli import run
 from tiny import make_tiny_model
 
-from landmark_cli.checkpoint import (LANDMARK_TOKEN, PAD_TOKEN, LandmarkSpec, add_landmark_tokens,
-                                     landmark_config, save_checkpoint)
 from landmark_cli.errors import ModelError
-from landmark_cli.recover import CHECKSUM_FILE, INDEX_FILE, _inv_freq, recover
+from landmark_cli.model.checkpoint import (
+    LANDMARK_TOKEN,
+    PAD_TOKEN,
+    LandmarkSpec,
+    add_landmark_tokens,
+    landmark_config,
+    save_checkpoint,
+)
+from landmark_cli.training.recover import CHECKSUM_FILE, INDEX_FILE, _inv_freq, recover
 
 
 def _base(base_dir):
@@ -77,7 +83,7 @@ def _same_weights(out, tuned):
 def test_recover_rebuilds_the_tuned_model(models, tmp_path):
     from transformers import AutoTokenizer
 
-    from landmark_cli.models import load_model
+    from landmark_cli.model.loading import load_model
 
     base, tuned, diff = models
     out = tmp_path / "out"
@@ -173,8 +179,8 @@ def test_reference_rotary_buffers(models, tmp_path, buffers_in_diff):
 
 
 def test_passkey_check_runs(models, tmp_path):
-    from landmark_cli.settings import Reading, Settings
-    from landmark_cli.recover import passkey_check
+    from landmark_cli.bench.passkey_run import passkey_check
+    from landmark_cli.retrieval.settings import Reading, Settings
 
     base, _, diff = models
     r = recover(base, diff, tmp_path / "out")

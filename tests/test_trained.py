@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import torch
-
-from landmark_cli.engine import Engine
-
-from landmark_cli.settings import Reading, Settings
-from landmark_cli.errors import LandmarkError
-from landmark_cli.landmarks import insert_landmarks
-from landmark_cli.models import load_model
 from tiny import make_tiny_landmark_model
+
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.loading import load_model
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.landmarks import insert_landmarks
+from landmark_cli.retrieval.settings import Reading, Settings
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_trained_mode_equals_full_grouped_forward(trained_any, tmp_path, n_doc):
     entry, cached = eng.read(doc)
     assert not cached and entry.n_tokens == len(insert_landmarks(doc, None, 7, spec.mem_id)[0])
 
-    from landmark_cli.session import Session
+    from landmark_cli.retrieval.session import Session
 
     sess = Session(eng, entry, capacity=32)
     got = [sess.step(torch.tensor(suffix)), sess.step(torch.tensor([5])), sess.step(torch.tensor([6]))]
@@ -81,7 +80,7 @@ def test_all_local_layers_read_without_retrieval(tmp_path, local_blocks):
     """A model whose every layer is local needs no retrieval: with --top-k 0 and no window,
     reading and answering still give the full forward's logits (each step's previous
     block comes from the store, or nothing at all for layers that read their own block only)."""
-    from landmark_cli.session import Session
+    from landmark_cli.retrieval.session import Session
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=2, local_blocks=local_blocks)))
     spec = lm.landmark
@@ -114,7 +113,7 @@ def test_default_top_k_fits_a_trained_model(tmp_path):
     keep 8."""
     from dataclasses import replace
 
-    from landmark_cli.settings import TRAINED_TOP_K
+    from landmark_cli.retrieval.settings import TRAINED_TOP_K
 
     lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", mem_freq=31, train_context=256)))
     auto = Settings()  # no --top-k: the default for the kind of landmark
@@ -136,7 +135,7 @@ def test_folder_session_equals_full_grouped_forward(trained, tmp_path, n_doc):
     """`ask DIR` with a trained model, one document, k covering every block: the folder
     session gives the logits of the full grouped forward over the document's stream, ended
     by a landmark, then the question as a fresh stream."""
-    from landmark_cli.corpus_trained import TrainedCorpusSession
+    from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
 
     spec = trained.landmark
     eng = Engine(trained, Settings(Reading(top_k=16, chunk=32, window=0, kv_dtype="float32")), root=tmp_path)
@@ -159,7 +158,7 @@ def test_folder_session_equals_full_grouped_forward(trained, tmp_path, n_doc):
 def test_folder_question_retrieves_across_documents_within_budget(trained, tmp_path):
     """Several documents, a small budget: each head reads k blocks (partial ones closed),
     never more than the training context, and the sources name blocks of the documents."""
-    from landmark_cli.corpus_trained import TrainedCorpusSession
+    from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
 
     spec = trained.landmark
     eng = Engine(trained, Settings(Reading(top_k=3, window=0)), root=tmp_path)

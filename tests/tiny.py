@@ -47,7 +47,7 @@ def make_tiny_landmark_model(path: Path, *, mem_freq: int = 7, train_context: in
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from landmark_cli.checkpoint import LandmarkSpec, add_landmark_tokens, landmark_config, save_checkpoint
+    from landmark_cli.model.checkpoint import LandmarkSpec, add_landmark_tokens, landmark_config, save_checkpoint
 
     base = make_tiny_model(path.with_name(path.name + "-base"), **kw)
     tok = AutoTokenizer.from_pretrained(base)

@@ -38,9 +38,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from landmark_cli.kernels.rope import apply_rope
-
 from landmark_cli.kernels._triton import HAVE_TRITON, tl, triton
+from landmark_cli.kernels.rope import apply_rope
 
 # launch settings (benchmarks sweep them): num_warps 0 = 4 for up to 32 query rows, else 8;
 # BLOCK_N = keys per tile (grouped mode: at least 64, so that a 64-token block is one tile);

@@ -27,9 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import LandmarkSpec, add_landmark_tokens, landmark_config, landmark_id, read_config, write_dir
-from .errors import LandmarkError
-from .llama import Llama, LlamaConfig
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.checkpoint import (
+    LandmarkSpec,
+    add_landmark_tokens,
+    landmark_config,
+    landmark_id,
+    read_config,
+    write_dir,
+)
+from landmark_cli.model.llama import Llama, LlamaConfig
 
 STATE_FILE, STATE_META = "train_state.safetensors", "train_state.json"
 
@@ -88,19 +95,19 @@ class StepInfo:
 def load_base(model_dir: Path, block_size: int, context: int, local_layers: int = 0, local_blocks: int = 1):
     """Weights, tokenizer and config of the base model, with <landmark> added if missing.
     Returns (Llama in float32, tokenizer, config dict to save, LandmarkSpec)."""
+    import logging
+
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from .models import _check_config, _weights_files
-
-    import logging
+    from landmark_cli.model.loading import check_config, weights_files
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cfg, spec = read_config(model_dir)
-    _check_config(cfg, str(model_dir))
+    check_config(cfg, str(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     weights: dict[str, torch.Tensor] = {}
-    for f in _weights_files(model_dir):
+    for f in weights_files(model_dir):
         weights.update({k: v.float() for k, v in load_file(f).items()})
     mem_id = landmark_id(tok)
     if spec is not None and mem_id is not None:
@@ -123,8 +130,8 @@ def corpus_tokens(folder: Path, tokenizer, progress: Callable[[str], None] = lam
     joined with the end-of-text token. Unreadable files are skipped with a message.
     Returns (tokens, trained): with `loss_on`, `trained` marks the tokens the loss is taken
     on (answer_tokens); without, it is None (every token)."""
-    from .documents import find_documents, load_document
-    from .errors import DocumentError
+    from landmark_cli.documents import find_documents, load_document
+    from landmark_cli.errors import DocumentError
 
     files = find_documents(folder)
     if not files:
@@ -256,7 +263,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
     """Train `base` (a --model value) on the documents under `data`; write OUT. Returns a summary.
     on_step is called after every optimizer step; a true return ends the run there (its
     checkpoint is written; the summary says `stopped_early`)."""
-    from .models import resolve_dir
+    from landmark_cli.model.loading import resolve_dir
 
     out = Path(out).expanduser()
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from landmark_cli.errors import ModelError
 
 LANDMARK_TOKEN = "<landmark>"
 PAD_TOKEN = "[PAD]"

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import torch
 
-from . import passkey, store
-from .engine import Engine
-from .errors import LandmarkError
-from .models import LoadedModel
-from .paths import home
-from .passkey import METHODS
-from .prompts import Prompt, raw_prompt
-from .settings import Answering, Reading, Settings, effective_settings
+from landmark_cli.bench import passkey
+from landmark_cli.bench.passkey import METHODS
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.loading import LoadedModel
+from landmark_cli.paths import home
+from landmark_cli.prompts import Prompt, raw_prompt
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.settings import Answering, Reading, Settings, effective_settings
+from landmark_cli.storage import store
 
 MAX_NEW_TOKENS = 8  # " 12345." is at most 7 tokens in the tokenizers we know
 FORMAT = 1  # version of the results file
@@ -359,64 +360,15 @@ def check_device(device: str) -> None:
     raise LandmarkError("--device cuda is not supported yet: the engine runs on the CPU", "use --device cpu")
 
 
-class ConsoleListener(Listener):
-    """A progress bar over the tokens to read, on `console` (stderr), and a line per trial;
-    only the lines (and reading progress once a minute) when it is not a terminal."""
+def passkey_check(model_dir, *, length: int = 2048, trials: int = 2, settings=None, listener=None,
+                  progress=lambda s: None):
+    """The short passkey retrieval test `landmark recover` runs on the model it wrote: `trials` prompts of `length`
+    tokens, landmark method (default Settings unless given). Returns (correct, trials)."""
+    from landmark_cli.model.loading import load_model
 
-    def __init__(self, console):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.c, self.tty = console, console.is_terminal
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[trial]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                            disable=not self.tty)
-
-    def __enter__(self):
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.stop()
-
-    @staticmethod
-    def _work(t: Trial, context: int) -> int:
-        """Tokens a trial reads (about): the progress bar's unit."""
-        if t.method == "truncate":
-            return min(t.length, context)
-        return t.length if t.method == "landmark" or t.length < context else 0
-
-    def begin(self, pending: list[Trial], context: int, recorded: int) -> None:
-        self.n, self.i, self.context, self.finished, self.in_prefix = len(pending), 0, context, 0, False
-        self.task = self.bar.add_task("passkey", total=max(1, sum(self._work(t, context) for t in pending)), trial="")
-        self.c.print(f"passkey: {self.n} trial{'s' * (self.n != 1)} to run"
-                     + (f" ({recorded} already recorded)" if recorded else ""), highlight=False)
-
-    def start(self, trial: Trial, tokens: int) -> None:
-        self.i, self.trial, self.last, self.in_prefix = self.i + 1, trial, time.monotonic(), False
-        self.bar.update(self.task, description=f"{passkey.length_label(trial.length)} {trial.method} seed {trial.seed}",
-                        trial=f"trial {self.i}/{self.n}")
-
-    def reading(self, done: int, total: int) -> None:
-        if not self.in_prefix:
-            self.bar.update(self.task, completed=self.finished + done / total * self._work(self.trial, self.context))
-        if not self.tty and time.monotonic() - self.last > 60:
-            self.last = time.monotonic()
-            self.c.print(f"  reading {done:,}/{total:,} tokens", highlight=False)
-
-    def prefix(self, length: int, tokens: int) -> None:
-        self.in_prefix, self.last = True, time.monotonic()  # this reading is not part of the bar
-        self.c.print(f"reading the filler-only prompt of {passkey.length_label(length)} ({tokens:,} tokens) once: "
-                     "trials read from their needle on", highlight=False)
-
-    def done(self, rec: dict) -> None:
-        self.finished += self._work(self.trial, self.context)
-        self.bar.update(self.task, completed=self.finished)
-        head = f"[{self.i}/{self.n}] {passkey.length_label(rec['length'])} {rec['method']} seed {rec['seed']}:"
-        if rec["error"]:
-            line = f"{head} refused ({rec['error']})"
-        else:
-            line = (f"{head} {'correct' if rec['correct'] else 'WRONG'} (answer {rec['answer']!r}, expected "
-                    f"{rec['expected']}), read {rec['read_tokens'] - rec['reused_tokens']:,} of {rec['read_tokens']:,} tokens "
-                    f"in {rec['read_s']:.1f} s, "
-                    f"answer {rec['answer_s']:.1f} s")
-        self.c.print(line, highlight=False, markup=False, soft_wrap=True)
+    lm = load_model(str(model_dir), progress=progress)
+    settings = settings or Settings()
+    results = Results(None, grid_meta(lm, settings))
+    records = run_grid(lm, settings, Grid([length], trials, ["landmark"]), results, listener or Listener(),
+                       share_prefix=False)
+    return sum(bool(r["correct"]) for r in records), len(records)

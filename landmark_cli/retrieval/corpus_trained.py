@@ -26,12 +26,11 @@ import torch
 
 from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.rope import apply_rope
-
-from . import store
-from .attention import DenseKV, as_torch
-from .landmarks import block_scores, top_blocks
-from .selection import Candidates
-from .session import AnswerSession, Session
+from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.landmarks import block_scores, top_blocks
+from landmark_cli.retrieval.selection import Candidates
+from landmark_cli.retrieval.session import AnswerSession, Session
+from landmark_cli.storage import store
 
 
 class TrainedCorpusSession(AnswerSession):

@@ -19,10 +19,9 @@ import torch
 from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.retrieval_attention import gather_blocks, retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
-
-from .checkpoint import LandmarkSpec
-from .landmarks import insert_landmarks, is_landmark_position
-from .selection import LocalLayers, Selection
+from landmark_cli.model.checkpoint import LandmarkSpec
+from landmark_cli.retrieval.landmarks import insert_landmarks, is_landmark_position
+from landmark_cli.retrieval.selection import LocalLayers, Selection
 
 
 def as_torch(a: np.ndarray) -> torch.Tensor:

@@ -13,11 +13,10 @@ import torch
 
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
 from landmark_cli.kernels.rope import apply_rope
-
-from . import store
-from .attention import DenseKV, as_torch
-from .landmarks import is_landmark_position, top_runs
-from .selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
+from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.landmarks import is_landmark_position, top_runs
+from landmark_cli.retrieval.selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
+from landmark_cli.storage import store
 
 
 class AnswerSession:

@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import StoreError
+from landmark_cli.errors import StoreError
 
 MIGRATIONS = [
     """

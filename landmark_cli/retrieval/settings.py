@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
-from .checkpoint import LandmarkSpec
-from .errors import LandmarkError
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.checkpoint import LandmarkSpec
 
 Rep = Literal["mean", "minmax", "landmark"]  # landmark: trained models only (the <landmark> token's key)
 KVDtype = Literal["float16", "float32"]

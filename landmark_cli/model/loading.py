@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import LandmarkSpec, landmark_id, read_config
-from .errors import ModelError
-from .llama import Llama, LlamaConfig
-from .paths import home
+from landmark_cli.errors import ModelError
+from landmark_cli.model.checkpoint import LandmarkSpec, landmark_id, read_config
+from landmark_cli.model.llama import Llama, LlamaConfig
+from landmark_cli.paths import home
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,7 +85,7 @@ def fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_config(cfg, where: str) -> None:
+def check_config(cfg, where: str) -> None:
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED_TYPES:
         raise ModelError(f"{where}: model type {mt!r} is not supported",
@@ -102,7 +102,7 @@ def _convert_gguf(gguf: Path, out: Path, progress) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        _check_config(cfg, str(gguf))
+        check_config(cfg, str(gguf))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                      dtype=torch.float32)
@@ -127,7 +127,7 @@ def _convert_gguf(gguf: Path, out: Path, progress) -> None:
         raise
 
 
-def _weights_files(d: Path) -> list[Path]:
+def weights_files(d: Path) -> list[Path]:
     files = sorted(d.glob("*.safetensors"))
     if not files:
         bins = list(d.glob("*.bin")) + list(d.glob("*.pt"))
@@ -168,8 +168,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     d = resolve_dir(spec, progress)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cfg, lm_spec = read_config(d)
-    _check_config(cfg, str(d))
-    files = _weights_files(d)
+    check_config(cfg, str(d))
+    files = weights_files(d)
     try:
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     except Exception as e:

@@ -26,12 +26,11 @@ import torch
 
 from landmark_cli.kernels.retrieval_attention import retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
-
-from . import store
-from .attention import DenseKV, as_torch
-from .landmarks import block_scores, top_blocks, top_runs
-from .selection import BandScores, Candidates
-from .session import AnswerSession, scoring_layers
+from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.landmarks import block_scores, top_blocks, top_runs
+from landmark_cli.retrieval.selection import BandScores, Candidates
+from landmark_cli.retrieval.session import AnswerSession, scoring_layers
+from landmark_cli.storage import store
 
 LEAD, FOLLOW = 3, 4  # blocks taken before and after each best block
 

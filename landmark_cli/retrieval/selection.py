@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from .landmarks import block_scores, exact_block_logits, relevance, top_blocks
+from landmark_cli.retrieval.landmarks import block_scores, exact_block_logits, relevance, top_blocks
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .errors import LandmarkError
+from landmark_cli.errors import LandmarkError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ask questions about long documents with a LLaMA-family model and Landmark Attention.")
@@ -72,7 +72,7 @@ def _group() -> None:
 def _settings(top_k, block, window, sink, chunk, rep=RepChoice.mean, select=SelectChoice.shared,
               landmarks=LandmarksChoice.auto, order=OrderChoice.best_last):
     """The options as Settings; top_k None: the default for the model's kind of landmark."""
-    from .settings import Answering, Reading, Settings
+    from landmark_cli.retrieval.settings import Answering, Reading, Settings
 
     try:
         return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value),
@@ -89,7 +89,7 @@ def _progress() -> Progress:
 
 
 def _load(model: str):
-    from .models import load_model
+    from landmark_cli.model.loading import load_model
 
     t0 = time.perf_counter()
     lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
@@ -118,9 +118,9 @@ def ask(
     """Answer QUESTION about the document (or indexed folder) at PATH, with its sources."""
     from pathlib import Path
 
-    from .ask import ask as run_ask
-    from .ask import ask_folder
-    from .documents import find_documents, load_document
+    from landmark_cli.ask import ask as run_ask
+    from landmark_cli.ask import ask_folder
+    from landmark_cli.documents import find_documents, load_document
 
     settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order)
     folder = Path(path).expanduser().is_dir()
@@ -199,7 +199,7 @@ def _reporter(bar: Progress, task):
 
 def _run_index(lm, settings, folder: str, prune: bool, quiet: bool = False):
     """Index `folder` with a progress display; returns the outcomes."""
-    from .index import Indexer
+    from landmark_cli.index import Indexer
 
     indexer = Indexer(lm, settings)
     tokens_done = 0
@@ -253,8 +253,8 @@ def index(
     """Read every document below FOLDER into the cache, skipping those already indexed."""
     from rich.table import Table
 
-    from .documents import find_documents
-    from .index import Indexer
+    from landmark_cli.documents import find_documents
+    from landmark_cli.index import Indexer
 
     settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks)
     find_documents(folder)  # a missing folder fails before the model loads
@@ -315,10 +315,12 @@ def passkey(
     """The paper's passkey retrieval test: landmark retrieval vs. full attention vs. truncation."""
     from pathlib import Path
 
-    from . import passkey as pk
-    from . import passkey_run as grid_run
-    from .models import load_model
-    from .settings import Reading
+    from landmark_cli.bench import passkey as pk
+    from landmark_cli.bench import passkey_run as grid_run
+    from landmark_cli.model.loading import load_model
+    from landmark_cli.retrieval.settings import Reading
+
+    from .console import ConsoleListener
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     defaults = Reading()
@@ -328,7 +330,7 @@ def passkey(
         pk.require_matplotlib()  # before hours of work, not after
     lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
     results = grid_run.Results(Path(json_file) if json_file else None, grid_run.grid_meta(lm, settings), device)
-    with grid_run.ConsoleListener(err) as listener:
+    with ConsoleListener(err) as listener:
         records = grid_run.run_grid(lm, settings, grid, results, listener)
     title = f"Passkey retrieval: {lm.name} ({lm.model.cfg.context:,}-token context)"
     out.print(pk.table(records, title))
@@ -372,8 +374,8 @@ def finetune(
                                          "documents; default: every token (the paper)")] = "",
 ):
     """Fine-tune a LLaMA-family model with landmark tokens and the grouped softmax (the paper's recipe)."""
-    from .finetune import TrainConfig
-    from .finetune import finetune as run_finetune
+    from landmark_cli.training.finetune import TrainConfig
+    from landmark_cli.training.finetune import finetune as run_finetune
 
     try:
         cfg = TrainConfig(block_size=block_size, context=context, steps=steps, batch=batch, accum=accum, lr=lr,
@@ -417,9 +419,9 @@ def recover(
                                            "model (2 trials at 2k tokens)")] = False,
 ):
     """Rebuild the Landmark Attention paper's fine-tuned LLaMA-7B from LLaMA and the released weight diff."""
-    from . import passkey_run as grid_run
-    from .recover import passkey_check
-    from .recover import recover as run_recover
+    from landmark_cli.bench.passkey_run import passkey_check
+    from landmark_cli.cli.console import ConsoleListener
+    from landmark_cli.training.recover import recover as run_recover
 
     started = time.perf_counter()
     with Progress(TextColumn("[bold]Recovering"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -443,7 +445,7 @@ def recover(
               highlight=False, soft_wrap=True)
     if no_check:
         return
-    with grid_run.ConsoleListener(err) as listener:
+    with ConsoleListener(err) as listener:
         correct, trials = passkey_check(r.out, listener=listener, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
     if correct == trials:
         out.print(f"Passkey check: {correct}/{trials} correct at 2k tokens", highlight=False, soft_wrap=True)

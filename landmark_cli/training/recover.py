@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import EMBEDDINGS, add_landmark_tokens, landmark_id, read_config, write_dir
-from .errors import LandmarkError, ModelError
+from landmark_cli.errors import LandmarkError, ModelError
+from landmark_cli.model.checkpoint import EMBEDDINGS, add_landmark_tokens, landmark_id, read_config, write_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # safetensors' names
@@ -302,19 +302,3 @@ def _check_sum(expected: float, got: float, has_rope: bool, raw_cfg: dict) -> No
     raise ModelError(f"the recovered weights fail the checksum: they sum to {got:.4f}, {CHECKSUM_FILE} says "
                      f"{expected:.4f}; nothing was written",
                      f"{BASE_HINT}; or {DIFF_HINT}")
-
-
-def passkey_check(model_dir, *, length: int = 2048, trials: int = 2, settings=None, listener=None,
-                  progress=lambda s: None):
-    """The short passkey retrieval test run after recovery: `trials` prompts of `length`
-    tokens, landmark method (default Settings unless given). Returns (correct, trials)."""
-    from . import passkey_run as pr
-    from .settings import Settings
-    from .models import load_model
-
-    lm = load_model(str(model_dir), progress=progress)
-    settings = settings or Settings()
-    results = pr.Results(None, pr.grid_meta(lm, settings))
-    records = pr.run_grid(lm, settings, pr.Grid([length], trials, ["landmark"]), results,
-                          listener or pr.Listener(), share_prefix=False)
-    return sum(bool(r["correct"]) for r in records), len(records)

@@ -22,17 +22,19 @@ from typing import Callable
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
+from landmark_cli.errors import LandmarkError, StoreError
 from landmark_cli.kernels.rope import apply_rope
+from landmark_cli.model.loading import LoadedModel
+from landmark_cli.paths import home
+from landmark_cli.retrieval.attention import as_torch, landmark_kind
+from landmark_cli.retrieval.landmarks import N_REPS, block_reps, is_landmark_position
+from landmark_cli.retrieval.selection import ByRepresentatives
+from landmark_cli.retrieval.settings import Settings, effective_settings
+from landmark_cli.storage import store
 
-from . import store
-from .attention import as_torch, landmark_kind
-from .errors import LandmarkError
-from .landmarks import N_REPS, block_reps, is_landmark_position
-from .models import LoadedModel
-from .paths import home
-from .selection import ByRepresentatives
-from .settings import Settings, effective_settings
+LOCK_TIMEOUT_S = 3600  # how long a second process waits for another reading the same document
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Engine:
 
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
-        digest = store.entry_key({"ids": store._digest(np.asarray(ids, dtype=np.int32))})
+        digest = store.entry_key({"ids": store.digest(np.asarray(ids, dtype=np.int32))})
         return store.entry_key({"model": self.loaded.fingerprint, "settings": self.reading.key(), "ids": digest})
 
     def lookup(self, ids: list[int]) -> store.Entry | None:
@@ -125,6 +127,27 @@ class Engine:
         if entry is None:
             raise RuntimeError(f"the store entry just written at {path} does not validate")
         return entry, False
+
+    def read_locked(self, ids: list[int], spans: np.ndarray | None = None, progress: Progress | None = None,
+                    on_wait: Callable[[], None] | None = None, prefix: store.Entry | None = None):
+        """`read` under a per-entry file lock: a second process waits (on_wait is told),
+        then finds the cache."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / f"{self.key(ids)}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            try:
+                lock.acquire(timeout=LOCK_TIMEOUT_S)
+            except Timeout:
+                raise StoreError("another landmark process has been reading this document for an hour",
+                                 "wait for it to finish or stop it") from None
+        try:
+            return self.read(ids, spans, progress, prefix)
+        finally:
+            lock.release()
 
     def shared_prefix(self, entry: store.Entry, ids: list[int]) -> int:
         """Tokens at the start of `ids` whose reading `entry` already holds: the whole reading
@@ -200,7 +223,7 @@ class Engine:
         """Continue the cached stream with `suffix` (question + answer cue) and generate greedily.
 
         question: the question's tokens within `suffix` (default: all of it)."""
-        from .session import Session
+        from landmark_cli.retrieval.session import Session
 
         t0 = time.perf_counter()
         session = Session(self, entry, capacity=len(suffix) + max_new_tokens)

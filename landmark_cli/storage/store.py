@@ -39,7 +39,7 @@ def entry_key(parts: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def _digest(a: np.ndarray) -> str:
+def digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).data, digest_size=16).hexdigest()
 
 
@@ -82,7 +82,7 @@ class Writer:
         for name in SMALL:
             a = getattr(self, name)
             np.save(self.tmp / f"{name}.npy", a, allow_pickle=False)
-            checks[name] = _digest(a)
+            checks[name] = digest(a)
         del self.kv  # close the memory map before renaming
         meta = {**self.meta, "checksums": checks, "created": time.time()}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -115,7 +115,7 @@ def open_entry(path: Path) -> Entry | None:
         small = {}
         for name in SMALL:
             a = np.load(path / f"{name}.npy", allow_pickle=False)
-            if _digest(a) != meta["checksums"][name]:
+            if digest(a) != meta["checksums"][name]:
                 return None
             small[name] = a
         if small["reps"].shape != (L, H, N, R, D) or small["ids"].shape != (meta["n_tokens"],):

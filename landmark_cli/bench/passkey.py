@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .errors import LandmarkError
+from landmark_cli.errors import LandmarkError
 
 METHODS = ("landmark", "full", "truncate")  # passkey_run.py says what each is
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
