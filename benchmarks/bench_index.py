@@ -74,7 +74,10 @@ def main() -> None:
     ask(lm, lib / SMALL, QUESTION, settings, max_new_tokens=1)  # read (cache) the small document first
     small_runs = [timed(lambda: ask(lm, lib / SMALL, QUESTION, settings, max_new_tokens=NEW_TOKENS))
                   for _ in range(args.runs)]
-    med = lambda rs, i: statistics.median(r[i] for r in rs)  # noqa: E731
+
+    def med(rs, i):
+        return statistics.median(r[i] for r in rs)
+
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "documents": len(outcomes), "indexed": sum(o.state == "indexed" for o in outcomes),

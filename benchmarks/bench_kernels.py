@@ -116,7 +116,6 @@ def ceilings(rows):
     ms = timed(lambda: dst.copy_(src), reps=10)
     gbps = 2 * src.numel() / ms / 1e6  # read + write
     rows.append(dict(name="device copy 1 GiB", ms=ms, gbps=gbps))
-    del a, b, src, dst
     return tflops, gbps
 
 
@@ -142,7 +141,7 @@ def check_landmark():
         q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
         ref = la.landmark_attention_reference(q32, k32, v32, is_lm)
         want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), dout.float()))
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
             check(f"landmark_attention {dtype} SPLIT={split} {name}", a, b, tol)
     la.TUNING.update(fwd={}, bwd={})
 
@@ -208,8 +207,8 @@ def sweep_landmark(rows, q, k, v, is_lm, dout, fwd_flops):
                         if which == "fwd":
                             ms = timed(lambda: la.landmark_attention(q, k, v, is_lm, impl="triton"))
                         else:
-                            ms = timed(lambda: torch.autograd.grad(out, (q, k, v), dout,
-                                                                   retain_graph=True))
+                            ms = timed(lambda out=out: torch.autograd.grad(out, (q, k, v), dout,
+                                                                           retain_graph=True))
                     except Exception as exc:  # noqa: BLE001 (out of resources, ...)
                         print(f"sweep {which} {la.TUNING[which]}: {exc}", file=sys.stderr)
                         continue
@@ -233,30 +232,30 @@ def bench_retrieval(rows, copy_gbps, hq=32, hkv=8, d=128, n_tokens=1 << 20, b=64
     lm_keys = torch.randn(hkv, n, d, device=DEV, dtype=dt, generator=gen)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
     ret_pos0 = 64
-    for kb, l in problems:
+    for kb, n_dense in problems:
         idx = torch.stack([torch.randperm(n, device=DEV, generator=gen)[:kb] for _ in range(hkv)])
-        cos, sin = rope_tables(ret_pos0 + kb * b + l, d, 10000.0, torch.float32, DEV)
+        cos, sin = rope_tables(ret_pos0 + kb * b + n_dense, d, 10000.0, torch.float32, DEV)
         for t in (1, 16):
             bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, idx, cos,
-                                sin, ret_pos0, hq, t, l, sweep)
+                                sin, ret_pos0, hq, t, n_dense, sweep)
 
 
 def bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, idx, cos, sin,
-                        ret_pos0, hq, t, l, sweep):
+                        ret_pos0, hq, t, n_dense, sweep):
     hkv, _, b, d = k_store.shape
     kb, dt = idx.shape[1], k_store.dtype
     q = torch.randn(hq, t, d, device=DEV, dtype=dt, generator=gen)
-    kd, vd = (torch.randn(hkv, l, d, device=DEV, dtype=dt, generator=gen) for _ in range(2))
+    kd, vd = (torch.randn(hkv, n_dense, d, device=DEV, dtype=dt, generator=gen) for _ in range(2))
     args = (q, kd, vd, k_store, v_store, idx, cos, sin, ret_pos0)
     for grouped in (False, True):
         lmk = lm_keys if grouped else None
         want = ra.retrieval_attention_reference(*args, landmark_keys=lmk)
         got = ra.retrieval_attention(*args, landmark_keys=lmk, impl="triton")
-        check(f"retrieval_attention K={kb} L={l} T={t} grouped={grouped}", got, want, 4e-3)
+        check(f"retrieval_attention K={kb} L={n_dense} T={t} grouped={grouped}", got, want, 4e-3)
     # bytes that must move: selected K/V blocks, dense K/V, q, the output, block_idx and the
     # cos/sin rows of the retrieved positions (first halves, float32); grouped mode adds the
     # selected landmark keys. Split partials (in L2) are not counted.
-    nbytes = ((2 * hkv * kb * b * d + 2 * hkv * l * d + 2 * hq * t * d) * dt.itemsize
+    nbytes = ((2 * hkv * kb * b * d + 2 * hkv * n_dense * d + 2 * hq * t * d) * dt.itemsize
               + idx.numel() * 8 + 2 * kb * b * (d // 2) * 4)
     lm_bytes = hkv * kb * d * dt.itemsize
     # SDPA over a pre-gathered K/V of the same K/V bytes (no mask: an upper bound on speed)
@@ -264,13 +263,16 @@ def bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, 
     vg = torch.cat([v_store[0, :kb].reshape(1, -1, d).expand(hkv, -1, -1), vd], 1)[None]
     kg, vg = kg.contiguous(), vg.contiguous()
     sdpa_bytes = (kg.numel() + vg.numel() + 2 * q.numel()) * dt.itemsize
-    shape = f"T={t} Hq={hq} Hkv={hkv} K={kb}x{b} L={l} fp16"
+    shape = f"T={t} Hq={hq} Hkv={hkv} K={kb}x{b} L={n_dense} fp16"
     ours = (("retrieval_attention", lambda: ra.retrieval_attention(*args, impl="triton"), nbytes),
             ("retrieval_attention grouped", lambda: ra.retrieval_attention(
                 *args, landmark_keys=lm_keys, impl="triton"), nbytes + lm_bytes))
     reference = (("torch reference (gather + SDPA)",
                   lambda: ra.retrieval_attention_reference(*args), nbytes),)
-    sdpa = lambda: F.scaled_dot_product_attention(q[None], kg, vg, enable_gqa=True)  # noqa: E731
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q[None], kg, vg, enable_gqa=True)
+
     # launched from Python as the engine does, then replayed from CUDA graphs (kernel time)
     for how, wrap, problems in (("", lambda fn: fn, ours + reference),
                                 (" (CUDA graph)", graph_of, ours)):
@@ -278,7 +280,7 @@ def bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, 
         if run_sdpa is None:
             continue
         ms_sdpa = timed(run_sdpa, reps=50, flush=flush)
-        rows.append(dict(name=f"SDPA on pre-gathered K/V{how}, K={kb} L={l} T={t}", ms=ms_sdpa,
+        rows.append(dict(name=f"SDPA on pre-gathered K/V{how}, K={kb} L={n_dense} T={t}", ms=ms_sdpa,
                          gbps=sdpa_bytes / ms_sdpa / 1e6,
                          of_peak=sdpa_bytes / ms_sdpa / 1e6 / copy_gbps))
         for name, fn, nb in problems:
@@ -289,7 +291,7 @@ def bench_retrieval_one(rows, copy_gbps, flush, gen, k_store, v_store, lm_keys, 
             rows.append(dict(name=f"{name}{how}, {shape}", ms=ms, gbps=nb / ms / 1e6,
                              of_peak=nb / ms / 1e6 / copy_gbps, vs_sdpa=ms_sdpa / ms))
     if sweep:
-        sweep_retrieval(rows, args, lm_keys, flush, nbytes, f"K={kb} L={l} T={t}")
+        sweep_retrieval(rows, args, lm_keys, flush, nbytes, f"K={kb} L={n_dense} T={t}")
 
 
 def sweep_retrieval(rows, args, lm_keys, flush, nbytes, label):
@@ -307,7 +309,7 @@ def sweep_retrieval(rows, args, lm_keys, flush, nbytes, label):
                                          BLOCK_N=block_n)
                         cfg = f"grouped={grouped} {dict(ra.TUNING)}"
                         try:
-                            ms = timed(lambda: ra.retrieval_attention(
+                            ms = timed(lambda lmk=lmk: ra.retrieval_attention(
                                 *args, landmark_keys=lmk, impl="triton"), reps=20, flush=flush)
                         except OutOfResources as exc:
                             print(f"sweep retrieval {label} {cfg}: skipped, {exc}", file=sys.stderr)

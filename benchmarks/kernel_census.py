@@ -85,7 +85,7 @@ def table(results: list[dict]) -> str:
             "stack B | shared B |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         names = list(r["loop_names"]) + [f"loop {i + 1}" for i in range(len(r["loops"]))]
-        for name, loop in zip(names, r["loops"]):
+        for name, loop in zip(names, r["loops"], strict=False):
             rows.append(f"| {r['kernel']} | {name} | {loop['instructions']} | {loop['mma']} | "
                         f"{loop['mufu']} | {loop['spill']} | {r['registers']} | {r['stack']} | "
                         f"{r['shared']} |")

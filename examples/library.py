@@ -26,7 +26,7 @@ CONTENTS = {"lantern_bay.pdf": "lantern_bay.pdf", "essays": "essays", "licenses"
 def build(dest: Path) -> Path:
     """Create (or refresh) the library at `dest`; returns it."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name, source in CONTENTS.items():
+    for source in CONTENTS.values():
         src = HERE / source
         files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix in (".md", ".txt", ".pdf")
                                                    and not (p.suffix != ".pdf" and p.with_suffix(".pdf").exists()))

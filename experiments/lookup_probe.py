@@ -172,8 +172,8 @@ def probe(a, work: Path) -> list[dict]:
     opt = _optimizer(params, cfg)
     gen = torch.Generator().manual_seed(a.seed)
     curve, window, t0 = [], [], time.perf_counter()
-    print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters; chance on an answer: {math.log(len(codes)):.2f} nats",
-          flush=True)
+    print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters; "
+          f"chance on an answer: {math.log(len(codes)):.2f} nats", flush=True)
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)

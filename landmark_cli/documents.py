@@ -230,7 +230,8 @@ def _read_pdf(path: Path, shown: str) -> tuple[str, tuple[int, ...]]:
             # Many PDFs are "encrypted" with an empty user password and open like this.
             raise DocumentError(f"{shown} is an encrypted PDF that needs a password", hint=_QPDF_HINT)
         pages: list[str] = []
-        for page, pdf_page in enumerate(reader.pages, start=1):
+        for pdf_page in reader.pages:
+            page += 1
             pages.append(_normalise_pdf_page(pdf_page.extract_text() or ""))
     except (DocumentError, MemoryError):
         raise

@@ -60,7 +60,8 @@ class Indexer:
     def __init__(self, lm: LoadedModel, settings: Settings, store_root: Path | None = None):
         self.lm, self.settings = lm, settings
         self.engine = Engine(lm, settings, root=store_root)
-        self.key = (lm.fingerprint, settings_key(self.engine.reading.key()))  # as the engine reads (trained models adjust them)
+        # the settings as the engine reads with them (trained models adjust them)
+        self.key = (lm.fingerprint, settings_key(self.engine.reading.key()))
 
     def _lock(self, folder: Path) -> FileLock:
         locks = home() / "locks"
@@ -118,26 +119,29 @@ class Indexer:
             note = "cache was missing or damaged: read again"
         elif row is not None:
             note = "changed: read again"
-        base = dict(path=str(path), fingerprint=self.key[0], settings=self.key[1], model=self.lm.name, sha256=sha,
-                    size=stat.st_size, mtime=stat.st_mtime)
+
+        def record(status: str, error: str | None = None, tokens: int | None = None, blocks: int | None = None,
+                   store_key: str | None = None) -> Row:
+            """This file's manifest row, indexed now."""
+            return Row(path=str(path), fingerprint=self.key[0], settings=self.key[1], model=self.lm.name, sha256=sha,
+                       size=stat.st_size, mtime=stat.st_mtime, tokens=tokens, blocks=blocks, store_key=store_key,
+                       status=status, error=error, indexed_at=time.time())
+
         try:
             doc = load_document(path)
         except LandmarkError as e:
-            man.put(Row(**base, tokens=None, blocks=None, store_key=None, status="failed", error=e.message,
-                        indexed_at=time.time()))
+            man.put(record("failed", e.message))
             return Outcome(str(path), "failed", error=e.message)
         except Exception as e:  # noqa: BLE001 - a damaged file of any kind is recorded, not fatal
             msg = f"could not read {path.name}: {type(e).__name__}: {e}"
-            man.put(Row(**base, tokens=None, blocks=None, store_key=None, status="failed", error=msg,
-                        indexed_at=time.time()))
+            man.put(record("failed", msg))
             return Outcome(str(path), "failed", error=msg)
         prompt = document_prompt(self.lm.tokenizer, doc.text)
         previous = self.entry(row) if row is not None and row.status == "ok" else None
         if previous is not None and self.engine.shared_prefix(previous, prompt.ids):
             note = f"changed after token {self.engine.shared_prefix(previous, prompt.ids):,}: read from there"
         entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous)
-        man.put(Row(**base, tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name,
-                    status="ok", error=None, indexed_at=time.time()))
+        man.put(record("ok", tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name))
         if row is not None and row.store_key and row.store_key != entry.path.name \
                 and man.references(row.store_key) == 0:
             store.remove(self.engine.root / row.store_key)  # the previous version's cache
@@ -183,11 +187,12 @@ class Indexer:
         files = find_documents(folder)
         with Manifest(manifest_path()) as man:
             rows = {r.path: r for r in man.under(folder, *self.key)}
-        usable, left_out = [], []
+        usable: list[tuple[Row, store.Entry]] = []
+        left_out: list[Outcome] = []
         for path in files:
             row = rows.get(str(path))
             state, entry = self._state(path, row)
-            if entry is not None:
+            if row is not None and entry is not None:  # _state has an entry only for a row
                 usable.append((row, entry))
             elif state.state != "failed":  # a file known to be unreadable is not news
                 left_out.append(state)

@@ -138,7 +138,10 @@ def test_reading_settings_alone_make_the_store_key(tiny, tmp_path):
     base = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32))
     same = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32), Answering(select="shared", window=8))
     other = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32))
-    key = lambda s: Engine(tiny, s, root=tmp_path).key(ids)
+
+    def key(s):
+        return Engine(tiny, s, root=tmp_path).key(ids)
+
     assert key(base) == key(same) != key(other)
 
 

@@ -113,7 +113,7 @@ def test_loss_on_trains_on_the_marked_answers_only(tiny_dir, corpus, tmp_path):
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     marked = answer_tokens(text, enc["offset_mapping"], "Answer:", eos=True)
     assert len(marked) == len(enc["input_ids"]) + 1 and marked[-1]  # the last answer ends the text
-    assert tok.decode([i for i, m in zip(enc["input_ids"], marked) if m]) == " yes it is. no"
+    assert tok.decode([i for i, m in zip(enc["input_ids"], marked, strict=False) if m]) == " yes it is. no"
     assert not answer_tokens(text + "\nmore", enc["offset_mapping"], "Answer:", eos=True)[-1]
     tokens, trained = corpus_tokens(corpus, tok, loss_on="Answer:")
     assert trained.shape == tokens.shape and 0 < trained.mean() < 0.2
@@ -223,7 +223,8 @@ def test_cli_finetune_and_errors(tiny_dir, corpus, tmp_path, capsys, monkeypatch
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama_with_landmark"
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", empty, "--out", tmp_path / "x")
+    code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", empty, "--out",
+                          tmp_path / "x")
     assert code == 1 and "no PDF, .txt or .md files" in stderr
     code, _, stderr = run(capsys, monkeypatch, "finetune", "--model", tiny_dir, "--data", corpus, "--out",
                           tmp_path / "y", "--context", 8)

@@ -42,7 +42,7 @@ def rows():
     cols = [c for c in manifest_mod.COLUMNS if c != "indexed_at"]
     out = db.execute(f"SELECT {', '.join(cols)} FROM documents ORDER BY path").fetchall()
     db.close()
-    return [dict(zip(cols, r)) for r in out]
+    return [dict(zip(cols, r, strict=True)) for r in out]
 
 
 def states(outcomes):

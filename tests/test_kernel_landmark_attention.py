@@ -58,7 +58,7 @@ def test_reference_matches_naive(t, pattern, group):
     dout = torch.randn(q.shape)
     naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout)
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive, strict=True):
         assert_close(a, b, 2e-5, 2e-5, name)
 
 
@@ -115,7 +115,7 @@ def test_triton_many_query_tiles(pattern, dtype, split, sharp, monkeypatch):
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
     tols = [x * (10 if sharp > 1 else 1) for x in TOLS[dtype]]  # sharp: large gradients
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert_close(a, b, *tols, name)
 
 
@@ -136,7 +136,7 @@ def test_triton_backward(t, pattern, group, dtype):
     got = grads(la.landmark_attention, q, k, v, is_lm, dout, impl="triton")
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert a.dtype == dtype
         assert_close(a, b, *TOLS[dtype], name)
 
@@ -219,7 +219,7 @@ def test_regular_blocks_match_reference(t, block, group):
     dout = torch.randn(q.shape)
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
     fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], block, **kw), q, k, v, is_lm, dout)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref, strict=True):
         assert_close(a, b, 2e-5, 2e-5, name)
     for tq in (1, block + 1):  # a step of the last tq queries (reading, answering)
         step = la.landmark_attention_blocks(q[:, :, -tq:], k, v, block)
@@ -263,11 +263,11 @@ def test_local_reads_only_the_previous_block(t, pattern, reach):
     kw = {"local": True, "local_blocks": reach}
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout, **kw)
     naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout, **kw)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive, strict=True):
         assert_close(a, b, 2e-5, 2e-5, name)
     if pattern == 7:
         fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], 7, **kw), q, k, v, is_lm, dout, **kw)
-        for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref, strict=True):
             assert_close(a, b, 2e-5, 2e-5, f"blocks {name}")
         assert_close(la.landmark_attention(q, k, v, is_lm, **kw), ref[0], 2e-5, 2e-5, "dispatch")
         for tq in (1, 8):  # a step of the last tq queries (reading, answering)

@@ -28,19 +28,22 @@ if INTERPRETED:
     _fix_interpreter_bf16_dot()
 
 
-def make(t, group, b, k, *, hkv=2, l=None, n=9, d=16, dtype=torch.float32,
+def make(t, group, b, k, *, hkv=2, n_dense=None, n=9, d=16, dtype=torch.float32,
          store_dtype=None, grouped=False, seed=0):
     """Random arguments for retrieval_attention (everything but impl)."""
     gen = torch.Generator().manual_seed(seed)
-    l = l or t + 6
-    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    n_dense = n_dense or t + 6
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
     store_dtype = store_dtype or dtype
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(hkv)])
     ret_pos0 = 3
     cos, sin = rope_tables(ret_pos0 + k * b + 1, d, THETA)
     return dict(
         q=rnd(hkv * group, t, d).to(dtype),
-        k_dense=rnd(hkv, l, d).to(dtype), v_dense=rnd(hkv, l, d).to(dtype),
+        k_dense=rnd(hkv, n_dense, d).to(dtype), v_dense=rnd(hkv, n_dense, d).to(dtype),
         k_store=rnd(hkv, n, b, d).to(store_dtype), v_store=rnd(hkv, n, b, d).to(store_dtype),
         block_idx=idx, cos=cos, sin=sin, ret_pos0=ret_pos0,
         landmark_keys=rnd(hkv, n, d).to(store_dtype) if grouped else None,
@@ -50,7 +53,7 @@ def make(t, group, b, k, *, hkv=2, l=None, n=9, d=16, dtype=torch.float32,
 def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, landmark_keys):
     """Query by query, block by block, RoPE from fresh tables at explicit positions."""
     hq, t, d = q.shape
-    hkv, l, _ = k_dense.shape
+    hkv, n_dense, _ = k_dense.shape
     kb, b = block_idx.shape[1], k_store.shape[2]
     out = torch.zeros(hq, t, d)
     for h in range(hq):
@@ -67,7 +70,7 @@ def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, 
             blocks.append((keys, v_store[hk, n].float(), lm))
         for i in range(t):
             qi = q[h, i].float() * d**-0.5
-            kd, vd = k_dense[hk, : l - t + i + 1].float(), v_dense[hk, : l - t + i + 1].float()
+            kd, vd = k_dense[hk, : n_dense - t + i + 1].float(), v_dense[hk, : n_dense - t + i + 1].float()
             if landmark_keys is None:
                 keys = torch.cat([kb_ for kb_, _, _ in blocks] + [kd])
                 vals = torch.cat([vb for _, vb, _ in blocks] + [vd])
@@ -156,7 +159,7 @@ def test_triton_matches_reference(t, group, b, k, grouped):
 @needs_triton
 @pytest.mark.parametrize("n_splits", [1, 9])
 def test_triton_split_counts(n_splits):
-    args = make(5, 3, 7, 3, l=40, grouped=True)
+    args = make(5, 3, 7, 3, n_dense=40, grouped=True)
     want = ra.retrieval_attention_reference(**args)
     scale = args["q"].shape[-1] ** -0.5
     got = ra._retrieval_triton(*list(args.values())[:-1], scale, args["landmark_keys"],
@@ -169,7 +172,7 @@ def test_triton_split_counts(n_splits):
 def test_triton_head_dim_64_strided_dense(grouped):
     """D=64 (tensor-core dots on the rotated halves) with k_dense/v_dense strided views of
     a longer buffer, as the engine passes them (read in place, not copied)."""
-    args = make(3, 2, 20, 3, d=64, l=40, grouped=grouped)
+    args = make(3, 2, 20, 3, d=64, n_dense=40, grouped=grouped)
     buf = torch.randn(2, 2, 50, 64)
     buf[0, :, :40], buf[1, :, :40] = args["k_dense"], args["v_dense"]
     want = ra.retrieval_attention_reference(**args)

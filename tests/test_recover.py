@@ -49,9 +49,9 @@ def make_diff(base_dir, tuned_dir, diff_dir, shards: int = 1):
         return diff_dir
     files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     parts = [names[i::shards] for i in range(shards)]
-    for f, part in zip(files, parts):
+    for f, part in zip(files, parts, strict=True):
         save_file({k: diff[k] for k in part}, diff_dir / f)
-    wmap = {k: f for f, part in zip(files, parts) for k in part}
+    wmap = {k: f for f, part in zip(files, parts, strict=True) for k in part}
     (diff_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
     return diff_dir
 

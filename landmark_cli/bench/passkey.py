@@ -69,11 +69,13 @@ def prompt_tokens(tokenizer, case: Case) -> int:
 def build_for_tokens(tokenizer, n_tokens: int, seed: int) -> Case:
     """A passkey prompt whose length in `tokenizer` tokens is as close to `n_tokens` as whole
     filler sentences allow (a few tokens: within 1% from about 500 tokens up)."""
-    count = lambda c: prompt_tokens(tokenizer, c)
+    def count(c: Case) -> int:
+        return prompt_tokens(tokenizer, c)
+
     base = count(build(0, seed))
     per = len(tokenizer(" " + FILLER, add_special_tokens=False)["input_ids"]) / len(SENTENCES)
     target = max(0, round((n_tokens - base) / per))  # in filler sentences
-    best = None
+    best: tuple[int, Case] | None = None
     for _ in range(4):  # corrections absorb tokenizer merges at sentence joins
         n_filler, extra = divmod(target, len(SENTENCES))
         case = build(n_filler, seed, extra)
@@ -84,6 +86,7 @@ def build_for_tokens(tokenizer, n_tokens: int, seed: int) -> Case:
         if step == 0:
             break
         target = max(0, target + step)
+    assert best is not None  # the loop runs at least once
     return best[1]
 
 
@@ -139,10 +142,11 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for (length, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):
         ran = [r for r in rs if not r.get("error")]
+        tokens = _mean([r["tokens"] for r in rs])
         rss = [r["peak_rss_mib"] for r in ran if r.get("peak_rss_mib") is not None]
         rows.append({"length": length, "method": method, "trials": len(rs), "correct": sum(r["correct"] for r in rs),
                      "refused": len(rs) - len(ran), "accuracy": sum(r["correct"] for r in rs) / len(rs),
-                     "tokens": round(_mean([r["tokens"] for r in rs])),
+                     "tokens": None if tokens is None else round(tokens),
                      "retrieved_per_step": _mean([r["retrieved_per_step"] for r in ran]),
                      "read_tok_s": _mean([r["read_tok_s"] for r in ran]),
                      "answer_s": _mean([r["answer_s"] for r in ran]),
@@ -211,7 +215,7 @@ def plot(records: list[dict], path, title: str = "Passkey retrieval", context: i
         pts = [(r["length"], 100 * r["accuracy"]) for r in rows if r["method"] == m]
         if pts:
             line, marker, size = styles[m]
-            ax.plot(*zip(*pts), linestyle=line, marker=marker, markersize=size, label=m)
+            ax.plot(*zip(*pts, strict=True), linestyle=line, marker=marker, markersize=size, label=m)
     lengths = sorted({r["length"] for r in rows})
     if context:
         ax.axvline(context, color="gray", linewidth=0.8, linestyle="-.")

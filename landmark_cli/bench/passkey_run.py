@@ -118,8 +118,12 @@ def _difference(theirs: dict, ours: dict) -> str:
         return f"another file format (version {theirs['format']}; this version writes {ours['format']})"
     if theirs["model"] != ours["model"]:
         t, o = theirs["model"], ours["model"]
-        return f"another model: {t.get('name')!r} ({t.get('fingerprint')}); this run: {o['name']!r} ({o['fingerprint']})"
-    flat = lambda m: {**m["settings"]["landmark"], "max_new_tokens": m["settings"]["max_new_tokens"]}
+        return (f"another model: {t.get('name')!r} ({t.get('fingerprint')}); "
+                f"this run: {o['name']!r} ({o['fingerprint']})")
+
+    def flat(m: dict) -> dict:
+        return {**m["settings"]["landmark"], "max_new_tokens": m["settings"]["max_new_tokens"]}
+
     t, o = flat(theirs), flat(ours)
     diff = ", ".join(f"{k}={t.get(k)} (this run: {o.get(k)})" for k in sorted(set(t) | set(o)) if t.get(k) != o.get(k))
     return f"other settings: {diff}"
@@ -267,15 +271,18 @@ class SharedPrefixes:
 
 
 def run_trial(lm: LoadedModel, settings: Settings, trial: Trial, case: passkey.Case, p: Prompt,
-              max_new: int = MAX_NEW_TOKENS, listener: Listener = Listener(),
+              max_new: int = MAX_NEW_TOKENS, listener: Listener | None = None,
               shared: SharedPrefixes | None = None) -> dict:
     """One method on one prompt -> its record. The KV store lives in a temporary directory
     removed afterwards (a 128k-token prompt takes 3 GB with the default model)."""
+    if listener is None:
+        listener = Listener()
     context, reserve = lm.model.cfg.context, len(p.suffix) + max_new
     tokens = len(p.ids) + len(p.suffix)
     rec = {"method": trial.method, "length": trial.length, "tokens": tokens, "seed": trial.seed,
            "depth": round(case.depth, 4), "expected": case.passkey, "answer": None, "correct": False,
-           "read_tokens": None, "reused_tokens": 0, "read_s": None, "read_tok_s": None, "answer_s": None, "first_token_s": None,
+           "read_tokens": None, "reused_tokens": 0, "read_s": None, "read_tok_s": None, "answer_s": None,
+           "first_token_s": None,
            "retrieved_per_step": None, "peak_rss_mib": None, "error": None}
     if trial.method == "landmark":
         reading = effective_settings(lm, settings)[0].read
@@ -296,11 +303,12 @@ def run_trial(lm: LoadedModel, settings: Settings, trial: Trial, case: passkey.C
     root = Path(tempfile.mkdtemp(prefix=f"passkey-{os.getpid()}-", dir=_scratch()))
     try:
         _reset_peak_rss()
-        rec.update(_timed_answer(Engine(lm, s, root=root), ids, p.suffix, lm, max_new, listener, prefix))
+        answered = _timed_answer(Engine(lm, s, root=root), ids, p.suffix, lm, max_new, listener, prefix)
+        rec.update(answered)
         rec["peak_rss_mib"] = _peak_rss_mib()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    rec["correct"] = passkey.parse_answer(rec["answer"]) == case.passkey
+    rec["correct"] = passkey.parse_answer(answered["answer"]) == case.passkey
     return rec
 
 
@@ -320,11 +328,13 @@ def _scratch() -> Path:
 
 
 def run_grid(lm: LoadedModel, settings: Settings, grid: Grid, results: Results,
-             listener: Listener = Listener(), max_new: int = MAX_NEW_TOKENS, share_prefix: bool = True) -> list[dict]:
+             listener: Listener | None = None, max_new: int = MAX_NEW_TOKENS, share_prefix: bool = True) -> list[dict]:
     """Run the trials of `grid` not yet in `results`, saving after each; return all records.
 
     share_prefix: read each length's filler-only prefix once and every trial from its needle
     on (SharedPrefixes); the results are the same, the reading time about half."""
+    if listener is None:
+        listener = Listener()
     context = lm.model.cfg.context
     if "landmark" in grid.methods:
         Engine(lm, settings)  # refuses settings that do not fit the context, before any work

@@ -172,7 +172,7 @@ def ask(
     if result.sources:
         out.print("\n[bold]Sources[/bold]")
         for s in result.sources:
-            where = f"page {s.page}" if s.page is not None else f"lines {s.lines[0]}-{s.lines[1]}"
+            where = f"page {s.page}" if s.lines is None else f"lines {s.lines[0]}-{s.lines[1]}"
             if folder:
                 where = f"{os.path.relpath(s.path, path)}, {where}"
             snippet = " ".join(s.text.split())
@@ -208,24 +208,26 @@ def _run_index(lm, settings, folder: str, prune: bool, quiet: bool = False):
                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         files = bar.add_task("Files", total=None, info="")
         doc = bar.add_task("", total=None, info="", visible=False)
-        current = {"name": "", "done": 0}
+        current_name, current_done = "", 0  # the file being read, its tokens read so far
 
         def on_start(path, i, n):
-            current.update(name=path.name, done=0)
+            nonlocal current_name, current_done
+            current_name, current_done = path.name, 0
             bar.update(files, completed=i, total=n, info=f"{i}/{n} files")
             bar.reset(doc, total=None, description=path.name[:40], info="", visible=True)
 
         def progress(done, total):
-            current["done"] = done
+            nonlocal current_done
+            current_done = done
             rate = (tokens_done + done) / max(time.perf_counter() - started, 1e-9)
             bar.update(doc, completed=done, total=total, info=f"{done:,}/{total:,} tokens, {rate:,.0f} tok/s")
             if not err.is_terminal:
-                err.print(f"{current['name']}: {done}/{total} tokens, {rate:.0f} tok/s")
+                err.print(f"{current_name}: {done}/{total} tokens, {rate:.0f} tok/s")
 
         def on_done(o):
             nonlocal tokens_done
             if o.state == "indexed":
-                tokens_done += current["done"]
+                tokens_done += current_done
             bar.update(files, advance=1)
             if not quiet and not err.is_terminal:
                 err.print(f"{o.state}: {o.path}" + (f" ({o.error})" if o.error else ""))

@@ -65,7 +65,8 @@ class ConsoleListener(Listener):
             line = f"{head} refused ({rec['error']})"
         else:
             line = (f"{head} {'correct' if rec['correct'] else 'WRONG'} (answer {rec['answer']!r}, expected "
-                    f"{rec['expected']}), read {rec['read_tokens'] - rec['reused_tokens']:,} of {rec['read_tokens']:,} tokens "
+                    f"{rec['expected']}), read {rec['read_tokens'] - rec['reused_tokens']:,} "
+                    f"of {rec['read_tokens']:,} tokens "
                     f"in {rec['read_s']:.1f} s, "
                     f"answer {rec['answer_s']:.1f} s")
         self.c.print(line, highlight=False, markup=False, soft_wrap=True)

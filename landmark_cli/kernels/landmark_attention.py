@@ -56,7 +56,8 @@ from landmark_cli.kernels._triton import HAVE_TRITON, tl, triton
 
 MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
 LOG2E = 1.4426950408889634
-TUNING = {"fwd": {}, "bwd": {}}  # launch overrides (BLOCK_M, num_warps, num_stages, SPLIT) to sweep
+# launch overrides (BLOCK_M, num_warps, num_stages, SPLIT) to sweep
+TUNING: dict[str, dict[str, int | bool]] = {"fwd": {}, "bwd": {}}
 NEG_INF = float("-inf")
 
 
@@ -294,7 +295,7 @@ def _probs_and_dscores(x, g, is_gate, earlier, dp, lse, delta, qk_scale):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
+def _fwd_kernel(Q, K, V, OUT, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                 SPLIT: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -343,7 +344,7 @@ def _fwd_kernel(Q, K, V, O, LSE, IS_LM, BLK, STARTS, T, H, HKV, qk_scale,
         m_i, l_i, acc = _fwd_step(m_i, l_i, acc, x, g, earlier, v, qk_scale, PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(OUT + q_off, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("inf"))  # log2 units
     tl.store(LSE + pid_bh * T + rows, lse, mask=row_ok)
 

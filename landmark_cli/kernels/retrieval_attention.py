@@ -74,14 +74,14 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     """Plain torch version (the CPU path); same arguments as retrieval_attention.
     rotated: rotated_blocks(...) of these arguments, when the caller keeps them across steps."""
     hq, t, d = q.shape
-    hkv, l, _ = k_dense.shape
+    hkv, n_dense, _ = k_dense.shape
     kb, bsz = block_idx.shape[1], k_store.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale
     dev = q.device
     qf = q.float().reshape(hkv, hq // hkv * t, d)  # [Hkv, G*T, D], rows (g, t)
 
     k_ret, v_ret = rotated or rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, dev)
-    visible = torch.arange(l, device=dev)[None, :] <= (l - t + torch.arange(t, device=dev))[:, None]
+    visible = torch.arange(n_dense, device=dev)[None, :] <= (n_dense - t + torch.arange(t, device=dev))[:, None]
 
     if landmark_keys is None and t > DECODE_ROWS:  # one softmax over [retrieved, dense]: PyTorch's fused attention
         g = hq // hkv
@@ -89,7 +89,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
         v_all = torch.cat([v_ret, v_dense.float()], 1).repeat_interleave(g, 0)
         bias = None
         if t > 1:
-            bias = torch.zeros(t, kb * bsz + l, device=dev)
+            bias = torch.zeros(t, kb * bsz + n_dense, device=dev)
             bias[:, kb * bsz:].masked_fill_(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(q.float()[None], k_all[None], v_all[None], attn_mask=bias,
                                              scale=scale)[0]
@@ -142,14 +142,14 @@ def _retrieved_scores(q1, q2, kp, cp, sp, ok, HALF: tl.constexpr, PREC: tl.const
 
 
 @triton.jit
-def _online(m, l, acc, s, v, PREC: tl.constexpr):
+def _online(m, denom, acc, s, v, PREC: tl.constexpr):
     """Fold a [rows, keys] score tile and its values into a running softmax."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l * alpha + tl.sum(p, 1), acc
+    return m_new, denom * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -271,7 +271,7 @@ def _retrieval_kernel(Q, KD, VD, KS, VS, LMK, IDX, COS, SIN, PART, LSE,
 
 
 @triton.jit
-def _combine_kernel(PART, LSE, O, n_splits, D: tl.constexpr, CHUNK: tl.constexpr):
+def _combine_kernel(PART, LSE, OUT, n_splits, D: tl.constexpr, CHUNK: tl.constexpr):
     """out[r] = sum_s exp(lse_s) o_s / sum_s exp(lse_s) over the splits of row r."""
     r = tl.program_id(0).to(tl.int64)
     dd = tl.arange(0, D)
@@ -294,7 +294,7 @@ def _combine_kernel(PART, LSE, O, n_splits, D: tl.constexpr, CHUNK: tl.constexpr
         den += w
     den_t = tl.sum(den, 0)
     out = acc / tl.where(den_t > 0, den_t, 1.0)
-    tl.store(O + r * D + dd, out.to(O.dtype.element_ty))
+    tl.store(OUT + r * D + dd, out.to(OUT.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -315,7 +315,7 @@ def _target_programs(device: torch.device) -> int:
 def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0,
                       scale, landmark_keys, n_splits=None):
     hq, t, d = q.shape
-    hkv, l, _ = k_dense.shape
+    hkv, n_dense, _ = k_dense.shape
     kb, bsz = block_idx.shape[1], k_store.shape[2]
     gt = hq // hkv * t
     for name, x in (("k_dense", k_dense), ("v_dense", v_dense), ("k_store", k_store),
@@ -336,7 +336,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
                           triton.next_power_of_2(bsz)))
     m_tiles = triton.cdiv(gt, block_m)
     tiles_per_block = triton.cdiv(bsz, block_n)
-    tiles = kb * tiles_per_block + triton.cdiv(l, block_n)  # key tiles per kv head
+    tiles = kb * tiles_per_block + triton.cdiv(n_dense, block_n)  # key tiles per kv head
     splits = n_splits or max(1, _target_programs(q.device) // (hkv * m_tiles))
     # a split writes [rows, D] float32 partials: let it read at least as many K/V bytes
     min_tiles = 1 if n_splits else max(1, min(gt, block_m) // block_n)
@@ -344,7 +344,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
     blocks_per_split = max(1, tiles_per_split // tiles_per_block)
     keys_per_split = tiles_per_split * block_n
     n_ret = triton.cdiv(kb, blocks_per_split)
-    n_total = n_ret + triton.cdiv(l, keys_per_split)
+    n_total = n_ret + triton.cdiv(n_dense, keys_per_split)
 
     rows_total = hq * t
     work = torch.empty(rows_total * n_total * (d + 1), dtype=torch.float32, device=q.device)
@@ -352,7 +352,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _retrieval_kernel[(m_tiles, n_total, hkv)](
         q, k_dense, v_dense, k_store, v_store, lmk, idx, cos, sin, part, lse,
-        t, l, kb, bsz, gt, ret_pos0, scale,
+        t, n_dense, kb, bsz, gt, ret_pos0, scale,
         k_dense.stride(0), k_dense.stride(1), v_dense.stride(0), v_dense.stride(1),
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
         v_store.stride(0), v_store.stride(1), v_store.stride(2),

@@ -32,7 +32,7 @@ _BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 def landmark_types(ty: str = "bf16") -> dict:
     """Argument types of landmark_attention's kernels with ty ("bf16", "fp16", "fp32")
     tensors."""
-    types = {n: "*" + ty for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    types = {n: "*" + ty for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
     types.update(LSE="*fp32", DELTA="*fp32", IS_LM="*i8", BLK="*i32", STARTS="*i32",
                  qk_scale="fp32", sm_scale="fp32")
     return types
@@ -40,7 +40,7 @@ def landmark_types(ty: str = "bf16") -> dict:
 
 def retrieval_types(ty: str = "fp16") -> dict:
     """Argument types of retrieval_attention's kernels (float32 RoPE tables)."""
-    types = {n: "*" + ty for n in ("Q", "KD", "VD", "KS", "VS", "LMK", "O")}
+    types = {n: "*" + ty for n in ("Q", "KD", "VD", "KS", "VS", "LMK", "OUT")}
     types.update(IDX="*i64", COS="*fp32", SIN="*fp32", PART="*fp32", LSE="*fp32", sm_scale="fp32")
     return types
 

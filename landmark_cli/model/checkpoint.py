@@ -74,7 +74,9 @@ def read_config(d: Path):
     if raw.get("model_type") == MODEL_TYPE:
         plain = {k: v for k, v in raw.items() if k not in LANDMARK_KEYS + ("model_type", "transformers_version")}
         cfg = LlamaConfig(**plain)
-        cfg.model_type = MODEL_TYPE  # reported as such; everything else treats it as llama
+        # reported as such; everything else treats it as llama. transformers declares model_type
+        # a ClassVar, but an instance attribute shadows it as intended here.
+        cfg.model_type = MODEL_TYPE  # type: ignore[misc]
         return cfg, spec
     try:
         return AutoConfig.from_pretrained(d, local_files_only=True), spec

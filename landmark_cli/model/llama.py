@@ -213,7 +213,8 @@ class Llama:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Hugging Face-named weights from the (possibly trained) fused tensors."""
         c = self.cfg
-        sd = {"model.embed_tokens.weight": self.w["model.embed_tokens.weight"], "model.norm.weight": self.w["model.norm.weight"]}
+        sd = {"model.embed_tokens.weight": self.w["model.embed_tokens.weight"],
+              "model.norm.weight": self.w["model.norm.weight"]}
         if self.lm_head is not sd["model.embed_tokens.weight"]:
             sd["lm_head.weight"] = self.lm_head
         for i, L in enumerate(self.layers):
@@ -223,5 +224,6 @@ class Llama:
             sd.update({p + "input_layernorm.weight": L["attn_norm"], p + "self_attn.q_proj.weight": q,
                        p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                        p + "self_attn.o_proj.weight": L["o"], p + "post_attention_layernorm.weight": L["mlp_norm"],
-                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": L["down"]})
+                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                       p + "mlp.down_proj.weight": L["down"]})
         return {k: v.detach().contiguous() for k, v in sd.items()}

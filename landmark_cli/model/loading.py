@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from landmark_cli.errors import ModelError
 from landmark_cli.model.checkpoint import LandmarkSpec, landmark_id, read_config
 from landmark_cli.model.llama import Llama, LlamaConfig
 from landmark_cli.paths import home
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +39,8 @@ class LoadedModel:
     name: str  # what the user asked for, as shown in output
     fingerprint: str  # content address of weights + config + tokenizer
     model: Llama
-    tokenizer: object  # a transformers PreTrainedTokenizerFast
-    hf_config: object
+    tokenizer: PreTrainedTokenizerBase
+    hf_config: PretrainedConfig
     landmark: LandmarkSpec | None = None  # trained landmarks (reference format), or None
 
     @property
@@ -44,7 +48,7 @@ class LoadedModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def stop_ids(self) -> set[int]:
-        ids = set()
+        ids: set[int] = set()
         for src in (self.hf_config, self.tokenizer):
             e = getattr(src, "eos_token_id", None)
             ids.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])

@@ -110,6 +110,8 @@ class FreeLandmarks:
 class TrainedLandmarks(FreeLandmarks):
     """A model's own `<landmark>` token after every `mem_freq` tokens (LandmarkSpec)."""
 
+    spec: LandmarkSpec
+
     def __init__(self, spec: LandmarkSpec):
         self.spec = spec
 

@@ -82,11 +82,13 @@ class CorpusSession(AnswerSession):
         cos, sin = m.rope.at(torch.arange(T) + self.sink_end + self.k_per_layer * B)
         idx = torch.arange(self.k_per_layer).expand(c.n_kv_heads, -1)
         band = BandScores(self.scoring_layers, self.candidates, self.stores, c.n_kv_heads, question)
+        reps = self.reps
+        assert reps is not None  # step() chooses only when there are candidates
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             band.observe(layer, q)
-            scores = block_scores(q, self.reps[layer][:, self.complete], s.rep, c.n_kv_heads)
+            scores = block_scores(q, reps[layer][:, self.complete], s.rep, c.n_kv_heads)
             kv = self._gather(layer, self.complete[top_blocks(scores, self.k_per_layer)])
             return retrieval_attention(apply_rope(q, cos, sin), keys, values, kv[0], kv[1], idx,
                                        self.ret_cos, self.ret_sin, self.sink_end)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -54,8 +54,8 @@ Progress = Callable[[int, int], None]  # (tokens done, tokens total)
 class Engine:
     """Reads token streams into the store and answers from it, for one model and one set of settings."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings = Settings(), root: Path | None = None):
-        settings, self.spec = effective_settings(loaded, settings)  # spec set: trained landmarks
+    def __init__(self, loaded: LoadedModel, settings: Settings | None = None, root: Path | None = None):
+        settings, self.spec = effective_settings(loaded, settings or Settings())  # spec set: trained landmarks
         self.loaded, self.settings, self.reading = loaded, settings, settings.read
         self.model = loaded.model
         self.landmarks = landmark_kind(self.spec)
@@ -115,7 +115,7 @@ class Engine:
                     if len(sp):
                         w.spans[b] = (sp[:, 0].min(), sp[:, 1].max())
             start = self.shared_prefix(prefix, given) if prefix is not None else 0
-            if start:
+            if prefix is not None and start:
                 w.kv[:, :, :, :start // s.block] = prefix.kv[:, :, :, :start // s.block]
                 w.reps[:, :, :start // s.block] = prefix.reps[:, :, :start // s.block]
             self._prefill(w, torch.tensor(ids), progress, start)
@@ -165,37 +165,41 @@ class Engine:
     # ---- reading (chunked prefill with retrieval) --------------------------------------
     @torch.inference_mode()
     def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None, first: int = 0) -> None:
-        """Read ids[first:] chunk by chunk (`first` is a chunk boundary; blocks before it are filled).
+        """Read ids[first:] chunk by chunk (`first` is a chunk boundary; blocks before it are filled)."""
+        n = ids.shape[0]
+        for start in range(first, n, self.reading.chunk_tokens):
+            end = min(start + self.reading.chunk_tokens, n)
+            self._read_chunk(w, ids[start:end], start, n)
+            if progress:
+                progress(end, n)
 
-        Each chunk attends to [sink] [top-k blocks by representative, per layer and KV head,
+    def _read_chunk(self, w: store.Writer, chunk: torch.Tensor, start: int, n: int) -> None:
+        """Read the tokens chunk at stream positions [start, start + len(chunk)) of a stream of n.
+
+        The chunk attends to [sink] [top-k blocks by representative, per layer and KV head,
         among the complete blocks between sink and window] [window] [itself]; its pre-RoPE
         keys and values and its blocks' representatives go into the entry being written."""
         s, m = self.reading, self.model
-        B, n = s.block, ids.shape[0]
+        B, end = s.block, start + chunk.shape[0]
         store_kv = as_torch(w.kv)
-        last_valid = n - (w.kv.shape[3] - 1) * B
-        for start in range(first, n, s.chunk_tokens):
-            end = min(start + s.chunk_tokens, n)
-            b0, b1 = start // B, -(-end // B)
-            sink_end = min(s.sink_tokens, start)
-            win0 = max(sink_end, start - s.window_tokens)
-            retrievable = slice(sink_end // B, win0 // B)
-            ranker = ByRepresentatives(torch.from_numpy(w.reps[:, :, retrievable]), s.rep, retrievable.start,
-                                       s.top_k_or_default, m.cfg.n_kv_heads)
-            selection = self.landmarks.selection(ranker, win0 // B, m.cfg.n_kv_heads)
+        b0, b1 = start // B, -(-end // B)
+        last_valid = n - (w.kv.shape[3] - 1) * B if end == n else None  # real tokens in the stream's last block
+        sink_end = min(s.sink_tokens, start)
+        win0 = max(sink_end, start - s.window_tokens)
+        retrievable = slice(sink_end // B, win0 // B)
+        ranker = ByRepresentatives(torch.from_numpy(w.reps[:, :, retrievable]), s.rep, retrievable.start,
+                                   s.top_k_or_default, m.cfg.n_kv_heads)
+        selection = self.landmarks.selection(ranker, win0 // B, m.cfg.n_kv_heads)
 
-            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                for j, t in enumerate((k, v)):  # this chunk's pre-RoPE keys and values, into its blocks
-                    padded = torch.nn.functional.pad(t, (0, 0, 0, (b1 - b0) * B - (end - start)))
-                    store_kv[layer, j, :, b0:b1] = padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1).to(store_kv.dtype)
-                w.reps[layer, :, b0:b1] = block_reps(
-                    store_kv[layer, 0, :, b0:b1], s.rep, valid=last_valid if end == n else None).numpy()
-                sel = selection.blocks(layer, q)
-                return self._attend_chunk(layer, q, k, v, store_kv[layer], sel, sink_end, win0, start)
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            for j, t in enumerate((k, v)):  # this chunk's pre-RoPE keys and values, into its blocks
+                padded = torch.nn.functional.pad(t, (0, 0, 0, (b1 - b0) * B - (end - start)))
+                store_kv[layer, j, :, b0:b1] = padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1).to(store_kv.dtype)
+            w.reps[layer, :, b0:b1] = block_reps(store_kv[layer, 0, :, b0:b1], s.rep, valid=last_valid).numpy()
+            sel = selection.blocks(layer, q)
+            return self._attend_chunk(layer, q, k, v, store_kv[layer], sel, sink_end, win0, start)
 
-            m.run_layers(m.embed(ids[start:end]), attend)
-            if progress:
-                progress(end, n)
+        m.run_layers(m.embed(chunk), attend)
 
     def _attend_chunk(self, layer, q, k, v, layer_kv, sel, sink_end, win0, start) -> torch.Tensor:
         """Attention of one reading chunk (q, k, v pre-RoPE) over the sink [0, sink_end), the
@@ -218,7 +222,7 @@ class Engine:
     # ---- answering ----------------------------------------------------------------------
     @torch.inference_mode()
     def answer(self, entry: store.Entry, suffix: list[int], max_new_tokens: int = 128,
-               stop_ids: set[int] = frozenset(), on_token: Callable[[int], None] | None = None,
+               stop_ids: Collection[int] = (), on_token: Callable[[int], None] | None = None,
                n_sources: int = 3, question: slice | None = None) -> Answer:
         """Continue the cached stream with `suffix` (question + answer cue) and generate greedily.
 
@@ -232,7 +236,7 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, session, context_tokens: int, suffix: list[int], max_new_tokens: int,
-                 stop_ids: set[int], on_token: Callable[[int], None] | None, n_sources: int,
+                 stop_ids: Collection[int], on_token: Callable[[int], None] | None, n_sources: int,
                  question: slice | None, t0: float) -> Answer:
         """Greedy decoding in an answering session (session.AnswerSession) that has read nothing yet."""
         logits = session.step(torch.tensor(suffix), question)
@@ -247,7 +251,8 @@ class Engine:
                 on_token(tok)
             if len(out) < max_new_tokens:
                 logits = session.step(torch.tensor([tok]))
-        return Answer(tokens=out, text=self.loaded.tokenizer.decode(out, skip_special_tokens=True),
+        text = self.loaded.tokenizer.decode(out, skip_special_tokens=True)  # one sequence in, one string out
+        return Answer(tokens=out, text=str(text),
                       sources=session.sources(n_sources), retrieved_per_step=session.retrieved_per_step,
                       prompt_tokens=context_tokens + len(suffix), answer_s=time.perf_counter() - t0,
                       first_token_s=first)

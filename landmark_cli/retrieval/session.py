@@ -37,7 +37,7 @@ class AnswerSession:
             return []
         best = self.votes.topk(min(n, self.votes.shape[0]))
         return [(int(self.candidates.doc[i]), int(self.candidates.block[i]), float(v))
-                for v, i in zip(best.values, best.indices)]
+                for v, i in zip(best.values, best.indices, strict=True)]
 
 
 def scoring_layers(band: tuple[float, float], n_layers: int) -> range:

@@ -93,7 +93,8 @@ class Answering:
 class Settings:
     read: Reading = field(default_factory=Reading)
     answer: Answering = field(default_factory=Answering)
-    landmarks: LandmarkChoice = "auto"  # trained: the model's <landmark> tokens; free: representatives; auto: trained if it has them
+    # trained: the model's <landmark> tokens; free: representatives; auto: trained if it has them
+    landmarks: LandmarkChoice = "auto"
 
     def __post_init__(self):
         _check(self.landmarks, LandmarkChoice, "landmarks")

@@ -1,0 +1,1 @@
+"""On-disk state: the KV store of read documents (store) and the folder index (manifest)."""

@@ -56,7 +56,8 @@ class Weights:
     def __init__(self, d: Path, role: str, hint: str):
         from safetensors import safe_open
 
-        self.role, self.hint, self._open, self._handles = role, hint, safe_open, {}
+        self.role, self.hint, self._open = role, hint, safe_open
+        self._handles: dict[Path, safe_open] = {}
         index = d / INDEX_FILE
         if index.is_file():
             try:
@@ -112,7 +113,8 @@ class ShardWriter:
     offsets) is known before any tensor is computed, so nothing is held until the end."""
 
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header: dict[str, dict[str, object]] = {"__metadata__": {"format": "pt"}}
+        offset = 0
         for name, shape in entries:
             n = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -125,7 +127,7 @@ class ShardWriter:
 
     def write(self, name: str, t: torch.Tensor) -> None:
         assert name == self.order.pop(0), "tensors must come in header order"
-        self.f.write(t.to(self.dtype).contiguous().view(-1).view(torch.uint8).numpy())
+        self.f.write(t.to(self.dtype).contiguous().view(-1).view(torch.uint8).numpy().data)
 
     def __enter__(self):
         return self
@@ -262,7 +264,7 @@ def recover(base, diff, out, *, dtype=None, progress=lambda done, total, name: N
         files = (["model.safetensors"] if len(plan) == 1 else
                  [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
         weight_map = {}
-        for fname, (names, entries) in zip(files, plan):
+        for fname, (names, entries) in zip(files, plan, strict=True):
             with ShardWriter(tmp / fname, entries, out_dtype) as w:
                 for name in names:
                     t = recovered(name)
