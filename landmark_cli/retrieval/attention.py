@@ -91,6 +91,10 @@ class FreeLandmarks:
         """The token stream the store holds for ids (unchanged)."""
         return ids, spans
 
+    def stream_length(self, tokens: int) -> int:
+        """Most stream positions that `tokens` new tokens take (with the landmarks inserted among them)."""
+        return tokens
+
     def local(self, layer: int) -> bool:
         return False
 
@@ -119,6 +123,9 @@ class TrainedLandmarks(FreeLandmarks):
         """ids with a <landmark> after every mem_freq tokens of the stream (pos: the stream
         position of ids[0]); spans get (-1, -1) rows for the landmarks."""
         return insert_landmarks(ids, spans, self.spec.mem_freq, self.spec.mem_id, pos)
+
+    def stream_length(self, tokens: int) -> int:
+        return tokens + tokens // self.spec.mem_freq + 2
 
     def local(self, layer: int) -> bool:
         """A local layer reads its own block and the local_blocks before it; it retrieves nothing."""

@@ -39,7 +39,7 @@ class TrainedCorpusSession(AnswerSession):
     def __init__(self, engine, entries: list[store.Entry], capacity: int):
         self.engine, self.entries = engine, entries
         self.reading, self.model, self.landmarks = engine.reading, engine.model, engine.landmarks
-        s, c, m, spec = self.reading, self.model.cfg, self.model, engine.spec
+        s, c, m = self.reading, self.model.cfg, self.model
         B = s.block
         self.stores = [as_torch(e.kv) for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
         # every block from the first document's start and the others' first document text
@@ -56,7 +56,7 @@ class TrainedCorpusSession(AnswerSession):
         self.reps = torch.cat(reps, 2)[:, :, :, None]  # [L, Hkv, N, 1, D] (N >= 1: the first document's start)
         self.k = min(s.top_k_or_default + s.window_tokens // B, len(cand))
         self.top = self.k * B  # the question's first position: every head's blocks end here
-        capacity += capacity // spec.mem_freq + 2  # room for the landmarks inserted among new tokens
+        capacity = self.landmarks.stream_length(capacity)  # room for the landmarks among new tokens
         self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
         self.dense_flags = torch.zeros(capacity, dtype=torch.bool)
         self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, N], the first step's

@@ -81,15 +81,14 @@ class Session(AnswerSession):
         n_dense = self.sink_end + (n - win0)
         self.next_pos = self.sink_end + self.k * B + (n - win0)
         self.stream_len = n  # the stream position of the next token (trained: landmarks included)
-        capacity = n_dense + capacity + (capacity // self.landmarks.spec.mem_freq + 2 if self.landmarks.spec else 0)
-        # landmark flags of the dense positions (trained landmarks)
+        capacity = n_dense + self.landmarks.stream_length(capacity)
+        # landmark flags of the dense positions (used by trained landmarks)
         self.dense_flags = is_landmark_position(win0 + torch.arange(capacity), B)
-        if self.landmarks.spec is not None:
-            # a local layer's previous block sits right before the window (RoPE is relative,
-            # so a position below 0 is a rotation the other way)
-            p = self.sink_end + self.k * B - B + torch.arange(B)
-            lc, ls = m.rope.at(p.abs())
-            self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
+        # where a trained model's local layer finds its previous block: right before the
+        # window (RoPE is relative, so a position below 0 is a rotation the other way)
+        p = self.sink_end + self.k * B - B + torch.arange(B)
+        lc, ls = m.rope.at(p.abs())
+        self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
         self.first_dense_block = win0 // B
         self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
