@@ -72,7 +72,7 @@ def full_settings(n_tokens: int, context: int, reserve: int = 64) -> Settings:
 def full_capacity(context: int, reserve: int, chunk: int = 512) -> int:
     """The longest document full_settings reads in chunks of at least `chunk` tokens before
     `reserve` more: about context - chunk. Smaller chunks reach closer to the context (64:
-    context - 95) but read slower (at 8k tokens on 2 CPU cores: 101 tok/s vs 192 for 512)."""
+    context - 95) but read more slowly, a step being a smaller matrix product."""
     return min(context - reserve, context - chunk - 31)
 
 

@@ -99,7 +99,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     s_dense = s_dense.masked_fill(~visible.repeat(hq // hkv, 1), float("-inf"))
     s_ret = qf @ k_ret.transpose(1, 2) * scale  # [Hkv, G*T, K*B]
     if landmark_keys is None:  # a few queries (answering): the same softmax, GQA by grouping the
-        # query rows per kv head instead of copying K/V per query head (2x faster per token)
+        # query rows per kv head instead of copying K/V per query head (no copy of the blocks per head)
         p = torch.softmax(torch.cat([s_ret, s_dense], dim=-1), dim=-1)
         out = p[..., :kb * bsz] @ v_ret + p[..., kb * bsz:] @ v_dense.float()
         return out.reshape(hq, t, d).to(q.dtype)
