@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Callable
 
 from landmark_cli.documents import Document, load_document
-from landmark_cli.errors import LandmarkError
+from landmark_cli.errors import LandmarkError, StoreError
 from landmark_cli.model.loading import LoadedModel
 from landmark_cli.prompts import ask_prompt
 from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.settings import Settings
+from landmark_cli.storage import store
+from landmark_cli.storage.store import DamagedEntry
 
 
 @dataclass
@@ -78,18 +80,39 @@ def _streamer(tokenizer, on_token: Callable[[str], None] | None):
     return stream, flush
 
 
+def check_question(question: str) -> None:
+    """A question must say something."""
+    if not question.strip():
+        raise LandmarkError("the question is empty", 'write it after the document, in quotes: landmark ask FILE "..."')
+
+
 def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *, max_new_tokens: int = 128,
-        on_token: Callable[[str], None] | None = None, progress=None, on_wait=None, load_s: float = 0.0) -> Result:
-    """Answer `question` about the document at `path`; stream answer text through `on_token`."""
+        on_token: Callable[[str], None] | None = None, progress=None, on_wait=None,
+        on_damaged: Callable[[str], None] | None = None, load_s: float = 0.0) -> Result:
+    """Answer `question` about the document at `path`; stream answer text through `on_token`.
+
+    A cached reading found damaged while answering is removed, `on_damaged` is told, and
+    the document is read again (once): no answer comes from damaged data."""
+    check_question(question)
     doc = load_document(path)
     engine = Engine(lm, settings)
     prompt = ask_prompt(lm.tokenizer, doc.text, question)
-    t0 = time.perf_counter()
-    entry, cached = engine.read_locked(prompt.ids, prompt.spans, progress, on_wait)
-    index_s = time.perf_counter() - t0
-
-    stream, flush = _streamer(lm.tokenizer, on_token)
-    ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream, question=prompt.question)
+    for attempt in range(2):
+        t0 = time.perf_counter()
+        entry, cached = engine.read_locked(prompt.ids, prompt.spans, progress, on_wait)
+        index_s = time.perf_counter() - t0
+        stream, flush = _streamer(lm.tokenizer, on_token)
+        try:
+            ans = engine.answer(entry, prompt.suffix, max_new_tokens, lm.stop_ids(), stream,
+                                question=prompt.question)
+            break
+        except DamagedEntry as e:
+            store.remove(e.path)
+            if attempt or not cached:  # damaged right after it was written
+                raise StoreError(f"{e.message}, right after it was written",
+                                 f"check the disk that holds {engine.root}") from None
+            if on_damaged:
+                on_damaged(f"{e.message}: it was removed; reading {Path(path).name} again")
     flush(ans.text)
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,
                   model=lm.name, document_tokens=entry.n_tokens, retrieved_per_step=ans.retrieved_per_step,
@@ -103,7 +126,9 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
                index_s: float = 0.0) -> Result:
     """Answer `question` from every indexed document below `folder` (landmark retrieval across
     all their blocks); sources name the file. Documents not indexed yet are left out and
-    reported through `on_left_out`; none indexed at all is an error."""
+    reported through `on_left_out`; none indexed at all is an error, and so is a document
+    whose cached reading is found damaged (it is removed, to be indexed again)."""
+    check_question(question)
     from landmark_cli.index import Indexer
     from landmark_cli.retrieval.corpus import CorpusSession
     from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
@@ -121,10 +146,16 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     prompt = ask_prompt(lm.tokenizer, "", question)
     t0 = time.perf_counter()
     session = TrainedCorpusSession if engine.spec is not None else CorpusSession
-    sess = session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
     stream, flush = _streamer(lm.tokenizer, on_token)
-    ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
-                          stream, 3, prompt.question, t0)
+    try:
+        sess = session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
+        ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
+                              stream, 3, prompt.question, t0)
+    except DamagedEntry as e:
+        store.remove(e.path)
+        damaged = next(r.path for r, entry in usable if entry.path == e.path)
+        raise StoreError(f"the cached reading of {damaged} is damaged; it was removed",
+                         f"run `landmark index {folder}` to read it again, or ask with --index") from None
     flush(ans.text)
     docs: dict[int, Document] = {}
     sources = []

@@ -29,6 +29,7 @@ from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.settings import Settings
 from landmark_cli.storage import store
 from landmark_cli.storage.manifest import Manifest, Row, settings_key
+from landmark_cli.storage.store import DamagedEntry
 
 
 def manifest_path() -> Path:
@@ -140,7 +141,12 @@ class Indexer:
         previous = self.entry(row) if row is not None and row.status == "ok" else None
         if previous is not None and self.engine.shared_prefix(previous, prompt.ids):
             note = f"changed after token {self.engine.shared_prefix(previous, prompt.ids):,}: read from there"
-        entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous)
+        try:
+            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous)
+        except DamagedEntry as e:  # the previous version's reading: drop it and read from the start
+            store.remove(e.path)
+            note = "cache was damaged: read again"
+            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress)
         man.put(record("ok", tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name))
         if row is not None and row.store_key and row.store_key != entry.path.name \
                 and man.references(row.store_key) == 0:

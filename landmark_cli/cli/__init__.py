@@ -119,9 +119,10 @@ def ask(
     from pathlib import Path
 
     from landmark_cli.ask import ask as run_ask
-    from landmark_cli.ask import ask_folder
+    from landmark_cli.ask import ask_folder, check_question
     from landmark_cli.documents import find_documents, load_document
 
+    check_question(question)
     settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order)
     folder = Path(path).expanduser().is_dir()
     if folder:
@@ -163,6 +164,7 @@ def ask(
 
             result = run_ask(lm, path, question, settings, max_new_tokens=max_tokens, on_token=on_token_bar,
                              progress=progress, load_s=load_s,
+                             on_damaged=lambda m: err.print(f"[yellow]Warning:[/yellow] {m}", highlight=False),
                              on_wait=lambda: err.print("Another landmark process is reading this document; "
                                                        "waiting..."))
     if as_json:

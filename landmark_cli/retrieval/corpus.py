@@ -58,6 +58,7 @@ class CorpusSession(AnswerSession):
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k_per_layer * B)
         self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim, m.dtype)
         cos, sin = m.rope.at(torch.arange(self.sink_end))
+        entries[0].verify(slice(None), slice(None), range(self.sink_end // B))
         for layer in range(c.n_layers):
             kv = self.stores[0][layer].flatten(2, 3)[:, :, :self.sink_end].to(m.dtype)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
@@ -68,6 +69,8 @@ class CorpusSession(AnswerSession):
     # ---- choosing ----------------------------------------------------------------------
     def _gather(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
         """Candidate blocks sel [Hkv, K] of one layer -> [2, Hkv, K, B, D] (a small copy)."""
+        for i in sel.unique().tolist():
+            self.entries[int(self.candidates.doc[i])].verify(layer, slice(None), int(self.candidates.block[i]))
         out = []
         for h in range(sel.shape[0]):
             out.append(torch.stack([self.stores[int(self.candidates.doc[i])][layer, :, h, int(self.candidates.block[i])]
@@ -81,7 +84,7 @@ class CorpusSession(AnswerSession):
         B, T, start = s.block, x.shape[0], self.sink_end
         cos, sin = m.rope.at(torch.arange(T) + self.sink_end + self.k_per_layer * B)
         idx = torch.arange(self.k_per_layer).expand(c.n_kv_heads, -1)
-        band = BandScores(self.scoring_layers, self.candidates, self.stores, c.n_kv_heads, question)
+        band = BandScores(self.scoring_layers, self.candidates, self.entries, self.stores, c.n_kv_heads, question)
         reps = self.reps
         assert reps is not None  # step() chooses only when there are candidates
 
@@ -106,6 +109,8 @@ class CorpusSession(AnswerSession):
         """Copy the chosen blocks' real tokens into the dense buffer after the sink."""
         c, m, cand = self.model.cfg, self.model, self.candidates
         pieces = [(int(cand.doc[i]), int(cand.block[i]), int(cand.valid[i])) for i in chosen.tolist()]
+        for d, b, _ in pieces:
+            self.entries[d].verify(slice(None), slice(None), b)
         n = sum(v for _, _, v in pieces)
         start = self.sink_end
         cos, sin = m.rope.at(torch.arange(start, start + n))

@@ -69,6 +69,7 @@ class TrainedCorpusSession(AnswerSession):
         ks, vs, flags = [empty], [empty], [torch.zeros(0, dtype=torch.bool)]
         for i in chosen:
             d, b, valid = int(cand.doc[i]), int(cand.block[i]), int(cand.valid[i])
+            self.entries[d].verify(layer, slice(None), b)
             kv = self.stores[d][layer, :, head, b, :valid].to(m.dtype)  # [2, valid, D]
             if valid < B:  # a partial block and its closing landmark
                 kv = torch.cat([kv, self.closing[i][layer, :, head, None].to(m.dtype)], 1)

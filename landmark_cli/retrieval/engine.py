@@ -59,7 +59,8 @@ class Engine:
         self.loaded, self.settings, self.reading = loaded, settings, settings.read
         self.model = loaded.model
         self.landmarks = landmark_kind(self.spec)
-        self.root = root or home() / "store"
+        self.root = Path(root) if root else home() / "store"
+        store.sweep_temporaries(self.root)  # what a killed reader left behind
         limit = self.spec.train_context if self.spec else self.model.cfg.context
         if self.reading.span() > limit:
             raise LandmarkError(f"sink + top_k*block + window + chunk = {self.reading.span()} tokens exceeds the "
@@ -96,7 +97,6 @@ class Engine:
         entry = self.lookup(ids)
         if entry is not None:
             return entry, True
-        store.sweep_temporaries(self.root)
         key, given = self.key(ids), ids
         ids, spans = self.stream(ids, spans)
         s, c = self.reading, self.model.cfg
@@ -116,6 +116,7 @@ class Engine:
                         w.spans[b] = (sp[:, 0].min(), sp[:, 1].max())
             start = self.shared_prefix(prefix, given) if prefix is not None else 0
             if prefix is not None and start:
+                prefix.verify(slice(None), slice(None), range(start // s.block))
                 w.kv[:, :, :, :start // s.block] = prefix.kv[:, :, :, :start // s.block]
                 w.reps[:, :, :start // s.block] = prefix.reps[:, :, :start // s.block]
             self._prefill(w, torch.tensor(ids), progress, start)

@@ -109,9 +109,10 @@ class BandScores:
     candidate, at the scoring layers; `votes()` turns them into one relevance per block:
     softmax over blocks per query, mean over queries, KV heads and scoring layers."""
 
-    def __init__(self, layers: range, candidates: Candidates, stores: list[torch.Tensor], n_kv_heads: int,
-                 question: slice):
-        self.layers, self.candidates, self.stores = layers, candidates, stores
+    def __init__(self, layers: range, candidates: Candidates, entries: list, stores: list[torch.Tensor],
+                 n_kv_heads: int, question: slice):
+        """entries: the store entries the candidates come from; stores: their KV as tensors."""
+        self.layers, self.candidates, self.entries, self.stores = layers, candidates, entries, stores
         self.n_kv_heads, self.question = n_kv_heads, question
         self.logits: list[torch.Tensor] = []  # per scoring layer [Hkv, queries, N]
 
@@ -122,6 +123,7 @@ class BandScores:
         q = q[:, self.question]
         parts = []
         for d, sl, b0 in self.candidates.ranges():
+            self.entries[d].verify(layer, 0, range(b0, b0 + sl.stop - sl.start))
             keys = self.stores[d][layer, 0, :, b0:b0 + sl.stop - sl.start]  # a view of the memory map
             parts.append(exact_block_logits(q, keys, self.n_kv_heads, int(self.candidates.valid[sl.stop - 1])))
         self.logits.append(torch.cat(parts, -1))

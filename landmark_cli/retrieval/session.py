@@ -9,6 +9,7 @@ document tokens each step attends to.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
@@ -94,6 +95,8 @@ class Session(AnswerSession):
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
         cos, sin = m.rope.at(pos)
         self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
+        nb = entry.kv.shape[3]
+        entry.verify(slice(None), slice(None), np.r_[0:self.sink_end // B, win0 // B:nb])
         for layer in range(c.n_layers):
             flat = self.store[layer].flatten(2, 3)  # [2, Hkv, nb*B, D] view of the memory map
             kv = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
@@ -122,6 +125,7 @@ class Session(AnswerSession):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             sel = selection.blocks(layer, q)
+            self.entry.verify(layer, slice(None), sel)
             rc, rs = (self.local_cos, self.local_sin) if self.landmarks.local(layer) else (self.ret_cos, self.ret_sin)
             rotated = None
             if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: rotate them once
@@ -139,7 +143,7 @@ class Session(AnswerSession):
         """The shared selection: run the question up to the last scoring layer, where its
         tokens score every candidate block; keep the best runs of blocks."""
         a, c = self.answering, self.model.cfg
-        band = BandScores(self.scoring_layers, self.candidates, [self.store], c.n_kv_heads, question)
+        band = BandScores(self.scoring_layers, self.candidates, [self.entry], [self.store], c.n_kv_heads, question)
         self._run(x, cos, sin, self.dense.length, Scoring(self.per_layer(self.ranker()), band),
                   layers=self.scoring_layers.stop)
         n_retrievable = self.retrievable.stop - self.retrievable.start  # the first candidates

@@ -2,17 +2,23 @@
 
 Layout of an entry `LANDMARK_HOME/store/<key>/`:
 
-    meta.json   format version, shapes, settings, checksums of the small arrays
-    kv.npy      [layers, 2, kv_heads, n_blocks, block, head_dim]  pre-RoPE keys (0) and values (1)
-    reps.npy    [layers, kv_heads, n_blocks, n_reps, head_dim]    block representatives (loaded whole)
-    ids.npy     [n_tokens] int32 token ids
-    spans.npy   [n_blocks, 2] int64 character span of each block in the document (-1 = prompt)
+    meta.json       format version, shapes, settings, checksums of the small arrays
+    kv.npy          [layers, 2, kv_heads, n_blocks, block, head_dim]  pre-RoPE keys (0) and values (1)
+    reps.npy        [layers, kv_heads, n_blocks, n_reps, head_dim]    block representatives (loaded whole)
+    ids.npy         [n_tokens] int32 token ids
+    spans.npy       [n_blocks, 2] int64 character span of each block in the document (-1 = prompt)
+    block_sums.npy  [layers, 2, n_blocks] uint64 checksum of each block's keys (0) and values (1)
 
 `kv.npy` is memory-mapped, so reading one block touches only its bytes. An entry is
-built in `<key>.tmp-*` and renamed into place when complete; a crash leaves only a
-temporary directory, which is never read. `open_entry` checks the format version, the
-shapes and sizes of every file and the checksums of the small arrays; anything wrong
-means "no valid entry" and the caller rebuilds it.
+built in `<key>.tmp-*` and renamed into place when complete; its writer holds the lock
+file inside that directory, so a directory whose lock is free belongs to a writer that
+is gone (a crash, a kill) and the next engine on the store removes it. `open_entry`
+checks the format version, the shapes and sizes of every file and the checksums of the
+small arrays; anything wrong means "no valid entry" and the caller rebuilds it. The
+keys and values are checked block by block as they are used (`Entry.verify`): a block
+whose checksum does not match, or that holds a value that is not finite, raises
+`DamagedEntry`, so nothing is ever computed from damaged data and the cost of checking
+stays proportional to what a question reads.
 """
 
 from __future__ import annotations
@@ -23,14 +29,54 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 
-FORMAT_VERSION = 1
-SMALL = ("reps", "ids", "spans")
+from landmark_cli.errors import StoreError
+
+FORMAT_VERSION = 2
+SMALL = ("reps", "ids", "spans", "block_sums")
+WRITER_LOCK = "writer.lock"  # held inside a temporary entry by the process writing it
+SUM_CHUNK = 256  # blocks checksummed at a time (bounds the temporary memory)
+
+
+class DamagedEntry(StoreError):
+    """A block of a store entry does not match its checksum, or holds non-finite values."""
+
+    def __init__(self, path: Path, layer: int, block: int):
+        super().__init__(f"the cached reading {path.name} is damaged (layer {layer}, block {block})",
+                         "it is removed; the document is read again")
+        self.path = path
+
+
+def _weights(n: int) -> np.ndarray:
+    """n fixed odd 64-bit multipliers, one per word of a block."""
+    return np.random.default_rng(0x1A2B3C).integers(1, 2**63, n, dtype=np.uint64) | np.uint64(1)
+
+
+def block_checksums(blocks: np.ndarray) -> np.ndarray:
+    """blocks [kv_heads, n, block, head_dim] (fp16 or fp32) -> [n] uint64: the sum of each
+    block's words times fixed odd multipliers, modulo 2**64. A change of any one word
+    always changes the sum; several changes cancel out with probability about 2**-64."""
+    words = np.ascontiguousarray(blocks.transpose(1, 0, 2, 3)).reshape(blocks.shape[1], -1)
+    words = words.view(np.uint16 if words.dtype.itemsize == 2 else np.uint32)
+    with np.errstate(over="ignore"):
+        return (words.astype(np.uint64) * _weights(words.shape[1])).sum(1, dtype=np.uint64)
+
+
+def kv_checksums(kv: np.ndarray) -> np.ndarray:
+    """kv [layers, 2, kv_heads, n_blocks, block, head_dim] -> [layers, 2, n_blocks] uint64."""
+    L, _, _, N = kv.shape[:4]
+    out = np.zeros((L, 2, N), dtype=np.uint64)
+    for layer in range(L):
+        for j in range(2):
+            for b in range(0, N, SUM_CHUNK):
+                out[layer, j, b:b + SUM_CHUNK] = block_checksums(kv[layer, j, :, b:b + SUM_CHUNK])
+    return out
 
 
 def entry_key(parts: dict) -> str:
@@ -53,10 +99,36 @@ class Entry:
     reps: np.ndarray
     ids: np.ndarray
     spans: np.ndarray
+    block_sums: np.ndarray
+    verified: np.ndarray = field(init=False)  # [layers, 2, n_blocks]: blocks checked in this process
+
+    def __post_init__(self):
+        self.verified = np.zeros(self.block_sums.shape, dtype=bool)
 
     @property
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
+
+    def verify(self, layers, parts, blocks) -> None:
+        """Check the keys (part 0) and/or values (part 1) of `blocks` in `layers` against
+        their checksums, each block once per process; raise DamagedEntry on a mismatch or
+        a value that is not finite. layers, parts, blocks: an int, a range or slice, or
+        indices (a tensor or array of any shape)."""
+        ids = np.unique(np.asarray(blocks, dtype=np.int64).ravel()) if not isinstance(blocks, slice) else \
+            np.arange(self.block_sums.shape[2])[blocks]
+        layer_ids = np.arange(self.block_sums.shape[0])[layers] if not isinstance(layers, int) else [layers]
+        part_ids = np.arange(2)[parts] if not isinstance(parts, int) else [parts]
+        for layer in layer_ids:
+            for j in part_ids:
+                todo = ids[~self.verified[layer, j, ids]]
+                for b in range(0, todo.size, SUM_CHUNK):
+                    chunk = todo[b:b + SUM_CHUNK]
+                    data = self.kv[layer, j][:, chunk]  # [kv_heads, n, block, head_dim]: only these blocks are read
+                    bad = (block_checksums(data) != self.block_sums[layer, j, chunk]) | \
+                        ~np.isfinite(data).all(axis=(0, 2, 3))
+                    if bad.any():
+                        raise DamagedEntry(self.path, int(layer), int(chunk[bad.argmax()]))
+                self.verified[layer, j, todo] = True
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir())
@@ -75,9 +147,12 @@ class Writer:
         self.ids = np.zeros(shape["n_tokens"], dtype=np.int32)
         self.spans = np.full((N, 2), -1, dtype=np.int64)
         self.meta = {"format": FORMAT_VERSION, "key": key, **shape, **meta, "kv_dtype": kv_dtype}
+        self.lock = FileLock(str(self.tmp / WRITER_LOCK))  # tells sweep_temporaries this writer is alive
+        self.lock.acquire()
 
     def commit(self) -> Path:
         self.kv.flush()
+        self.block_sums = kv_checksums(self.kv)
         checks = {}
         for name in SMALL:
             a = getattr(self, name)
@@ -86,6 +161,8 @@ class Writer:
         del self.kv  # close the memory map before renaming
         meta = {**self.meta, "checksums": checks, "created": time.time()}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        self.lock.release()
+        (self.tmp / WRITER_LOCK).unlink(missing_ok=True)
         final = self.root / self.key
         if final.exists():  # a concurrent writer finished first: keep theirs
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -96,6 +173,7 @@ class Writer:
     def abort(self) -> None:
         if hasattr(self, "kv"):
             del self.kv
+        self.lock.release()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -118,7 +196,8 @@ def open_entry(path: Path) -> Entry | None:
             if digest(a) != meta["checksums"][name]:
                 return None
             small[name] = a
-        if small["reps"].shape != (L, H, N, R, D) or small["ids"].shape != (meta["n_tokens"],):
+        if small["reps"].shape != (L, H, N, R, D) or small["ids"].shape != (meta["n_tokens"],) \
+                or small["block_sums"].shape != (L, 2, N):
             return None
         return Entry(path=path, meta=meta, kv=kv, **small)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
@@ -133,11 +212,28 @@ def remove(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _writer_gone(tmp: Path, older_than_s: float) -> bool:
+    """Whether the temporary entry tmp belongs to no running writer: its lock is free (or,
+    for a directory whose writer has not made its lock yet, it is older than older_than_s)."""
+    if not (tmp / WRITER_LOCK).exists():
+        return time.time() - tmp.stat().st_mtime > older_than_s
+    lock = FileLock(str(tmp / WRITER_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    lock.release()
+    return True
+
+
 def sweep_temporaries(root: Path, older_than_s: float = 3600) -> None:
-    """Remove leftovers of interrupted builds (temporary / trash directories)."""
+    """Remove what interrupted commands left in the store: temporary entries whose writer
+    is gone, and directories an interrupted removal left behind."""
     if not root.is_dir():
         return
-    now = time.time()
     for p in root.iterdir():
-        if (".tmp-" in p.name or ".trash-" in p.name) and now - p.stat().st_mtime > older_than_s:
-            shutil.rmtree(p, ignore_errors=True)
+        try:
+            if ".trash-" in p.name or (".tmp-" in p.name and _writer_gone(p, older_than_s)):
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            continue
