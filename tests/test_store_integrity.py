@@ -1,5 +1,6 @@
 """The store catches damage where it is read and cleans up after killed readers (tiny model)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +132,13 @@ def test_empty_question_is_refused(tiny, tmp_path):
     doc.write_text(DOC)
     with pytest.raises(LandmarkError, match="the question is empty"):
         ask(tiny, doc, "  \n", Settings(answer=Answering()))
+
+
+def test_entries_of_an_earlier_format_are_removed(tiny, tmp_path):
+    root = tmp_path / "store"
+    eng = Engine(tiny, SMALL, root=root)
+    entry, _ = eng.read(list(range(2, 100)))
+    meta = json.loads((entry.path / "meta.json").read_text())
+    (entry.path / "meta.json").write_text(json.dumps({**meta, "format": store.FORMAT_VERSION - 1}))
+    Engine(tiny, SMALL, root=root)
+    assert not entry.path.exists() and not list(root.glob("*.trash-*"))

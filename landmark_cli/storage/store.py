@@ -226,14 +226,25 @@ def _writer_gone(tmp: Path, older_than_s: float) -> bool:
     return True
 
 
+def _older_format(path: Path) -> bool:
+    """Whether path is a complete entry of an earlier format, which this version never reads."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("format", 0) < FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def sweep_temporaries(root: Path, older_than_s: float = 3600) -> None:
-    """Remove what interrupted commands left in the store: temporary entries whose writer
-    is gone, and directories an interrupted removal left behind."""
+    """Remove what interrupted commands left in the store (temporary entries whose writer
+    is gone, directories an interrupted removal left behind) and entries of an earlier
+    format (their content address differs, so nothing would ever read or replace them)."""
     if not root.is_dir():
         return
     for p in root.iterdir():
         try:
             if ".trash-" in p.name or (".tmp-" in p.name and _writer_gone(p, older_than_s)):
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.is_dir() and _older_format(p):
+                remove(p)
         except OSError:  # removed meanwhile by another process
             continue
