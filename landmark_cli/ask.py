@@ -130,8 +130,6 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     whose cached reading is found damaged (it is removed, to be indexed again)."""
     check_question(question)
     from landmark_cli.index import Indexer
-    from landmark_cli.retrieval.corpus import CorpusSession
-    from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
 
     indexer = Indexer(lm, settings)
     usable, left_out = indexer.ready(folder)
@@ -145,10 +143,9 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     engine = indexer.engine
     prompt = ask_prompt(lm.tokenizer, "", question)
     t0 = time.perf_counter()
-    session = TrainedCorpusSession if engine.spec is not None else CorpusSession
     stream, flush = _streamer(lm.tokenizer, on_token)
     try:
-        sess = session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
+        sess = engine.landmarks.folder_session(engine, entries, capacity=len(prompt.suffix) + max_new_tokens)
         ans = engine.generate(sess, sum(e.n_tokens for e in entries), prompt.suffix, max_new_tokens, lm.stop_ids(),
                               stream, 3, prompt.question, t0)
     except DamagedEntry as e:

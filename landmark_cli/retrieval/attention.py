@@ -110,6 +110,12 @@ class FreeLandmarks:
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
+    def folder_session(self, engine, entries: list, capacity: int):
+        """The answering session for a question over several store entries."""
+        from landmark_cli.retrieval.corpus import CorpusSession
+
+        return CorpusSession(engine, entries, capacity)
+
 
 class TrainedLandmarks(FreeLandmarks):
     """A model's own `<landmark>` token after every `mem_freq` tokens (LandmarkSpec)."""
@@ -146,6 +152,11 @@ class TrainedLandmarks(FreeLandmarks):
         never writes one."""
         logits[self.spec.mem_id] = float("-inf")
         return logits
+
+    def folder_session(self, engine, entries: list, capacity: int):
+        from landmark_cli.retrieval.corpus_trained import TrainedCorpusSession
+
+        return TrainedCorpusSession(engine, entries, capacity)
 
 
 def landmark_kind(spec: LandmarkSpec | None) -> FreeLandmarks:
