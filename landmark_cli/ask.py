@@ -99,7 +99,7 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
     prompt = ask_prompt(lm.tokenizer, doc.text, question)
     for attempt in range(2):
         t0 = time.perf_counter()
-        entry, cached = engine.read_locked(prompt.ids, prompt.spans, progress, on_wait)
+        entry, cached = engine.read_locked(prompt.ids, prompt.spans, progress, on_wait, source=str(doc.path))
         index_s = time.perf_counter() - t0
         stream, flush = _streamer(lm.tokenizer, on_token)
         try:

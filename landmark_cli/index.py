@@ -142,11 +142,12 @@ class Indexer:
         if previous is not None and self.engine.shared_prefix(previous, prompt.ids):
             note = f"changed after token {self.engine.shared_prefix(previous, prompt.ids):,}: read from there"
         try:
-            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous)
+            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, prefix=previous,
+                                                    source=str(path))
         except DamagedEntry as e:  # the previous version's reading: drop it and read from the start
             store.remove(e.path)
             note = "cache was damaged: read again"
-            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress)
+            entry, cached = self.engine.read_locked(prompt.ids, prompt.spans, progress, source=str(path))
         man.put(record("ok", tokens=entry.n_tokens, blocks=int(entry.kv.shape[3]), store_key=entry.path.name))
         if row is not None and row.store_key and row.store_key != entry.path.name \
                 and man.references(row.store_key) == 0:

@@ -459,6 +459,59 @@ def recover(
                   soft_wrap=True)
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="See and trim the KV cache (LANDMARK_HOME/store).")
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_root():
+    from landmark_cli.paths import home
+
+    return home() / "store"
+
+
+@cache_app.command("list")
+def cache_list(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False):
+    """Every cached reading: its document, model, tokens, size, last use, and whether it is intact or in use."""
+    from rich.table import Table
+
+    from landmark_cli.storage import cache
+
+    listed = cache.entries(_cache_root())
+    if as_json:
+        print(json.dumps({"entries": [c.as_json() for c in listed], "bytes": sum(c.bytes for c in listed)}))
+        return
+    table = Table(title=f"{_cache_root()}: {len(listed)} entries, {_size(sum(c.bytes for c in listed))}")
+    for column in ("document", "model", "tokens", "size", "last used", "state"):
+        table.add_column(column)
+    for c in listed:
+        state = "damaged" if not c.intact else "in use" if c.in_use else "ok"
+        table.add_row(c.source or "?", c.model or "?", f"{c.tokens:,}" if c.tokens else "?", _size(c.bytes),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used)), state)
+    out.print(table)
+
+
+@cache_app.command("prune")
+def cache_prune(max_size: Annotated[str, typer.Option("--max-size", help="keep at most this much, e.g. 20G; "
+                                                      "least recently used entries go first")]):
+    """Remove the least recently used cached readings until the cache fits --max-size."""
+    from landmark_cli.storage import cache
+
+    removed = cache.prune(_cache_root(), cache.parse_size(max_size))
+    left = cache.entries(_cache_root())
+    out.print(f"Removed {len(removed)} entries ({_size(sum(c.bytes for c in removed))}); "
+              f"{len(left)} left ({_size(sum(c.bytes for c in left))})", highlight=False)
+
+
+@cache_app.command("clear")
+def cache_clear():
+    """Remove every cached reading that no running landmark process is using."""
+    from landmark_cli.storage import cache
+
+    removed, kept = cache.clear(_cache_root())
+    out.print(f"Removed {len(removed)} entries ({_size(sum(c.bytes for c in removed))})"
+              + (f"; {len(kept)} in use by another process kept" if kept else ""), highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app, turning domain errors and Ctrl-C into one-line messages."""
     try:

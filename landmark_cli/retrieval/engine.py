@@ -32,7 +32,7 @@ from landmark_cli.retrieval.attention import as_torch, landmark_kind
 from landmark_cli.retrieval.landmarks import N_REPS, block_reps, is_landmark_position
 from landmark_cli.retrieval.selection import ByRepresentatives
 from landmark_cli.retrieval.settings import Settings, effective_settings
-from landmark_cli.storage import store
+from landmark_cli.storage import cache, store
 
 LOCK_TIMEOUT_S = 3600  # how long a second process waits for another reading the same document
 
@@ -84,16 +84,19 @@ class Engine:
         entry = store.open_entry(path)
         if entry is None:
             store.remove(path)
+        else:
+            store.touch(path)
         return entry
 
     def read(self, ids: list[int], spans: np.ndarray | None = None, progress: Progress | None = None,
-             prefix: store.Entry | None = None) -> tuple[store.Entry, bool]:
+             prefix: store.Entry | None = None, source: str | None = None) -> tuple[store.Entry, bool]:
         """Entry for the token stream `ids` (prompt prefix + document): cached or built now.
 
         spans [n_tokens, 2]: character span of each token in the document (-1 for prompt tokens).
         prefix: an entry of this engine whose token stream starts like `ids` (an earlier
         version of a document that grew): the reading chunks they share are copied, not read.
-        Returns (entry, cached)."""
+        source: the document's path, recorded for `landmark cache list`.
+        Returns (entry, cached). After a new entry the store is pruned to LANDMARK_CACHE_MAX."""
         entry = self.lookup(ids)
         if entry is not None:
             return entry, True
@@ -105,7 +108,7 @@ class Engine:
         shape = dict(layers=c.n_layers, kv_heads=c.n_kv_heads, n_blocks=nb, block=s.block,
                      head_dim=c.head_dim, n_reps=N_REPS[s.rep], n_tokens=n)
         w = store.Writer(self.root, key, shape, {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint,
-                                                 "settings": s.key()}, kv_dtype=s.kv_dtype)
+                                                 "settings": s.key(), "source": source}, kv_dtype=s.kv_dtype)
         try:
             w.ids[:] = ids
             if spans is not None:
@@ -127,10 +130,12 @@ class Engine:
         entry = store.open_entry(path)
         if entry is None:
             raise RuntimeError(f"the store entry just written at {path} does not validate")
+        cache.apply_cap(self.root)  # the new entry is held, so never pruned here
         return entry, False
 
     def read_locked(self, ids: list[int], spans: np.ndarray | None = None, progress: Progress | None = None,
-                    on_wait: Callable[[], None] | None = None, prefix: store.Entry | None = None):
+                    on_wait: Callable[[], None] | None = None, prefix: store.Entry | None = None,
+                    source: str | None = None):
         """`read` under a per-entry file lock: a second process waits (on_wait is told),
         then finds the cache."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ class Engine:
                 raise StoreError("another landmark process has been reading this document for an hour",
                                  "wait for it to finish or stop it") from None
         try:
-            return self.read(ids, spans, progress, prefix)
+            return self.read(ids, spans, progress, prefix, source)
         finally:
             lock.release()
 

@@ -23,6 +23,7 @@ stays proportional to what a question reads.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -89,6 +90,48 @@ def digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).data, digest_size=16).hexdigest()
 
 
+class Hold:
+    """A shared lock on an entry's meta.json while the entry is open in this process:
+    `landmark cache prune` and `clear` never remove an entry someone holds."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path / "meta.json", os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def remove_unless_held(path: Path) -> bool:
+    """Remove the entry at path unless a process holds it (Hold); whether it was removed."""
+    try:
+        fd = os.open(path / "meta.json", os.O_RDONLY)
+    except OSError:  # no meta.json: not an entry anyone can open
+        remove(path)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        remove(path)
+    finally:
+        os.close(fd)
+    return True
+
+
+def touch(path: Path) -> None:
+    """Mark an entry used now (its meta.json's modification time is its last use)."""
+    try:
+        os.utime(path / "meta.json")
+    except OSError:  # a read-only store still answers
+        pass
+
+
 @dataclass
 class Entry:
     """A complete, validated store entry (arrays are read-only memory maps)."""
@@ -101,6 +144,7 @@ class Entry:
     spans: np.ndarray
     block_sums: np.ndarray
     verified: np.ndarray = field(init=False)  # [layers, 2, n_blocks]: blocks checked in this process
+    hold: Hold | None = field(default=None, repr=False)  # held while this object lives
 
     def __post_init__(self):
         self.verified = np.zeros(self.block_sums.shape, dtype=bool)
@@ -199,7 +243,7 @@ def open_entry(path: Path) -> Entry | None:
         if small["reps"].shape != (L, H, N, R, D) or small["ids"].shape != (meta["n_tokens"],) \
                 or small["block_sums"].shape != (L, 2, N):
             return None
-        return Entry(path=path, meta=meta, kv=kv, **small)
+        return Entry(path=path, meta=meta, kv=kv, **small, hold=Hold(path))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None
 
