@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_ask import QUESTION, corpus, first_tokens  # noqa: E402
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
+from landmark_cli.bench.passkey_run import machine  # noqa: E402
 from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
@@ -67,7 +69,7 @@ def main() -> None:
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     block_bytes = H * B * D * entry.kv.itemsize
     result = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads default",
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "document_tokens": len(prompt.ids), "runs": args.runs, "answer_tokens": NEW_TOKENS,
         "answer_s_checked": round(on, 3), "answer_s_unchecked": round(off, 3), "ratio": round(on / off, 3),
         "blocks_checked": blocks_checked, "blocks_in_entry": L * 2 * N,

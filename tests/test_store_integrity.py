@@ -142,3 +142,11 @@ def test_entries_of_an_earlier_format_are_removed(tiny, tmp_path):
     (entry.path / "meta.json").write_text(json.dumps({**meta, "format": store.FORMAT_VERSION - 1}))
     Engine(tiny, SMALL, root=root)
     assert not entry.path.exists() and not list(root.glob("*.trash-*"))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_non_finite_blocks_are_found(dtype):
+    blocks = np.random.default_rng(2).standard_normal((2, 4, 4, 8)).astype(dtype)
+    assert not store.non_finite(blocks).any()
+    blocks[1, 2, 3, 7], blocks[0, 0, 1, 1] = np.inf, np.nan
+    assert store.non_finite(blocks).tolist() == [True, False, True, False]

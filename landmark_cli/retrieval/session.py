@@ -125,7 +125,8 @@ class Session(AnswerSession):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             sel = selection.blocks(layer, q)
-            self.entry.verify(layer, slice(None), sel)
+            if not (sel is self.chosen and layer in self.rotated):  # the chosen blocks were checked when first rotated
+                self.entry.verify(layer, slice(None), sel)
             rc, rs = (self.local_cos, self.local_sin) if self.landmarks.local(layer) else (self.ret_cos, self.ret_sin)
             rotated = None
             if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: rotate them once

@@ -59,14 +59,31 @@ def _weights(n: int) -> np.ndarray:
     return np.random.default_rng(0x1A2B3C).integers(1, 2**63, n, dtype=np.uint64) | np.uint64(1)
 
 
+_EXPONENT = {2: 0x7C00, 4: 0x7F800000}  # exponent bits all ones: inf or NaN (fp16, fp32)
+
+
 def block_checksums(blocks: np.ndarray) -> np.ndarray:
     """blocks [kv_heads, n, block, head_dim] (fp16 or fp32) -> [n] uint64: the sum of each
-    block's words times fixed odd multipliers, modulo 2**64. A change of any one word
-    always changes the sum; several changes cancel out with probability about 2**-64."""
-    words = np.ascontiguousarray(blocks.transpose(1, 0, 2, 3)).reshape(blocks.shape[1], -1)
-    words = words.view(np.uint16 if words.dtype.itemsize == 2 else np.uint32)
+    block's 64-bit words times fixed odd multipliers, modulo 2**64. A change of any one
+    word always changes the sum; several changes cancel out with probability about 2**-64."""
+    H, n = blocks.shape[:2]
+    rows = np.ascontiguousarray(blocks).reshape(H, n, -1)
+    row_bytes = rows.shape[2] * rows.itemsize
+    word = next(w for w in (np.uint64, np.uint32, np.uint16) if row_bytes % np.dtype(w).itemsize == 0)
+    words = rows.view(word)
+    weights = _weights(H * words.shape[2]).reshape(H, 1, -1)
     with np.errstate(over="ignore"):
-        return (words.astype(np.uint64) * _weights(words.shape[1])).sum(1, dtype=np.uint64)
+        return (words * weights).sum(2, dtype=np.uint64).sum(0, dtype=np.uint64)
+
+
+def non_finite(blocks: np.ndarray) -> np.ndarray:
+    """blocks [kv_heads, n, block, head_dim] (fp16 or fp32) -> [n] bool: holds an inf or NaN
+    (read from the exponent bits, without converting the values)."""
+    H, n = blocks.shape[:2]
+    unsigned = np.uint16 if blocks.itemsize == 2 else np.uint32
+    bits = np.ascontiguousarray(blocks).reshape(H, n, -1).view(unsigned)
+    hit: np.ndarray = np.bitwise_and(bits, _EXPONENT[blocks.itemsize]) == _EXPONENT[blocks.itemsize]
+    return np.asarray(hit.any(axis=(0, 2)))
 
 
 def kv_checksums(kv: np.ndarray) -> np.ndarray:
@@ -168,8 +185,7 @@ class Entry:
                 for b in range(0, todo.size, SUM_CHUNK):
                     chunk = todo[b:b + SUM_CHUNK]
                     data = self.kv[layer, j][:, chunk]  # [kv_heads, n, block, head_dim]: only these blocks are read
-                    bad = (block_checksums(data) != self.block_sums[layer, j, chunk]) | \
-                        ~np.isfinite(data).all(axis=(0, 2, 3))
+                    bad = (block_checksums(data) != self.block_sums[layer, j, chunk]) | non_finite(data)
                     if bad.any():
                         raise DamagedEntry(self.path, int(layer), int(chunk[bad.argmax()]))
                 self.verified[layer, j, todo] = True
