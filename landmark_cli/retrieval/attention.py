@@ -47,9 +47,6 @@ class DenseKV:
         self.kv[layer, 1, :, start:end] = v
         return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
 
-    def positions(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [Hkv, end - start, D] of `layer` at positions [start, end)."""
-        return self.kv[layer, 0, :, start:end], self.kv[layer, 1, :, start:end]
 
 
 def grouped_attention(q, dense_k, dense_v, dense_flags, k_store, v_store, sel, cos, sin, local=False,

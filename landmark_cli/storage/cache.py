@@ -9,7 +9,6 @@ gone is reported as stale by `landmark index --status` and read again by the nex
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -52,22 +51,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _held(path: Path) -> bool:
-    try:
-        fd = os.open(path / "meta.json", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def entries(root: Path) -> list[Cached]:
-    """Every complete entry under root, least recently used first."""
+def entries(root: Path, check: bool = True) -> list[Cached]:
+    """Every complete entry under root, least recently used first. check: open each entry
+    to tell whether it is intact (without, every entry counts as intact)."""
     out: list[Cached] = []
     if not root.is_dir():
         return out
@@ -80,17 +66,17 @@ def entries(root: Path) -> list[Cached]:
         except (OSError, ValueError):
             meta, last_used = {}, path.stat().st_mtime
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        intact = store.open_entry(path) is not None
+        intact = not check or store.open_entry(path) is not None
         out.append(Cached(key=path.name, path=path, source=meta.get("source"), model=meta.get("model"),
                           settings=meta.get("settings", {}), tokens=meta.get("n_tokens"), bytes=size,
-                          last_used=last_used, intact=intact, in_use=_held(path)))
+                          last_used=last_used, intact=intact, in_use=store.is_held(path)))
     return sorted(out, key=lambda c: c.last_used)
 
 
-def prune(root: Path, max_bytes: int) -> list[Cached]:
-    """Remove least recently used entries (damaged ones first) until the store holds at
-    most max_bytes, skipping entries in use; the removed ones."""
-    listed = sorted(entries(root), key=lambda c: (c.intact, c.last_used))
+def prune(root: Path, max_bytes: int, check: bool = True) -> list[Cached]:
+    """Remove least recently used entries (damaged ones first when `check`) until the
+    store holds at most max_bytes, skipping entries in use; the removed ones."""
+    listed = sorted(entries(root, check), key=lambda c: (c.intact, c.last_used))
     total = sum(c.bytes for c in listed)
     removed = []
     for c in listed:
@@ -112,6 +98,7 @@ def clear(root: Path) -> tuple[list[Cached], list[Cached]]:
 
 
 def apply_cap(root: Path) -> list[Cached]:
-    """Prune to LANDMARK_CACHE_MAX when it is set; the removed entries."""
+    """Prune to LANDMARK_CACHE_MAX when it is set; the removed entries. Runs after every
+    new reading, so it reads only sizes and times, not the entries themselves."""
     cap = os.environ.get(CAP_VARIABLE)
-    return prune(root, parse_size(cap)) if cap else []
+    return prune(root, parse_size(cap), check=False) if cap else []

@@ -24,6 +24,7 @@ stays proportional to what a question reads.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -54,9 +55,12 @@ class DamagedEntry(StoreError):
         self.path = path
 
 
+@functools.lru_cache(maxsize=8)
 def _weights(n: int) -> np.ndarray:
-    """n fixed odd 64-bit multipliers, one per word of a block."""
-    return np.random.default_rng(0x1A2B3C).integers(1, 2**63, n, dtype=np.uint64) | np.uint64(1)
+    """n fixed odd 64-bit multipliers, one per word of a block (made once per block size)."""
+    w = np.random.default_rng(0x1A2B3C).integers(1, 2**63, n, dtype=np.uint64) | np.uint64(1)
+    w.flags.writeable = False
+    return w
 
 
 _EXPONENT = {2: 0x7C00, 4: 0x7F800000}  # exponent bits all ones: inf or NaN (fp16, fp32)
@@ -122,22 +126,42 @@ class Hold:
             pass
 
 
-def remove_unless_held(path: Path) -> bool:
-    """Remove the entry at path unless a process holds it (Hold); whether it was removed."""
+def _exclusive(path: Path) -> int | None:
+    """An open descriptor of path's meta.json locked exclusively, or None when a process
+    holds the entry (Hold); -1 when there is no meta.json (an entry nobody can open)."""
     try:
         fd = os.open(path / "meta.json", os.O_RDONLY)
-    except OSError:  # no meta.json: not an entry anyone can open
-        remove(path)
-        return True
+    except OSError:
+        return -1
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+def is_held(path: Path) -> bool:
+    """Whether a process holds the entry at path open."""
+    fd = _exclusive(path)
+    if fd is None:
+        return True
+    if fd >= 0:
+        os.close(fd)
+    return False
+
+
+def remove_unless_held(path: Path) -> bool:
+    """Remove the entry at path unless a process holds it (Hold); whether it was removed.
+    The exclusive lock is kept while removing, so nobody opens the entry meanwhile."""
+    fd = _exclusive(path)
+    if fd is None:
         return False
     try:
         remove(path)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return True
 
 
