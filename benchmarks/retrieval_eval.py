@@ -61,7 +61,7 @@ def plant(tokenizer, text: str, n_tokens: int, fact: str, depth: float) -> str:
 
 def parse_settings(spec: str) -> Settings:
     """'top_k=8,rep=minmax,order=document' -> Settings: Reading's fields, then Answering's
-    (`answer_window` for its window; band is not settable here)."""
+    (`answer_window`, `answer_top_k` for its window and top_k; band is not settable here)."""
     read, answer = {}, {}
     reading_fields = {f.name for f in fields(Reading)}
     for item in filter(None, spec.split(",")):
@@ -70,7 +70,7 @@ def parse_settings(spec: str) -> Settings:
         if k in reading_fields:
             read[k] = value
         else:
-            answer["window" if k == "answer_window" else k] = value
+            answer[k.removeprefix("answer_")] = value
     return Settings(Reading(**read), Answering(**answer))
 
 

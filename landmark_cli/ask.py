@@ -86,15 +86,16 @@ def check_question(question: str) -> None:
         raise LandmarkError("the question is empty", 'write it after the document, in quotes: landmark ask FILE "..."')
 
 
-def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *, max_new_tokens: int = 128,
+def ask(lm: LoadedModel, path: str | Path | Document, question: str, settings: Settings, *, max_new_tokens: int = 128,
         on_token: Callable[[str], None] | None = None, progress=None, on_wait=None,
         on_damaged: Callable[[str], None] | None = None, load_s: float = 0.0) -> Result:
     """Answer `question` about the document at `path`; stream answer text through `on_token`.
 
     A cached reading found damaged while answering is removed, `on_damaged` is told, and
-    the document is read again (once): no answer comes from damaged data."""
+    the document is read again (once): no answer comes from damaged data. `path` may be a
+    document already loaded."""
     check_question(question)
-    doc = load_document(path)
+    doc = path if isinstance(path, Document) else load_document(path)
     engine = Engine(lm, settings)
     prompt = ask_prompt(lm.tokenizer, doc.text, question)
     for attempt in range(2):
@@ -112,7 +113,7 @@ def ask(lm: LoadedModel, path: str | Path, question: str, settings: Settings, *,
                 raise StoreError(f"{e.message}, right after it was written",
                                  f"check the disk that holds {engine.root}") from None
             if on_damaged:
-                on_damaged(f"{e.message}: it was removed; reading {Path(path).name} again")
+                on_damaged(f"{e.message}: it was removed; reading {doc.path.name} again")
     flush(ans.text)
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,
                   model=lm.name, document_tokens=entry.n_tokens, retrieved_per_step=ans.retrieved_per_step,

@@ -16,12 +16,14 @@ def _ids(n, vocab, seed=0):
 
 
 @pytest.mark.parametrize("select", ["layer", "shared"])
-def test_covering_k_equals_full_attention(tiny, tmp_path, select):
-    """k covering every block + a document inside the context => same logits as full causal attention."""
+@pytest.mark.parametrize("answer_window", [None, 0, 8, 40])
+def test_covering_k_equals_full_attention(tiny, tmp_path, select, answer_window):
+    """k covering every block + a document inside the context => same logits as full causal
+    attention, whatever the answer's window (the blocks it leaves are retrieved, in order)."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
     doc, suffix = ids[:170], ids[170:]
     eng = Engine(tiny, Settings(Reading(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"),
-                                Answering(select=select)), root=tmp_path / "store")
+                                Answering(select=select, window=answer_window)), root=tmp_path / "store")
     entry, cached = eng.read(doc)
     assert not cached
     sess = Session(eng, entry, capacity=64)
@@ -197,3 +199,60 @@ def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, 
     assert not cached and sum(chunks) == len(new) - 96
     for name in ("kv", "reps", "ids"):
         assert np.array_equal(getattr(grown, name), getattr(full, name)), name
+
+
+def test_answer_settings_change_what_is_attended_not_what_is_read(tiny, tmp_path):
+    """The answer's window and top_k shape each step; the store entry is the same."""
+    ids = _ids(400, tiny.model.cfg.vocab_size, seed=5)
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=32, chunk=32), Answering(window=32)),
+                 root=tmp_path / "store")
+    entry, _ = eng.read(ids[:380])
+    assert Session(eng, entry, capacity=32).retrieved_per_step == 8 + 2 * 8 + (380 - 376 // 8 * 8 + 32)
+    eng.answer_with(Answering(window=8, top_k=6))
+    again, cached = eng.read(ids[:380])
+    assert cached and again.path == entry.path
+    sess = Session(eng, entry, capacity=32)
+    assert sess.k == 6 and sess.retrieved_per_step == 8 + 6 * 8 + (380 - (380 - 8) // 8 * 8)
+    sess.step(torch.tensor(ids[380:]))
+    assert sess.chosen.shape[1] == 6
+
+
+def test_an_answer_beyond_the_context_is_refused(tiny, tmp_path):
+    ids = _ids(900, tiny.model.cfg.vocab_size, seed=4)
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
+    entry, _ = eng.read(ids)
+    Session(eng, entry, capacity=8)
+    with pytest.raises(LandmarkError, match="answer top_k"):
+        Session(eng, entry, capacity=tiny.model.cfg.context)  # room for the question and the answer
+
+
+@pytest.mark.parametrize("tokens, repeat", [
+    ([1, 2, 3, 4, 5, 6, 7], 0),
+    ([9, 1, 2, 3, 4, 1, 2, 3, 4], 4),  # "The answer is: 4. The answer is: 4."
+    ([1, 2, 3, 1, 2, 3], 0),  # too short to call a loop
+    ([5, 5, 5, 5, 5, 5, 5, 5], 4),
+])
+def test_repeated_tail(tokens, repeat):
+    from landmark_cli.retrieval.engine import repeated_tail
+
+    assert repeated_tail(tokens) == repeat
+
+
+def test_generation_stops_where_it_starts_repeating(tiny, tmp_path, monkeypatch):
+    """A session whose greedy answer loops stops after the first round, without the repeat."""
+    from landmark_cli.retrieval import engine as engine_mod
+
+    loop = [11, 12, 13, 14, 15]
+
+    class Looping:
+        sources, retrieved_per_step, n = (lambda self, n: []), 0, 0
+
+        def step(self, ids, question=None):
+            logits = torch.zeros(tiny.model.cfg.vocab_size)
+            logits[loop[self.n % len(loop)]] = 1
+            self.n += 1
+            return logits
+
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
+    ans = eng.generate(Looping(), 0, [3, 4], 64, (), None, 3, None, 0.0)
+    assert ans.tokens == loop and engine_mod.MIN_REPEAT <= len(loop)

@@ -66,7 +66,7 @@ def full_settings(n_tokens: int, context: int, reserve: int = 64) -> Settings:
                             f"for exact full attention (at most {full_capacity(context, reserve, sink):,})")
     top_k = (context - sink - window - chunk) // block
     return Settings(Reading(block=block, sink=sink, window=window, chunk=chunk, kv_dtype="float32", top_k=top_k),
-                    Answering(select="layer"), landmarks="free")
+                    Answering(select="layer", window=window, top_k=top_k), landmarks="free")
 
 
 def full_capacity(context: int, reserve: int, chunk: int = 512) -> int:
@@ -103,7 +103,7 @@ def grid_meta(lm: LoadedModel, settings: Settings, max_new_tokens: int = MAX_NEW
     """What must match for trials of two runs to be comparable: the settings the landmark
     method really runs with (a trained landmark model adjusts them)."""
     effective = effective_settings(lm, settings)[0]
-    answering = {("answer_window" if k == "window" else k): v for k, v in asdict(effective.answer).items()}
+    answering = {(f"answer_{k}" if k in ("window", "top_k") else k): v for k, v in asdict(effective.answer).items()}
     landmark = {**asdict(effective.read), **answering, "landmarks": effective.landmarks}
     if lm.landmark is None:
         landmark.pop("landmarks")  # means nothing without trained landmarks (and older files lack it)

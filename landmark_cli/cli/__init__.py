@@ -60,6 +60,12 @@ LandmarksOpt = Annotated[LandmarksChoice, typer.Option("--landmarks", help="trai
 SelectOpt = Annotated[SelectChoice, typer.Option("--select", help="answer-time block selection: shared (one set "
                                                  "chosen by a band of middle layers) or layer (per layer and KV "
                                                  "head)")]
+AnswerWindowOpt = Annotated[Optional[int], typer.Option("--answer-window", help="tokens of the document's end "
+                                                         "attended while answering (default: DEFAULT_WINDOW; "
+                                                         "trained landmarks: --window)", show_default=False)]
+AnswerTopKOpt = Annotated[Optional[int], typer.Option("--answer-top-k", help="blocks retrieved while answering "
+                                                      "(default: --top-k's; a folder retrieves twice as many)",
+                                                      show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 
@@ -70,13 +76,14 @@ def _group() -> None:
 
 
 def _settings(top_k, block, window, sink, chunk, rep=RepChoice.mean, select=SelectChoice.shared,
-              landmarks=LandmarksChoice.auto, order=OrderChoice.best_last):
-    """The options as Settings; top_k None: the default for the model's kind of landmark."""
+              landmarks=LandmarksChoice.auto, order=OrderChoice.best_last, answer_window=None, answer_top_k=None):
+    """The options as Settings; None: the default for the model's kind of landmark."""
     from landmark_cli.retrieval.settings import Answering, Reading, Settings
 
     try:
         return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value),
-                        Answering(select=select.value, order=order.value), landmarks=landmarks.value)
+                        Answering(select=select.value, order=order.value, window=answer_window, top_k=answer_top_k),
+                        landmarks=landmarks.value)
     except ValueError as e:
         raise LandmarkError(str(e), "see the command's --help") from None
 
@@ -109,6 +116,8 @@ def ask(
     rep: RepOpt = RepChoice.mean,
     select: SelectOpt = SelectChoice.shared,
     order: OrderOpt = OrderChoice.best_last,
+    answer_window: AnswerWindowOpt = None,
+    answer_top_k: AnswerTopKOpt = None,
     landmarks: LandmarksOpt = LandmarksChoice.auto,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
@@ -123,7 +132,8 @@ def ask(
     from landmark_cli.documents import find_documents, load_document
 
     check_question(question)
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order, answer_window,
+                         answer_top_k)
     folder = Path(path).expanduser().is_dir()
     if folder:
         if not find_documents(path):  # fail fast, before loading the model

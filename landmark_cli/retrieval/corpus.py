@@ -39,7 +39,7 @@ class CorpusSession(AnswerSession):
     """Attention state for a question over several store entries (see the module docstring)."""
 
     def __init__(self, engine, entries: list[store.Entry], capacity: int, blocks: int | None = None):
-        """blocks: how many to retrieve (default 2 x top_k)."""
+        """blocks: how many to retrieve (default 2 x the answer's top_k: a folder question has no window)."""
         if engine.spec is not None:
             raise ValueError("trained landmark models answer a folder through corpus_trained.TrainedCorpusSession")
         self.engine, self.entries = engine, entries
@@ -50,7 +50,7 @@ class CorpusSession(AnswerSession):
         self.sink_end = min(s.sink_tokens, entries[0].n_tokens // B * B)
         self.candidates = Candidates.of(entries, B, self.sink_end)
         self.complete = torch.nonzero(self.candidates.valid == B).flatten()
-        self.k = min(2 * s.top_k_or_default if blocks is None else blocks, len(self.candidates))
+        self.k = min(2 * self.answering.top_k if blocks is None else blocks, len(self.candidates))
         self.k_per_layer = min(self.k, self.complete.shape[0])  # per-layer selection while choosing
         self.reps = torch.cat([torch.from_numpy(entries[d].reps[:, :, b0:b0 + sl.stop - sl.start])
                                for d, sl, b0 in self.candidates.ranges()], 2) if len(self.candidates) else None

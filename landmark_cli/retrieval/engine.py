@@ -16,7 +16,7 @@ rotated at their new positions when attended.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -31,7 +31,7 @@ from landmark_cli.paths import home
 from landmark_cli.retrieval.attention import as_torch, landmark_kind
 from landmark_cli.retrieval.landmarks import N_REPS, block_reps, is_landmark_position
 from landmark_cli.retrieval.selection import ByRepresentatives
-from landmark_cli.retrieval.settings import Settings, effective_settings
+from landmark_cli.retrieval.settings import Answering, Settings, effective_settings
 from landmark_cli.storage import cache, store
 
 LOCK_TIMEOUT_S = 3600  # how long a second process waits for another reading the same document
@@ -49,6 +49,17 @@ class Answer:
 
 
 Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+MIN_REPEAT = 4  # tokens: a shorter run said twice may be the answer itself ("no, no")
+
+
+def repeated_tail(tokens: list[int]) -> int:
+    """Length m of a run of at least MIN_REPEAT tokens that `tokens` ends with twice in a row
+    ("The answer is: 5. The answer is: 5."), or 0."""
+    n = len(tokens)
+    for m in range(MIN_REPEAT, n // 2 + 1):
+        if tokens[n - m:] == tokens[n - 2 * m:n - m]:
+            return m
+    return 0
 
 
 class Engine:
@@ -70,6 +81,10 @@ class Engine:
         """The token stream the store holds for ids: with trained landmarks, a <landmark>
         after every mem_freq tokens (spans get (-1, -1) rows for them)."""
         return self.landmarks.stream(ids, spans)
+
+    def answer_with(self, answering: Answering) -> None:
+        """Answer from now on with other answer-time settings (what is read is unchanged)."""
+        self.settings = effective_settings(self.loaded, replace(self.settings, answer=answering))[0]
 
     # ---- the store -------------------------------------------------------------------
     def key(self, ids: list[int]) -> str:
@@ -253,6 +268,9 @@ class Engine:
             if tok in stop_ids:
                 break
             out.append(tok)
+            if repeat := repeated_tail(out):  # greedy decoding has begun a loop: what follows repeats too
+                del out[-repeat:]
+                break
             if on_token:
                 on_token(tok)
             if len(out) < max_new_tokens:

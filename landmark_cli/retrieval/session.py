@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from landmark_cli.errors import LandmarkError
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.retrieval.attention import DenseKV, as_torch
@@ -71,18 +72,22 @@ class Session(AnswerSession):
         B, n = s.block, entry.n_tokens
         self.store = as_torch(entry.kv)
         self.reps = torch.from_numpy(entry.reps)
-        window = s.window_tokens if self.answering.window is None else self.answering.window // B * B
+        window = self.answering.window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
         win0 = max(self.sink_end, (n - window) // B * B)
         self.retrievable = slice(self.sink_end // B, win0 // B)  # complete blocks between sink and window
         self.candidates = Candidates.of([entry], B, self.sink_end)  # the retrievable blocks, then the window's
-        self.k = min(s.top_k_or_default, self.retrievable.stop - self.retrievable.start)
+        self.k = min(self.answering.top_k, self.retrievable.stop - self.retrievable.start)
         self.scoring_layers = scoring_layers(self.answering.band, c.n_layers)
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k * B)
         n_dense = self.sink_end + (n - win0)
         self.next_pos = self.sink_end + self.k * B + (n - win0)
         self.stream_len = n  # the stream position of the next token (trained: landmarks included)
         capacity = n_dense + self.landmarks.stream_length(capacity)
+        if self.next_pos + capacity - n_dense > (limit := c.context):
+            raise LandmarkError(f"sink + answer top_k*block + answer window + question and answer = "
+                                f"{self.next_pos + capacity - n_dense} tokens exceeds the model's context of "
+                                f"{limit} tokens", "lower --answer-top-k, --answer-window or --max-tokens")
         # landmark flags of the dense positions (used by trained landmarks)
         self.dense_flags = is_landmark_position(win0 + torch.arange(capacity), B)
         # where a trained model's local layer finds its previous block: right before the

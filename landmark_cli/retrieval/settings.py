@@ -4,7 +4,7 @@ none of it in the key, so answers can change without reading anything again).
 
 `effective_settings` resolves, in one place, what a model's trained landmarks impose
 (their block size, no sink, every step inside the training context) and the defaults
-that depend on the kind of landmark (`top_k`).
+that depend on the kind of landmark (`top_k`, the answer's window).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ LandmarkChoice = Literal["auto", "trained", "free"]
 
 DEFAULT_TOP_K = 8  # blocks per layer and KV head, training-free landmarks
 TRAINED_TOP_K = 4  # the same for trained landmarks (the paper: 2-5)
+DEFAULT_ANSWER_WINDOW: int | None = None  # tokens of the document's end attended while answering, training-free
+# landmarks (None: the reading window)
 
 
 def _check(value: str, choices, what: str) -> None:
@@ -80,13 +82,16 @@ class Answering:
 
     select: Select = "shared"  # shared: one set of blocks for every layer, chosen by `band`; layer: per layer and head
     band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) whose scores choose the shared set
-    window: int | None = None  # local window while answering (None: the reading window)
+    window: int | None = None  # local window while answering, in tokens (None: the default for the landmark kind)
+    top_k: int | None = None  # blocks retrieved while answering (None: the reading's top_k)
     follow: int = 1  # shared selection: blocks taken after each best block
     order: Order = "best-last"  # shared selection: passages best last (nearest the question) or in document order
 
     def __post_init__(self):
         _check(self.select, Select, "selection")
         _check(self.order, Order, "order")
+        if (self.window or 0) < 0 or (self.top_k or 0) < 0:
+            raise ValueError("the answer window and the answer top_k must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -127,5 +132,11 @@ def effective_settings(loaded, s: Settings) -> tuple[Settings, LandmarkSpec | No
                             "use --landmarks auto or free")
     spec = loaded.landmark if s.landmarks != "free" else None
     if spec is None:
-        return replace(s, read=replace(s.read, top_k=s.read.top_k_or_default)), None
-    return trained_settings(s, spec), spec
+        s = replace(s, read=replace(s.read, top_k=s.read.top_k_or_default))
+        window = s.read.window if DEFAULT_ANSWER_WINDOW is None else DEFAULT_ANSWER_WINDOW
+    else:  # trained: answer as the model reads, inside its training context
+        s = trained_settings(s, spec)
+        window = s.read.window
+    a = s.answer
+    return replace(s, answer=replace(a, window=window if a.window is None else a.window,
+                                     top_k=s.read.top_k if a.top_k is None else a.top_k)), spec

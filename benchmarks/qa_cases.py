@@ -1,0 +1,216 @@
+"""The cases of benchmarks/qa_eval.py: real text a fresh machine can get offline, and questions
+written by reading it.
+
+  prose      eight short facts planted at spread depths in natural prose (the essays and the
+             company history of examples/, then the King James Bible from Debian's
+             bible-kjv packages), one document per length;
+  technical  the Bash reference manual as Debian's bash-doc installs it (bash.pdf, 82k tokens),
+             questions answered by one sentence of it;
+  multi      questions whose answer needs two passages of examples/lantern_bay.md;
+  folder     questions over the example library (examples/library.py: 11 documents), `ask DIR`.
+
+Questions alternate between a tuning half and a held-out half. Debian packages are fetched
+with `apt-get download` and unpacked with `dpkg-deb -x` into the data folder (nothing is
+installed); the same files then serve every later run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    keys: tuple[str, ...]  # every one must be in the answer
+    half: str  # "tune" or "held"
+    evidence: tuple[str, ...] = ()  # where the answer is (default: the keys), for the short version
+
+
+@dataclass
+class Case:
+    suite: str
+    name: str
+    path: Path  # a document, or a folder (suite "folder")
+    questions: list[Question]
+    tokens: int = 0  # document length asked for (prose)
+
+
+def halves(items: list[tuple]) -> list[Question]:
+    """(text, keys[, evidence]) -> Questions, alternately tuning and held out."""
+    return [Question(t[0], tuple(t[1]), "tune" if i % 2 == 0 else "held", tuple(t[2]) if len(t) > 2 else ())
+            for i, t in enumerate(items)]
+
+
+# ---- prose: planted facts ---------------------------------------------------------------
+FACTS = [  # (sentence planted, question, answer)
+    ("The secret ingredient in Aunt Miriam's soup is smoked paprika.",
+     "What is the secret ingredient in Aunt Miriam's soup?", "paprika"),
+    ("The lighthouse keeper's cat was named Biscuit.", "What was the lighthouse keeper's cat named?", "biscuit"),
+    ("The code to open the garden gate is 4417.", "What is the code to open the garden gate?", "4417"),
+    ("Professor Okafor keeps her spare keys inside a blue teapot.",
+     "Where does Professor Okafor keep her spare keys?", "teapot"),
+    ("Dr. Halvorsen's favourite chess opening is the Catalan.",
+     "What is Dr. Halvorsen's favourite chess opening?", "catalan"),
+    ("The old mill by the river was painted bright yellow in 1962.",
+     "What colour was the old mill by the river painted in 1962?", "yellow"),
+    ("The password for the back room of the Elm Street library is juniper.",
+     "What is the password for the back room of the Elm Street library?", "juniper"),
+    ("Captain Ines Morrow named her sailing boat the Wren.", "What did Captain Ines Morrow name her sailing boat?",
+     "wren"),
+]
+DEPTHS = (0.08, 0.2, 0.32, 0.44, 0.56, 0.68, 0.8, 0.92)  # of FACTS, in order: both halves span the document
+
+
+def debian_package(name: str, data: Path) -> Path:
+    """The files of Debian package `name`, unpacked under data/debian/name (downloaded once)."""
+    root = data / "debian" / name
+    if not (root / ".unpacked").exists():
+        print(f"fetching Debian package {name} (apt-get download)", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", name], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob(f"{name}_*.deb"))
+            root.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        (root / ".unpacked").touch()
+    return root
+
+
+def bible_text(data: Path) -> str:
+    """The King James Bible as plain paragraphs, one per chapter under its heading."""
+    out = data / "kjv.txt"
+    if not out.exists():
+        program = debian_package("bible-kjv", data) / "usr/bin/bible"
+        texts = debian_package("bible-kjv-text", data) / "usr/lib"
+        raw = subprocess.run([str(program), "-p", str(texts), "Gen1:1-Rev22:21"], check=True, capture_output=True,
+                             text=True).stdout
+        chapters: list[tuple[str, list[str]]] = []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            if not line[0].isspace():  # "Genesis 1"
+                chapters.append((line.strip(), []))
+            elif m := re.match(r"\s+\d+ (.*)", line):  # "  2 And the earth ..."
+                chapters[-1][1].append(m.group(1))
+            else:  # a verse's continuation line
+                chapters[-1][1][-1] += " " + line.strip()
+        out.write_text("\n\n".join(f"{head}\n\n{' '.join(verses)}" for head, verses in chapters))
+    return out.read_text()
+
+
+def prose_haystack(data: Path) -> str:
+    parts = [p.read_text() for p in sorted((EXAMPLES / "essays").glob("*.md"))]
+    parts += [(EXAMPLES / "lantern_bay.md").read_text(), bible_text(data)]
+    return "\n\n".join(parts)
+
+
+def plant_all(tokenizer, text: str, n_tokens: int) -> str:
+    """The first ~n_tokens of text with every fact of FACTS at a paragraph break near its depth."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) < n_tokens:
+        raise SystemExit(f"the prose haystack has only {len(enc['input_ids'])} tokens")
+    body = text[:enc["offset_mapping"][n_tokens - 1][1]]
+    cuts = [body.rfind("\n\n", 0, int(len(body) * d)) + 2 for d in DEPTHS]
+    pieces, prev = [], 0
+    for (fact, _, _), cut in zip(FACTS, cuts, strict=True):
+        pieces += [body[prev:cut], fact + "\n\n"]
+        prev = cut
+    return "".join(pieces) + body[prev:]
+
+
+def prose_cases(tokenizer, data: Path, lengths: list[int]) -> list[Case]:
+    questions = halves([(q, [a]) for _, q, a in FACTS])
+    haystack = prose_haystack(data)
+    cases = []
+    for n in lengths:
+        path = data / f"prose_{n // 1024}k.txt"
+        if not path.exists():
+            path.write_text(plant_all(tokenizer, haystack, n))
+        cases.append(Case("prose", f"prose {n // 1024}k", path, questions, tokens=n))
+    return cases
+
+
+# ---- technical: the Bash manual ---------------------------------------------------------
+BASH_QUESTIONS = [  # (question, answer keys, evidence)
+    ("How often, in seconds, does bash check for mail by default?", ["60"], ["The default is 60 seconds"]),
+    ("What is the largest number the RANDOM variable can expand to?", ["32767"], ["between 0 and 32767"]),
+    ("To what value does the shell set HISTSIZE by default?", ["500"], ["The shell sets the default value to 500"]),
+    ("Which variable sets the default timeout for the read builtin?", ["tmout"],
+     ["treated as the default timeout for the read builtin"]),
+    ("Which array variable records the parts of a string matched by the =~ operator?", ["bash_rematch"],
+     ["The array variable BASH_REMATCH records"]),
+    ("Which reserved word starts a coprocess?", ["coproc"], ["preceded by the coproc reserved word"]),
+    ("Which variable expands to the number of seconds since the Unix Epoch?", ["epochseconds"],
+     ["it expands to the number of seconds since the Unix Epoch"]),
+    ("Which variable sets a maximum function nesting level?", ["funcnest"], ["defines a maximum function nesting"]),
+    ("In which file is the command history saved by default?", ["bash_history"],
+     ["named by the variable HISTFILE (default"]),
+    ("Which shell option makes the pattern ** match all files and zero or more directories?", ["globstar"],
+     ["globstar If set, the pattern"]),
+    ("Which shell option runs a command name that is the name of a directory as if it were the argument to cd?",
+     ["autocd"], ["autocd If set"]),
+    ("Which shell option corrects minor errors in the spelling of a directory name given to cd?", ["cdspell"],
+     ["cdspell If set"]),
+    ("What exit status does bash return when a command is not found?", ["127"], ["returns a status of 127"]),
+    ("Which variable holds the search path for the cd command?", ["cdpath"], ["The search path for the cd command"]),
+    ("Which variable sets the maximum number of lines contained in the history file?", ["histfilesize"],
+     ["The maximum number of lines contained in the history"]),
+]
+
+
+def technical_cases(data: Path) -> list[Case]:
+    pdf = debian_package("bash-doc", data) / "usr/share/doc/bash/bash.pdf"
+    return [Case("technical", "bash manual (PDF)", pdf, halves(BASH_QUESTIONS))]
+
+
+# ---- two passages, and a folder -----------------------------------------------------------
+TWO_PASSAGE_QUESTIONS = [
+    ("Who was the first master of the Marigold, and who became the company's first female deckhand?",
+     ["broadbent", "birkett"]),
+    ("What was the company's first diesel motor vessel called, and who was her captain when she sank in 1942?",
+     ["snowdrop", "fairweather"]),
+    ("In what year was the Lantern Bay Ferry Company founded, and in what year did the Great Fire destroy its "
+     "premises on Quay Street?", ["1871", "1886"], ["founded", "Great Fire"]),
+    ("With which two companies did the Lantern Bay Ferry Company merge, in 1907 and in 1968?",
+     ["greywick steam packet", "skerrow"], ["merged with the Greywick Steam Packet", "1968"]),
+    ("Which junior clerk saved the main ledger from the fire, and who designed the company's lantern emblem in "
+     "1929?", ["crane", "ashby"], ["saved the", "Ashby"]),
+    ("Who became managing director in 1922, and who became the company's first woman chairman in 1961?",
+     ["marchbank", "mowbray"]),
+    ("What was the only hydrofoil the company ever owned, and what was the fast catamaran that entered service "
+     "on the Skerrow route in 1987?", ["meadowsweet", "campion"]),
+    ("Which steamer was wrecked off Tallow Point in 1903, and what was the company's first steel-hulled "
+     "steamer?", ["columbine", "bluebell"], ["wrecked the steamer Columbine", "Bluebell"]),
+    ("Who led the management buyout of 1984, and which company bought the Lantern Bay Ferry Company in 1998?",
+     ["oakhurst", "northshore"]),
+    ("Who was the union organiser during the 1921 strike, and who was the first woman to command a vessel for "
+     "the company?", ["kettering", "carne"]),
+]
+
+FOLDER_QUESTIONS = [
+    ("When was the Apache License, Version 2.0 published?", ["2004"], ["January 2004"]),
+    ("Who was the union organiser for the Lantern Bay district during the 1921 strike?", ["kettering"]),
+    ("What is the date of version 3 of the GNU General Public License?", ["2007"], ["29 June 2007"]),
+    ("In what year was the Halloran Narrows Bridge opened?", ["1958"], ["Halloran Narrows Bridge"]),
+    ("When was version 2.1 of the GNU Lesser General Public License published?", ["1999"], ["February 1999"]),
+    ("Who designed the Lantern Bay Ferry Company's lantern emblem in 1929?", ["ashby"]),
+    ("Who is the license steward of the Mozilla Public License 2.0?", ["mozilla foundation"],
+     ["is the license steward"]),
+    ("What was the name of the only hydrofoil the Lantern Bay Ferry Company ever owned?", ["meadowsweet"]),
+]
+
+
+def multi_cases(data: Path) -> list[Case]:
+    sys.path.insert(0, str(EXAMPLES))
+    from library import build  # examples/library.py
+
+    return [Case("multi", "two passages (lantern_bay.md)", EXAMPLES / "lantern_bay.md", halves(TWO_PASSAGE_QUESTIONS)),
+            Case("folder", "folder of 11 documents", build(data / "library"), halves(FOLDER_QUESTIONS))]
