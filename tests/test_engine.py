@@ -15,15 +15,17 @@ def _ids(n, vocab, seed=0):
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("select", ["layer", "shared"])
+@pytest.mark.parametrize("select, passages", [("layer", "cached"), ("shared", "cached"), ("shared", "text")])
 @pytest.mark.parametrize("answer_window", [None, 0, 8, 40])
-def test_covering_k_equals_full_attention(tiny, tmp_path, select, answer_window):
+def test_covering_k_equals_full_attention(tiny, tmp_path, select, passages, answer_window):
     """k covering every block + a document inside the context => same logits as full causal
-    attention, whatever the answer's window (the blocks it leaves are retrieved, in order)."""
+    attention, whatever the answer's window (the blocks it leaves are retrieved, in order),
+    and whether the passages are attended as cached or read again as text."""
     ids = _ids(203, tiny.model.cfg.vocab_size)
     doc, suffix = ids[:170], ids[170:]
     eng = Engine(tiny, Settings(Reading(block=8, top_k=64, sink=8, window=16, chunk=32, kv_dtype="float32"),
-                                Answering(select=select, window=answer_window)), root=tmp_path / "store")
+                                Answering(select=select, window=answer_window, passages=passages)),
+                 root=tmp_path / "store")
     entry, cached = eng.read(doc)
     assert not cached
     sess = Session(eng, entry, capacity=64)

@@ -22,6 +22,7 @@ chosen by measurement on the example library (docs/measurements.md).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from landmark_cli.kernels.retrieval_attention import retrieval_attention
@@ -64,6 +65,7 @@ class CorpusSession(AnswerSession):
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = self.sink_end
         self.chosen: torch.Tensor | None = None  # candidate numbers, once chosen
+        self.text: torch.Tensor | None = None  # passages="text": the chosen blocks' token ids, until read
         self.retrieved_per_step = self.sink_end
 
     # ---- choosing ----------------------------------------------------------------------
@@ -109,16 +111,21 @@ class CorpusSession(AnswerSession):
         """Copy the chosen blocks' real tokens into the dense buffer after the sink."""
         c, m, cand = self.model.cfg, self.model, self.candidates
         pieces = [(int(cand.doc[i]), int(cand.block[i]), int(cand.valid[i])) for i in chosen.tolist()]
-        for d, b, _ in pieces:
-            self.entries[d].verify(slice(None), slice(None), b)
         n = sum(v for _, _, v in pieces)
         start = self.sink_end
+        self.retrieved_per_step = start + n
+        if self.answering.passages == "text":  # read again with the question, at the first step
+            B = self.reading.block
+            self.text = torch.cat([torch.from_numpy(self.entries[d].ids[b * B:b * B + v].astype(np.int64))
+                                   for d, b, v in pieces])
+            return
+        for d, b, _ in pieces:
+            self.entries[d].verify(slice(None), slice(None), b)
         cos, sin = m.rope.at(torch.arange(start, start + n))
         for layer in range(c.n_layers):
             kv = torch.cat([self.stores[d][layer, :, :, b, :v] for d, b, v in pieces], 2).to(m.dtype)
             self.dense.write(layer, start, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = start + n
-        self.retrieved_per_step = start + n
 
     # ---- stepping ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -130,7 +137,9 @@ class CorpusSession(AnswerSession):
                 self._choose(x, question or slice(None))
             else:
                 self.chosen = torch.zeros(0, dtype=torch.long)
-        T, start = ids.shape[0], self.dense.length
+        if self.text is not None:  # passages="text": the chosen blocks' tokens, then the question
+            x, self.text = torch.cat([m.embed(self.text), x]), None
+        T, start = x.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(start, start + T))
         none = torch.zeros(c.n_kv_heads, 0, dtype=torch.long)
         empty = self.dense.kv.new_zeros(c.n_kv_heads, 0, self.reading.block, c.head_dim)

@@ -68,6 +68,7 @@ class Session(AnswerSession):
         self.engine, self.entry = engine, entry
         self.reading, self.answering = engine.reading, engine.settings.answer
         self.model, self.landmarks = engine.model, engine.landmarks
+        self.rereads = self.answering.select == "shared" and self.answering.passages == "text"
         s, c, m = self.reading, self.model.cfg, self.model
         B, n = s.block, entry.n_tokens
         self.store = as_torch(entry.kv)
@@ -84,6 +85,8 @@ class Session(AnswerSession):
         self.next_pos = self.sink_end + self.k * B + (n - win0)
         self.stream_len = n  # the stream position of the next token (trained: landmarks included)
         capacity = n_dense + self.landmarks.stream_length(capacity)
+        if self.rereads:  # the chosen blocks come back as text, after the sink
+            capacity += self.k * B
         if self.next_pos + capacity - n_dense > (limit := c.context):
             raise LandmarkError(f"sink + answer top_k*block + answer window + question and answer = "
                                 f"{self.next_pos + capacity - n_dense} tokens exceeds the model's context of "
@@ -153,7 +156,7 @@ class Session(AnswerSession):
         self._run(x, cos, sin, self.dense.length, Scoring(self.per_layer(self.ranker()), band),
                   layers=self.scoring_layers.stop)
         n_retrievable = self.retrievable.stop - self.retrievable.start  # the first candidates
-        best = top_runs(band.votes(n_retrievable), self.k, a.follow, best_last=a.order == "best-last")
+        best = top_runs(band.votes(n_retrievable), self.k, a.follow, lead=a.lead, best_last=a.order == "best-last")
         self.chosen = (best + self.retrievable.start).expand(c.n_kv_heads, -1)
         self.votes = band.votes()
 
@@ -167,7 +170,9 @@ class Session(AnswerSession):
         x = m.embed(ids)
         if self.answering.select == "shared" and self.chosen is None:
             self._choose(x, cos, sin, question or slice(None))
-        if self.chosen is not None:
+        if self.rereads and self.steps == 0:
+            x = self._reread(ids)
+        elif self.chosen is not None:
             x = self._run(x, cos, sin, start, Fixed(self.chosen))
         else:
             ranker = self.ranker(record=self.steps == 0)
@@ -175,8 +180,25 @@ class Session(AnswerSession):
             if ranker.scores:  # the question's step: its scores name the sources
                 self.layer_scores = ranker.scores
                 self.votes = torch.stack(ranker.scores).mean((0, 1))
-        self.dense.length, self.next_pos, self.steps = start + T, self.next_pos + T, self.steps + 1
+        self.dense.length, self.next_pos, self.steps = self.dense.length + T, self.next_pos + T, self.steps + 1
         return self.landmarks.mask_logits(m.logits(x[-1:])[0])
+
+    def _reread(self, ids: torch.Tensor) -> torch.Tensor:
+        """passages="text": the chosen blocks' tokens (in the chosen order) and the window's,
+        read as fresh text right after the sink, then the question `ids`, in one causal
+        step; the cached window is dropped and no block is retrieved from here on. Returns
+        the hidden states of the question."""
+        B, win0, n = self.reading.block, self.first_dense_block * self.reading.block, self.entry.n_tokens
+        blocks = self.chosen[0].tolist()
+        text = [self.entry.ids[b * B:(b + 1) * B] for b in blocks] + [self.entry.ids[win0:n]]
+        seq = torch.cat([torch.from_numpy(t.astype(np.int64)) for t in text] + [ids])
+        pos = self.sink_end + torch.arange(seq.shape[0])
+        cos, sin = self.model.rope.at(pos)
+        self.chosen = self.chosen[:, :0]  # nothing retrieved: the passages are dense now
+        self.dense.length = self.sink_end
+        x = self._run(self.model.embed(seq), cos, sin, self.sink_end, Fixed(self.chosen))
+        self.dense.length, self.next_pos = self.sink_end + seq.shape[0] - ids.shape[0], int(pos[-1]) + 1 - ids.shape[0]
+        return x[-ids.shape[0]:]
 
     @torch.inference_mode()
     def close(self) -> torch.Tensor:

@@ -19,6 +19,7 @@ Rep = Literal["mean", "minmax", "landmark"]  # landmark: trained models only (th
 KVDtype = Literal["float16", "float32"]
 Select = Literal["shared", "layer"]
 Order = Literal["best-last", "document"]
+Passages = Literal["cached", "text"]
 LandmarkChoice = Literal["auto", "trained", "free"]
 
 DEFAULT_TOP_K = 8  # blocks per layer and KV head, training-free landmarks
@@ -85,13 +86,18 @@ class Answering:
     window: int | None = None  # local window while answering, in tokens (None: the default for the landmark kind)
     top_k: int | None = None  # blocks retrieved while answering (None: the reading's top_k)
     follow: int = 1  # shared selection: blocks taken after each best block
+    lead: int = 0  # shared selection: blocks taken before each best block
     order: Order = "best-last"  # shared selection: passages best last (nearest the question) or in document order
+    # shared selection: the chosen blocks attended as cached (their keys and values as read in the document),
+    # or read again as text, with the window, right after the sink (a short prompt the model reads fresh)
+    passages: Passages = "cached"
 
     def __post_init__(self):
         _check(self.select, Select, "selection")
         _check(self.order, Order, "order")
-        if (self.window or 0) < 0 or (self.top_k or 0) < 0:
-            raise ValueError("the answer window and the answer top_k must be >= 0")
+        _check(self.passages, Passages, "passages")
+        if min(self.window or 0, self.top_k or 0, self.follow, self.lead) < 0:
+            raise ValueError("the answer window, top_k, follow and lead must be >= 0")
 
 
 @dataclass(frozen=True)
