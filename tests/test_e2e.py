@@ -110,3 +110,26 @@ def test_forward_matches_transformers_on_the_default_model(default_model):
     with torch.inference_mode():
         diff = (default_model.model.forward(ids) - ref(ids[None]).logits[0]).abs().max().item()
     assert diff < 1e-3
+
+
+def test_a_fact_planted_in_prose_beyond_the_context(home, monkeypatch, capsys, tmp_path):
+    """A one-sentence fact planted in 10k tokens of the essays and the company history of
+    examples/ (beyond the model's 8,192-token context), asked with the default answer
+    settings: the answer and the cited sources hold it. (Attending to the chosen blocks as
+    cached, with the reading's 1,024-token window, answers "The Lying Liar".)"""
+    from pathlib import Path
+
+    text = "\n\n".join([p.read_text() for p in sorted(Path("examples/essays").glob("*.md"))]
+                       + [Path("examples/lantern_bay.md").read_text()])
+    cut = text.rfind("\n\n", 0, 40_000)  # about 10k tokens
+    at = text.rfind("\n\n", 0, int(cut * 0.2)) + 2
+    doc = tmp_path / "prose.txt"
+    doc.write_text(text[:at] + "The harbour master's parrot was called Admiral Pickles.\n\n" + text[at:cut])
+    monkeypatch.setenv("LANDMARK_HOME", str(home))
+    monkeypatch.setattr(sys, "argv", ["landmark", "ask", str(doc), "What was the harbour master's parrot called?",
+                                      "--json", "--max-tokens", "24"])
+    main()
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"]["document"] > 8192
+    assert "pickles" in r["answer"].lower(), r["answer"]
+    assert any("Pickles" in s["text"] for s in r["sources"]), r["sources"]

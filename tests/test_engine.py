@@ -122,7 +122,7 @@ def test_shared_selection_is_one_set_of_blocks_for_every_layer(tiny, tmp_path):
     entry, _ = eng.read(ids[:380])
     sess = Session(eng, entry, capacity=32)
     sess.step(torch.tensor(ids[380:]))
-    assert sess.chosen.shape == (tiny.model.cfg.n_kv_heads, 3)
+    assert sess.chosen.shape == (tiny.model.cfg.n_kv_heads, eng.settings.answer.top_k) and sess.k == 6  # 2 x 3
     assert (sess.chosen == sess.chosen[0]).all()
     assert sess.retrievable.start <= int(sess.chosen.min()) and int(sess.chosen.max()) < sess.retrievable.stop
     cited = [b for _, b, _ in sess.sources(3)]
@@ -206,7 +206,7 @@ def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, 
 def test_answer_settings_change_what_is_attended_not_what_is_read(tiny, tmp_path):
     """The answer's window and top_k shape each step; the store entry is the same."""
     ids = _ids(400, tiny.model.cfg.vocab_size, seed=5)
-    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=32, chunk=32), Answering(window=32)),
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=32, chunk=32), Answering(window=32, top_k=2)),
                  root=tmp_path / "store")
     entry, _ = eng.read(ids[:380])
     assert Session(eng, entry, capacity=32).retrieved_per_step == 8 + 2 * 8 + (380 - 376 // 8 * 8 + 32)

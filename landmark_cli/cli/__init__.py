@@ -46,6 +46,11 @@ class OrderChoice(str, Enum):
     document = "document"
 
 
+class PassagesChoice(str, Enum):
+    text = "text"
+    cached = "cached"
+
+
 class LandmarksChoice(str, Enum):
     auto = "auto"
     trained = "trained"
@@ -66,6 +71,10 @@ AnswerWindowOpt = Annotated[Optional[int], typer.Option("--answer-window", help=
 AnswerTopKOpt = Annotated[Optional[int], typer.Option("--answer-top-k", help="blocks retrieved while answering "
                                                       "(default: --top-k's; a folder retrieves twice as many)",
                                                       show_default=False)]
+PassagesOpt = Annotated[Optional[PassagesChoice], typer.Option("--passages", help="shared selection: the chosen "
+                                                              "blocks read again as text right before the question, "
+                                                              "or attended as cached (their keys and values as read "
+                                                              "in the document)", show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 
@@ -76,14 +85,17 @@ def _group() -> None:
 
 
 def _settings(top_k, block, window, sink, chunk, rep=RepChoice.mean, select=SelectChoice.shared,
-              landmarks=LandmarksChoice.auto, order=OrderChoice.best_last, answer_window=None, answer_top_k=None):
-    """The options as Settings; None: the default for the model's kind of landmark."""
+              landmarks=LandmarksChoice.auto, order=OrderChoice.best_last, answer_window=None, answer_top_k=None,
+              passages=None):
+    """The options as Settings; None: the default (for the model's kind of landmark)."""
     from landmark_cli.retrieval.settings import Answering, Reading, Settings
 
+    answer = {"window": answer_window, "top_k": answer_top_k}
+    if passages is not None:
+        answer["passages"] = passages.value
     try:
         return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value),
-                        Answering(select=select.value, order=order.value, window=answer_window, top_k=answer_top_k),
-                        landmarks=landmarks.value)
+                        Answering(select=select.value, order=order.value, **answer), landmarks=landmarks.value)
     except ValueError as e:
         raise LandmarkError(str(e), "see the command's --help") from None
 
@@ -118,6 +130,7 @@ def ask(
     order: OrderOpt = OrderChoice.best_last,
     answer_window: AnswerWindowOpt = None,
     answer_top_k: AnswerTopKOpt = None,
+    passages: PassagesOpt = None,
     landmarks: LandmarksOpt = LandmarksChoice.auto,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
@@ -133,7 +146,7 @@ def ask(
 
     check_question(question)
     settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order, answer_window,
-                         answer_top_k)
+                         answer_top_k, passages)
     folder = Path(path).expanduser().is_dir()
     if folder:
         if not find_documents(path):  # fail fast, before loading the model

@@ -11,10 +11,12 @@ retrieval over the complete blocks of every document; at the scoring layers its 
 score every block of every document by its best-matching key (selection.BandScores);
 the best runs of blocks win. The chosen blocks' real tokens (the padding of a
 document's last block dropped) then sit in a dense buffer at contiguous positions, and
-the question and the answer attend to that buffer only.
+the question and the answer attend to that buffer only: read again as text together with
+the question (`passages="text"`, the default), or as their cached keys and values.
 
-What is read: 2 x top_k blocks, as runs of LEAD blocks before and FOLLOW after each
-best block (256 tokens of coherent text around a match), documents ordered by their
+What is read: the answer's top_k blocks (by default twice the reading's), as runs of
+LEAD blocks before and FOLLOW after each best block (256 tokens of coherent text around
+a match), documents ordered by their
 best block, the best one last, nearest the question. A small model reads a few long
 passages better than many fragments from many documents; the shape and the order were
 chosen by measurement on the example library (docs/measurements.md).
@@ -40,7 +42,7 @@ class CorpusSession(AnswerSession):
     """Attention state for a question over several store entries (see the module docstring)."""
 
     def __init__(self, engine, entries: list[store.Entry], capacity: int, blocks: int | None = None):
-        """blocks: how many to retrieve (default 2 x the answer's top_k: a folder question has no window)."""
+        """blocks: how many to retrieve (default: the answer's top_k)."""
         if engine.spec is not None:
             raise ValueError("trained landmark models answer a folder through corpus_trained.TrainedCorpusSession")
         self.engine, self.entries = engine, entries
@@ -51,7 +53,7 @@ class CorpusSession(AnswerSession):
         self.sink_end = min(s.sink_tokens, entries[0].n_tokens // B * B)
         self.candidates = Candidates.of(entries, B, self.sink_end)
         self.complete = torch.nonzero(self.candidates.valid == B).flatten()
-        self.k = min(2 * self.answering.top_k if blocks is None else blocks, len(self.candidates))
+        self.k = min(self.answering.top_k if blocks is None else blocks, len(self.candidates))
         self.k_per_layer = min(self.k, self.complete.shape[0])  # per-layer selection while choosing
         self.reps = torch.cat([torch.from_numpy(entries[d].reps[:, :, b0:b0 + sl.stop - sl.start])
                                for d, sl, b0 in self.candidates.ranges()], 2) if len(self.candidates) else None

@@ -173,7 +173,7 @@ class Session(AnswerSession):
         if self.rereads and self.steps == 0:
             x = self._reread(ids)
         elif self.chosen is not None:
-            x = self._run(x, cos, sin, start, Fixed(self.chosen))
+            x = self._run(x, cos, sin, start, Fixed(self.chosen[:, :0] if self.rereads else self.chosen))
         else:
             ranker = self.ranker(record=self.steps == 0)
             x = self._run(x, cos, sin, start, self.per_layer(ranker))
@@ -194,9 +194,8 @@ class Session(AnswerSession):
         seq = torch.cat([torch.from_numpy(t.astype(np.int64)) for t in text] + [ids])
         pos = self.sink_end + torch.arange(seq.shape[0])
         cos, sin = self.model.rope.at(pos)
-        self.chosen = self.chosen[:, :0]  # nothing retrieved: the passages are dense now
         self.dense.length = self.sink_end
-        x = self._run(self.model.embed(seq), cos, sin, self.sink_end, Fixed(self.chosen))
+        x = self._run(self.model.embed(seq), cos, sin, self.sink_end, Fixed(self.chosen[:, :0]))  # nothing retrieved
         self.dense.length, self.next_pos = self.sink_end + seq.shape[0] - ids.shape[0], int(pos[-1]) + 1 - ids.shape[0]
         return x[-ids.shape[0]:]
 

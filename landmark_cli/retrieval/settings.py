@@ -4,7 +4,7 @@ none of it in the key, so answers can change without reading anything again).
 
 `effective_settings` resolves, in one place, what a model's trained landmarks impose
 (their block size, no sink, every step inside the training context) and the defaults
-that depend on the kind of landmark (`top_k`, the answer's window).
+that depend on the kind of landmark (`top_k`, the answer's window and top_k).
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ LandmarkChoice = Literal["auto", "trained", "free"]
 
 DEFAULT_TOP_K = 8  # blocks per layer and KV head, training-free landmarks
 TRAINED_TOP_K = 4  # the same for trained landmarks (the paper: 2-5)
-DEFAULT_ANSWER_WINDOW: int | None = None  # tokens of the document's end attended while answering, training-free
-# landmarks (None: the reading window)
+# Answering with training-free landmarks, chosen on benchmarks/qa_eval.py's tuning half: no
+# local window (the end of the document drowns a small model's reading of the passages), its
+# budget spent on blocks instead: twice the reading's top_k
+DEFAULT_ANSWER_WINDOW = 0
+ANSWER_TOP_K_FACTOR = 2
 
 
 def _check(value: str, choices, what: str) -> None:
@@ -84,13 +87,13 @@ class Answering:
     select: Select = "shared"  # shared: one set of blocks for every layer, chosen by `band`; layer: per layer and head
     band: tuple[float, float] = (0.55, 0.65)  # layers (fractions of depth) whose scores choose the shared set
     window: int | None = None  # local window while answering, in tokens (None: the default for the landmark kind)
-    top_k: int | None = None  # blocks retrieved while answering (None: the reading's top_k)
-    follow: int = 1  # shared selection: blocks taken after each best block
-    lead: int = 0  # shared selection: blocks taken before each best block
+    top_k: int | None = None  # blocks retrieved while answering (None: the default for the landmark kind)
+    follow: int = 2  # shared selection: blocks taken after each best block
+    lead: int = 1  # shared selection: blocks taken before each best block
     order: Order = "best-last"  # shared selection: passages best last (nearest the question) or in document order
     # shared selection: the chosen blocks attended as cached (their keys and values as read in the document),
     # or read again as text, with the window, right after the sink (a short prompt the model reads fresh)
-    passages: Passages = "cached"
+    passages: Passages = "text"
 
     def __post_init__(self):
         _check(self.select, Select, "selection")
@@ -139,10 +142,10 @@ def effective_settings(loaded, s: Settings) -> tuple[Settings, LandmarkSpec | No
     spec = loaded.landmark if s.landmarks != "free" else None
     if spec is None:
         s = replace(s, read=replace(s.read, top_k=s.read.top_k_or_default))
-        window = s.read.window if DEFAULT_ANSWER_WINDOW is None else DEFAULT_ANSWER_WINDOW
+        window, top_k = DEFAULT_ANSWER_WINDOW, ANSWER_TOP_K_FACTOR * s.read.top_k_or_default
     else:  # trained: answer as the model reads, inside its training context
         s = trained_settings(s, spec)
-        window = s.read.window
+        window, top_k = s.read.window, s.read.top_k_or_default
     a = s.answer
     return replace(s, answer=replace(a, window=window if a.window is None else a.window,
-                                     top_k=s.read.top_k if a.top_k is None else a.top_k)), spec
+                                     top_k=top_k if a.top_k is None else a.top_k)), spec
