@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from landmark_cli import passkey  # noqa: E402
+from landmark_cli.bench import passkey  # noqa: E402
 from landmark_cli.bench.passkey_run import full_settings  # noqa: E402
 from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.prompts import ask_prompt, raw_prompt  # noqa: E402

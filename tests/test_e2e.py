@@ -113,15 +113,15 @@ def test_forward_matches_transformers_on_the_default_model(default_model):
 
 
 def test_a_fact_planted_in_prose_beyond_the_context(home, monkeypatch, capsys, tmp_path):
-    """A one-sentence fact planted in 10k tokens of the essays and the company history of
+    """A one-sentence fact planted in 8.8k tokens of the essays and the company history of
     examples/ (beyond the model's 8,192-token context), asked with the default answer
-    settings: the answer and the cited sources hold it. (Attending to the chosen blocks as
-    cached, with the reading's 1,024-token window, answers "The Lying Liar".)"""
+    settings: the answer and the cited sources hold it. (The chosen blocks attended as
+    cached, 8 of them, with the reading's 1,024-token window, answer "Maps.")"""
     from pathlib import Path
 
     text = "\n\n".join([p.read_text() for p in sorted(Path("examples/essays").glob("*.md"))]
                        + [Path("examples/lantern_bay.md").read_text()])
-    cut = text.rfind("\n\n", 0, 40_000)  # about 10k tokens
+    cut = text.rfind("\n\n", 0, 40_000)  # 8.8k tokens
     at = text.rfind("\n\n", 0, int(cut * 0.2)) + 2
     doc = tmp_path / "prose.txt"
     doc.write_text(text[:at] + "The harbour master's parrot was called Admiral Pickles.\n\n" + text[at:cut])

@@ -66,15 +66,15 @@ SelectOpt = Annotated[SelectChoice, typer.Option("--select", help="answer-time b
                                                  "chosen by a band of middle layers) or layer (per layer and KV "
                                                  "head)")]
 AnswerWindowOpt = Annotated[Optional[int], typer.Option("--answer-window", help="tokens of the document's end "
-                                                         "attended while answering (default: DEFAULT_WINDOW; "
-                                                         "trained landmarks: --window)", show_default=False)]
+                                                         "attended while answering (default 0; trained "
+                                                         "landmarks: --window)", show_default=False)]
 AnswerTopKOpt = Annotated[Optional[int], typer.Option("--answer-top-k", help="blocks retrieved while answering "
-                                                      "(default: --top-k's; a folder retrieves twice as many)",
+                                                      "(default: twice --top-k; trained landmarks: --top-k)",
                                                       show_default=False)]
 PassagesOpt = Annotated[Optional[PassagesChoice], typer.Option("--passages", help="shared selection: the chosen "
-                                                              "blocks read again as text right before the question, "
-                                                              "or attended as cached (their keys and values as read "
-                                                              "in the document)", show_default=False)]
+                                                              "blocks read again as text before the question "
+                                                              "(default), or attended as cached (their keys and "
+                                                              "values as read in the document)", show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 
