@@ -188,6 +188,7 @@ class Session(AnswerSession):
         read as fresh text right after the sink, then the question `ids`, in one causal
         step; the cached window is dropped and no block is retrieved from here on. Returns
         the hidden states of the question."""
+        assert self.chosen is not None  # chosen by the question's first step
         B, win0, n = self.reading.block, self.first_dense_block * self.reading.block, self.entry.n_tokens
         blocks = self.chosen[0].tolist()
         text = [self.entry.ids[b * B:(b + 1) * B] for b in blocks] + [self.entry.ids[win0:n]]
