@@ -47,8 +47,8 @@ class OrderChoice(str, Enum):
 
 
 class PassagesChoice(str, Enum):
-    text = "text"
     cached = "cached"
+    text = "text"
 
 
 class LandmarksChoice(str, Enum):
@@ -72,9 +72,9 @@ AnswerTopKOpt = Annotated[Optional[int], typer.Option("--answer-top-k", help="bl
                                                       "(default: twice --top-k; trained landmarks: --top-k)",
                                                       show_default=False)]
 PassagesOpt = Annotated[Optional[PassagesChoice], typer.Option("--passages", help="shared selection: the chosen "
-                                                              "blocks read again as text before the question "
-                                                              "(default), or attended as cached (their keys and "
-                                                              "values as read in the document)", show_default=False)]
+                                                              "blocks attended as cached (default: their keys and "
+                                                              "values as read in the document), or read again as "
+                                                              "text before the question", show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 

@@ -11,8 +11,8 @@ retrieval over the complete blocks of every document; at the scoring layers its 
 score every block of every document by its best-matching key (selection.BandScores);
 the best runs of blocks win. The chosen blocks' real tokens (the padding of a
 document's last block dropped) then sit in a dense buffer at contiguous positions, and
-the question and the answer attend to that buffer only: read again as text together with
-the question (`passages="text"`, the default), or as their cached keys and values.
+the question and the answer attend to that buffer only: their cached keys and values
+(the default), or read again as text together with the question (`passages="text"`).
 
 What is read: the answer's top_k blocks (by default twice the reading's), as runs of
 LEAD blocks before and FOLLOW after each best block (256 tokens of coherent text around
