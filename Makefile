@@ -10,7 +10,7 @@ LOCK := requirements.lock
 # project's machines (a local file). GPU users install their CUDA build instead, e.g.
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
-QUESTION ?= Which company bought the Lantern Bay Ferry Company in 1998?
+QUESTION ?= In what year was the company's first steamer, the Marigold, launched?
 
 .PHONY: install demo lint test test-fast bench lock clean
 

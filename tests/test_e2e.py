@@ -46,7 +46,7 @@ def test_passkey_at_four_times_the_context(default_model, tmp_path):
 def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsys):
     """`landmark ask` on the 77-page example PDF: right answer, right page; the second ask reads nothing."""
     monkeypatch.setenv("LANDMARK_HOME", str(home))
-    q = "Which company bought the Lantern Bay Ferry Company in 1998?"
+    q = "In what year was the company's first steamer, the Marigold, launched?"
     results = []
     for _ in range(2):
         monkeypatch.setattr(sys, "argv", ["landmark", "ask", "examples/lantern_bay.pdf", q, "--json",
@@ -54,12 +54,12 @@ def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsy
         main()
         results.append(json.loads(capsys.readouterr().out))
     first, second = results
-    assert "northshore" in first["answer"].lower()
+    assert "1873" in first["answer"]
     assert first["cached"] is False and second["cached"] is True
     assert second["timings"]["index_s"] < first["timings"]["index_s"] / 10
     assert first["tokens"]["document"] > 20000
     pages = {s["page"] for s in first["sources"]}
-    assert pages and all(isinstance(p, int) for p in pages)
+    assert 9 in pages and all(isinstance(p, int) for p in pages)
 
 
 # questions whose answers sit in different documents of the example library (examples/library.py)
