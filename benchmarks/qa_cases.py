@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from retrieval_eval import NEEDLES, haystack_text
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -51,13 +53,7 @@ def halves(items: list[tuple]) -> list[Question]:
 
 
 # ---- prose: planted facts ---------------------------------------------------------------
-FACTS = [  # (sentence planted, question, answer)
-    ("The secret ingredient in Aunt Miriam's soup is smoked paprika.",
-     "What is the secret ingredient in Aunt Miriam's soup?", "paprika"),
-    ("The lighthouse keeper's cat was named Biscuit.", "What was the lighthouse keeper's cat named?", "biscuit"),
-    ("The code to open the garden gate is 4417.", "What is the code to open the garden gate?", "4417"),
-    ("Professor Okafor keeps her spare keys inside a blue teapot.",
-     "Where does Professor Okafor keep her spare keys?", "teapot"),
+FACTS = NEEDLES + [  # (sentence planted, question, answer): the needle test's four, and four more
     ("Dr. Halvorsen's favourite chess opening is the Catalan.",
      "What is Dr. Halvorsen's favourite chess opening?", "catalan"),
     ("The old mill by the river was painted bright yellow in 1962.",
@@ -107,9 +103,8 @@ def bible_text(data: Path) -> str:
 
 
 def prose_haystack(data: Path) -> str:
-    parts = [p.read_text() for p in sorted((EXAMPLES / "essays").glob("*.md"))]
-    parts += [(EXAMPLES / "lantern_bay.md").read_text(), bible_text(data)]
-    return "\n\n".join(parts)
+    """The needle test's haystack (the examples' essays and company history), then the Bible."""
+    return haystack_text() + "\n\n" + bible_text(data)
 
 
 def plant_all(tokenizer, text: str, n_tokens: int) -> str:
