@@ -41,11 +41,14 @@ class Result:
     retrieved_per_step: int
     timings: dict = field(default_factory=dict)
     documents: int = 1
+    answer_tokens: int = 0
+    runtime: str = ""  # device, dtype and kernels (LoadedModel.runtime)
 
     def as_json(self) -> dict:
         return {"answer": self.answer, "sources": [s.as_json() for s in self.sources], "cached": self.cached,
-                "model": self.model, "documents": self.documents,
-                "tokens": {"document": self.document_tokens, "retrieved_per_step": self.retrieved_per_step},
+                "model": self.model, "runtime": self.runtime, "documents": self.documents,
+                "tokens": {"document": self.document_tokens, "retrieved_per_step": self.retrieved_per_step,
+                           "answer": self.answer_tokens},
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -117,6 +120,7 @@ def ask(lm: LoadedModel, path: str | Path | Document, question: str, settings: S
     flush(ans.text)
     return Result(answer=ans.text.strip(), sources=sources_of(doc, entry, ans.sources), cached=cached,
                   model=lm.name, document_tokens=entry.n_tokens, retrieved_per_step=ans.retrieved_per_step,
+                  answer_tokens=len(ans.tokens), runtime=lm.runtime(),
                   timings={"load_s": load_s, "index_s": index_s, "answer_s": ans.answer_s,
                            "first_token_s": ans.first_token_s})
 
@@ -164,5 +168,6 @@ def ask_folder(lm: LoadedModel, folder: str | Path, question: str, settings: Set
     return Result(answer=ans.text.strip(), sources=sources, cached=True, model=lm.name,
                   document_tokens=sum(e.n_tokens for e in entries), retrieved_per_step=ans.retrieved_per_step,
                   documents=len(entries),
+                  answer_tokens=len(ans.tokens), runtime=lm.runtime(),
                   timings={"load_s": load_s, "index_s": index_s, "answer_s": ans.answer_s,
                            "first_token_s": ans.first_token_s})

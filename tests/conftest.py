@@ -1,11 +1,15 @@
 import os
 
-# Triton reads this once, at import: the kernel tests run the Triton kernels on the CPU
+# Where the unit tests run the tiny model and the kernels: the CPU (CI), or a GPU with
+# LANDMARK_TEST_DEVICE=cuda (benchmarks/gpu_check.sh).
+TEST_DEVICE = os.environ.get("LANDMARK_TEST_DEVICE", "cpu")
+# Triton reads this once, at import: on the CPU the kernel tests run the Triton kernels
 # through its interpreter (CI has no GPU). Must precede any import of triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not TEST_DEVICE.startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-from tiny import make_tiny_model
+import pytest  # noqa: E402
+from tiny import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -31,4 +35,4 @@ def tiny_dir(tmp_path_factory):
 def tiny(tiny_dir):
     from landmark_cli.model.loading import load_model
 
-    return load_model(str(tiny_dir))
+    return load_model(str(tiny_dir), device=TEST_DEVICE)

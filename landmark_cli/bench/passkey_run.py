@@ -359,17 +359,6 @@ def run_grid(lm: LoadedModel, settings: Settings, grid: Grid, results: Results,
     return results.records
 
 
-def check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device != "cuda":
-        raise LandmarkError(f"unknown device {device!r}", "use --device cpu or --device cuda")
-    if not torch.cuda.is_available():
-        raise LandmarkError(f"--device cuda: CUDA is not available to this torch ({torch.__version__})",
-                            "use --device cpu, or install a CUDA build of torch (see README)")
-    raise LandmarkError("--device cuda is not supported yet: the engine runs on the CPU", "use --device cpu")
-
-
 def passkey_check(model_dir, *, length: int = 2048, trials: int = 2, settings=None, listener=None,
                   progress=lambda s: None):
     """The short passkey retrieval test `landmark recover` runs on the model it wrote: `trials` prompts of `length`

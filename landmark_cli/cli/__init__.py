@@ -29,6 +29,12 @@ BlockOpt = Annotated[int, typer.Option("--block-size", help="tokens per landmark
 WindowOpt = Annotated[int, typer.Option("--window", help="local window: recent tokens always attended")]
 SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always attended")]
 ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per reading step")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: auto (a CUDA GPU when there is "
+                                        "one, else the CPU) | cpu | cuda | cuda:N")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights and activations: auto (float32 on the CPU, "
+                                       "bfloat16 on a GPU) | float32 | bfloat16 | float16")]
+KernelsOpt = Annotated[str, typer.Option("--kernels", help="attention: auto (the Triton kernels on a GPU) | "
+                                         "torch | triton")]
 
 
 class RepChoice(str, Enum):
@@ -107,11 +113,16 @@ def _progress() -> Progress:
                     console=err, transient=True, disable=not err.is_terminal)
 
 
-def _load(model: str):
+def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = "auto"):
+    """Load --model on --device in --dtype, with --kernels; returns (LoadedModel, seconds)."""
+    from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtype
     from landmark_cli.model.loading import load_model
 
+    where = resolve_device(device)
+    precision, kernels = resolve_dtype(dtype, where), check_kernels(kernels, where)
     t0 = time.perf_counter()
-    lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    lm = load_model(model, precision, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    lm.kernels = kernels
     return lm, time.perf_counter() - t0
 
 
@@ -135,6 +146,9 @@ def ask(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="most answer tokens to generate")] = 128,
     index_first: Annotated[bool, typer.Option("--index", help="PATH is a folder: index new and changed "
                                               "documents first")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    kernels: KernelsOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Answer QUESTION about the document (or indexed folder) at PATH, with its sources."""
@@ -154,7 +168,7 @@ def ask(
                                 "pass a document, or a folder that contains documents")
     else:
         load_document(path)
-    lm, load_s = _load(model)
+    lm, load_s = _load(model, device, dtype, kernels)
 
     def on_token(text: str) -> None:
         if not as_json:
@@ -275,6 +289,9 @@ def index(
     status: Annotated[bool, typer.Option("--status", help="show what is indexed, stale, new or failed; "
                                          "read nothing")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="drop the caches of files that were deleted")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    kernels: KernelsOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Read every document below FOLDER into the cache, skipping those already indexed."""
@@ -285,7 +302,7 @@ def index(
 
     settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks)
     find_documents(folder)  # a missing folder fails before the model loads
-    lm, _ = _load(model)
+    lm, _ = _load(model, device, dtype, kernels)
     if status:
         states = Indexer(lm, settings).status(folder)
         if as_json:
@@ -332,7 +349,9 @@ def passkey(
     block_size: BlockOpt = 32,
     landmarks: LandmarksOpt = LandmarksChoice.auto,
     model: ModelOpt = "default",
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    kernels: KernelsOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="seed of the first trial of each length")] = 0,
     json_file: Annotated[Optional[str], typer.Option("--json", help="results file, one record per trial; if it "
                                                      "exists, recorded trials are skipped and new ones added")] = None,
@@ -344,7 +363,6 @@ def passkey(
 
     from landmark_cli.bench import passkey as pk
     from landmark_cli.bench import passkey_run as grid_run
-    from landmark_cli.model.loading import load_model
     from landmark_cli.retrieval.settings import Reading
 
     from .console import ConsoleListener
@@ -352,11 +370,11 @@ def passkey(
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     defaults = Reading()
     settings = _settings(top_k, block_size, defaults.window, defaults.sink, defaults.chunk, landmarks=landmarks)
-    grid_run.check_device(device)
     if plot_file:
         pk.require_matplotlib()  # before hours of work, not after
-    lm = load_model(model, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
-    results = grid_run.Results(Path(json_file) if json_file else None, grid_run.grid_meta(lm, settings), device)
+    lm, _ = _load(model, device, dtype, kernels)
+    results = grid_run.Results(Path(json_file) if json_file else None, grid_run.grid_meta(lm, settings),
+                               lm.runtime())
     with ConsoleListener(err) as listener:
         records = grid_run.run_grid(lm, settings, grid, results, listener)
     title = f"Passkey retrieval: {lm.name} ({lm.model.cfg.context:,}-token context)"
@@ -385,7 +403,8 @@ def finetune(
     warmup: Annotated[int, typer.Option("--warmup", help="warm-up steps")] = 50,
     save_every: Annotated[int, typer.Option("--save-every", help="steps between checkpoints")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="random seed (data order)")] = 0,
-    device: Annotated[str, typer.Option("--device", help="cpu | cuda (bf16 autocast, fused Triton kernel)")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N; "
+                                        "on a GPU: bf16 autocast and the fused Triton kernel")] = "auto",
     restart: Annotated[bool, typer.Option("--restart", help="start from the base model even if OUT holds a "
                                           "run to resume")] = False,
     local_layers: Annotated[int, typer.Option("--local-layers", help="the first N layers read only their own "

@@ -87,22 +87,25 @@ def inv_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 
 class Rope:
-    """cos/sin tables for positions [0, n), grown on demand."""
+    """cos/sin tables (float32, on the model's device) for positions [0, n), grown on demand."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, device: torch.device | str = "cpu"):
         self.inv = inv_frequencies(cfg)
-        self.cos = self.sin = torch.empty(0, cfg.head_dim)
+        self.device = torch.device(device)
+        self.cos = self.sin = torch.empty(0, cfg.head_dim, device=self.device)
 
     def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n > self.cos.shape[0]:
             n2 = max(n, 2 * self.cos.shape[0], 1024)
             freqs = torch.arange(n2, dtype=torch.float32)[:, None] * self.inv[None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
-            self.cos, self.sin = emb.cos(), emb.sin()
+            self.cos, self.sin = emb.cos().to(self.device), emb.sin().to(self.device)
         return self.cos[:n], self.sin[:n]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' rows at `positions` (a tensor on any device)."""
         cos, sin = self.tables(int(positions.max()) + 1 if positions.numel() else 0)
+        positions = positions.to(self.device)
         return cos[positions], sin[positions]
 
 
@@ -116,20 +119,33 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Llama:
-    """Weights (a flat HF-named state dict) plus the forward pieces. Batch size 1."""
+    """Weights (a flat HF-named state dict) plus the forward pieces. Batch size 1.
+
+    The model runs where its weights are (`device`), in their dtype; token ids and
+    positions given on the CPU are moved there. Each layer's projections are fused
+    (qkv, gate_up) and kept only fused: `w` holds the embeddings, the final norm and the
+    LM head, `state_dict()` gives the Hugging Face names back."""
 
     def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor]):
         self.cfg = cfg
-        self.w = weights
-        self.rope = Rope(cfg)
         self.dtype = weights["model.embed_tokens.weight"].dtype
+        self.device = weights["model.embed_tokens.weight"].device
+        self.rope = Rope(cfg, self.device)
+        self.layers = [self._layer(weights, i) for i in range(cfg.n_layers)]
+        self.w = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
         lm = weights.get("lm_head.weight")
         self.lm_head = weights["model.embed_tokens.weight"] if lm is None or cfg.tie_embeddings else lm
-        self.layers = [self._layer(i) for i in range(cfg.n_layers)]
 
-    def _layer(self, i: int) -> dict[str, torch.Tensor]:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Llama":
+        """This model with its weights on `device` and / or in `dtype` (itself if nothing changes)."""
+        device = torch.device(device) if device is not None else self.device
+        if device == self.device and dtype in (None, self.dtype):
+            return self
+        return Llama(self.cfg, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.state_dict().items()})
+
+    @staticmethod
+    def _layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
-        w = self.w
         qkv = torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
                          w[p + "self_attn.v_proj.weight"]])
         gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
@@ -143,8 +159,8 @@ class Llama:
         }
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] -> hidden [T, dim]"""
-        return F.embedding(ids, self.w["model.embed_tokens.weight"])
+        """ids [T] (on any device) -> hidden [T, dim]"""
+        return F.embedding(ids.to(self.device), self.w["model.embed_tokens.weight"])
 
     def qkv(self, i: int, x: torch.Tensor):
         """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied.
@@ -178,7 +194,7 @@ class Llama:
         first `local_layers` layers read only their own block and the `local_blocks` (1 or 0)
         blocks before it."""
         x = self.embed(ids)
-        cos, sin = (t.to(x.device) for t in self.rope.tables(ids.shape[-1]))
+        cos, sin = self.rope.tables(ids.shape[-1])
         batched = ids.dim() > 1
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -187,7 +203,8 @@ class Llama:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.cfg.group > 1)
             if not batched:
                 q, k, v = q[None], k[None], v[None]
-            out = landmark_attention(q, k, v, is_landmark if batched else is_landmark[None],
+            flags = is_landmark.to(q.device)
+            out = landmark_attention(q, k, v, flags if batched else flags[None],
                                      local=layer < local_layers, local_blocks=local_blocks)
             return out if batched else out[0]
 

@@ -42,6 +42,11 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     hf_config: PretrainedConfig
     landmark: LandmarkSpec | None = None  # trained landmarks (reference format), or None
+    kernels: str = "auto"  # attention implementation: auto | torch | triton (device.check_kernels)
+
+    def runtime(self) -> str:
+        """Where and how the model runs, e.g. "cuda:0, bfloat16, kernels auto"."""
+        return f"{self.model.device}, {str(self.model.dtype).removeprefix('torch.')}, kernels {self.kernels}"
 
     @property
     def is_chat(self) -> bool:
@@ -163,10 +168,12 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
     return out
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                progress=lambda s: None) -> LoadedModel:
-    """Load --model SPEC: our Llama over its weights, plus its tokenizer and HF config."""
-    from safetensors.torch import load_file
+    """Load --model SPEC: our Llama over its weights (on `device`, in `dtype`), plus its
+    tokenizer and HF config. The safetensors files are memory-mapped and read one tensor at
+    a time straight onto the device: no second copy of the model in RAM."""
+    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
@@ -187,13 +194,15 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
             raise ModelError(f"{d}: config mem_id {lm_spec.mem_id} is not the tokenizer's <landmark> id {tid}",
                              "the config and tokenizer come from different checkpoints")
     t0 = time.perf_counter()
+    device = torch.device(device)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(f))
-    weights = {k: v.to(dtype) for k, v in weights.items()}
+        with safe_open(str(f), framework="pt", device=str(device)) as st:
+            for name in st.keys():
+                weights[name] = st.get_tensor(name).to(dtype)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    progress(f"Loaded {d.name} in {time.perf_counter() - t0:.1f}s")
+    progress(f"Loaded {d.name} ({str(dtype).removeprefix('torch.')}, {device}) in {time.perf_counter() - t0:.1f}s")
     extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
     return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra),
                        model=Llama(LlamaConfig.from_hf(cfg), weights), tokenizer=tok, hf_config=cfg,

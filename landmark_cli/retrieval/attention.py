@@ -20,6 +20,7 @@ from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.retrieval_attention import gather_blocks, retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.model.checkpoint import LandmarkSpec
+from landmark_cli.model.device import stage
 from landmark_cli.retrieval.landmarks import insert_landmarks, is_landmark_position
 from landmark_cli.retrieval.selection import LocalLayers, Selection
 
@@ -35,8 +36,9 @@ class DenseKV:
     """Per layer, keys (RoPE'd) and values at positions [0, capacity): [layers, 2, Hkv, capacity, D].
     `length` is how many positions hold tokens; `write` fills the next ones."""
 
-    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
-        self.kv = torch.empty(layers, 2, kv_heads, capacity, head_dim, dtype=dtype)
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.kv = torch.empty(layers, 2, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.length = 0
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,7 @@ def grouped_attention(q, dense_k, dense_v, dense_flags, k_store, v_store, sel, c
     kr = gather_blocks(k_store, sel).reshape(hkv, k * B, D).to(q.dtype)
     vr = gather_blocks(v_store, sel).reshape(hkv, k * B, D).to(q.dtype)
     kr = apply_rope(kr, cos[:k * B], sin[:k * B])
-    flags = torch.cat([is_landmark_position(torch.arange(k * B), B), dense_flags])
+    flags = torch.cat([is_landmark_position(torch.arange(k * B, device=q.device), B), dense_flags.to(q.device)])
     keys, vals = torch.cat([kr, dense_k], 1), torch.cat([vr, dense_v], 1)
     return landmark_attention(q[None], keys[None], vals[None], flags[None], impl="torch", local=local,
                               local_blocks=local_blocks)[0]
@@ -80,9 +82,16 @@ def local_selection(first_dense: int, n_kv_heads: int, local_blocks: int = 1) ->
 
 class FreeLandmarks:
     """Training-free landmarks: block representatives computed from the cached keys; an
-    ordinary softmax over [sink] [retrieved blocks] [dense keys]."""
+    ordinary softmax over [sink] [retrieved blocks] [dense keys].
+
+    impl: the attention implementation (retrieval_attention's: auto, torch, triton).
+    `attend` reads the retrieved blocks from wherever the store is: blocks not on the
+    queries' device are staged there first (device.stage)."""
 
     spec: LandmarkSpec | None = None
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = impl
 
     def stream(self, ids: list[int], spans=None, pos: int = 0):
         """The token stream the store holds for ids (unchanged)."""
@@ -102,7 +111,9 @@ class FreeLandmarks:
                rotated=None) -> torch.Tensor:
         """q [H, T, D] RoPE'd over the blocks sel of the store, placed from ret_pos0 and
         rotated by the cos/sin tables, then the dense keys and values [Hkv, L, D]."""
-        return retrieval_attention(q, keys, values, k_store, v_store, sel, cos, sin, ret_pos0, rotated=rotated)
+        k_store, v_store, sel = stage(k_store, v_store, sel, q.device)
+        return retrieval_attention(q, keys, values, k_store, v_store, sel, cos, sin, ret_pos0, rotated=rotated,
+                                   impl=self.impl)
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
@@ -119,7 +130,8 @@ class TrainedLandmarks(FreeLandmarks):
 
     spec: LandmarkSpec
 
-    def __init__(self, spec: LandmarkSpec):
+    def __init__(self, spec: LandmarkSpec, impl: str = "auto"):
+        super().__init__(impl)
         self.spec = spec
 
     def stream(self, ids: list[int], spans=None, pos: int = 0):
@@ -141,6 +153,7 @@ class TrainedLandmarks(FreeLandmarks):
 
     def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0,
                rotated=None) -> torch.Tensor:
+        k_store, v_store, sel = stage(k_store, v_store, sel, q.device)
         return grouped_attention(q, keys, values, flags, k_store, v_store, sel, cos, sin, local=self.local(layer),
                                  local_blocks=self.spec.local_blocks)
 
@@ -156,5 +169,5 @@ class TrainedLandmarks(FreeLandmarks):
         return TrainedCorpusSession(engine, entries, capacity)
 
 
-def landmark_kind(spec: LandmarkSpec | None) -> FreeLandmarks:
-    return FreeLandmarks() if spec is None else TrainedLandmarks(spec)
+def landmark_kind(spec: LandmarkSpec | None, impl: str = "auto") -> FreeLandmarks:
+    return FreeLandmarks(impl) if spec is None else TrainedLandmarks(spec, impl)

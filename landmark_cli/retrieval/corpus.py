@@ -56,14 +56,16 @@ class CorpusSession(AnswerSession):
         self.k = min(self.answering.top_k if blocks is None else blocks, len(self.candidates))
         self.k_per_layer = min(self.k, self.complete.shape[0])  # per-layer selection while choosing
         self.reps = torch.cat([torch.from_numpy(entries[d].reps[:, :, b0:b0 + sl.stop - sl.start])
-                               for d, sl, b0 in self.candidates.ranges()], 2) if len(self.candidates) else None
+                               for d, sl, b0 in self.candidates.ranges()], 2).to(m.device) \
+            if len(self.candidates) else None
         self.scoring_layers = scoring_layers(self.answering.band, c.n_layers)
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k_per_layer * B)
-        self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim, m.dtype)
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim, m.dtype,
+                             m.device)
         cos, sin = m.rope.at(torch.arange(self.sink_end))
         entries[0].verify(slice(None), slice(None), range(self.sink_end // B))
         for layer in range(c.n_layers):
-            kv = self.stores[0][layer].flatten(2, 3)[:, :, :self.sink_end].to(m.dtype)
+            kv = self.stores[0][layer].flatten(2, 3)[:, :, :self.sink_end].to(m.device, m.dtype)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = self.sink_end
         self.chosen: torch.Tensor | None = None  # candidate numbers, once chosen
@@ -72,14 +74,14 @@ class CorpusSession(AnswerSession):
 
     # ---- choosing ----------------------------------------------------------------------
     def _gather(self, layer: int, sel: torch.Tensor) -> torch.Tensor:
-        """Candidate blocks sel [Hkv, K] of one layer -> [2, Hkv, K, B, D] (a small copy)."""
+        """Candidate blocks sel [Hkv, K] of one layer -> [2, Hkv, K, B, D] (a small copy, on the model's device)."""
         for i in sel.unique().tolist():
             self.entries[int(self.candidates.doc[i])].verify(layer, slice(None), int(self.candidates.block[i]))
         out = []
         for h in range(sel.shape[0]):
             out.append(torch.stack([self.stores[int(self.candidates.doc[i])][layer, :, h, int(self.candidates.block[i])]
                                     for i in sel[h].tolist()], 1))
-        return torch.stack(out, 1)
+        return torch.stack(out, 1).to(self.model.device)
 
     def _choose(self, x: torch.Tensor, question: slice) -> None:
         """Run the question up to the last scoring layer (per-layer retrieval over the
@@ -87,7 +89,7 @@ class CorpusSession(AnswerSession):
         s, c, m = self.reading, self.model.cfg, self.model
         B, T, start = s.block, x.shape[0], self.sink_end
         cos, sin = m.rope.at(torch.arange(T) + self.sink_end + self.k_per_layer * B)
-        idx = torch.arange(self.k_per_layer).expand(c.n_kv_heads, -1)
+        idx = torch.arange(self.k_per_layer, device=m.device).expand(c.n_kv_heads, -1)
         band = BandScores(self.scoring_layers, self.candidates, self.entries, self.stores, c.n_kv_heads, question)
         reps = self.reps
         assert reps is not None  # step() chooses only when there are candidates
@@ -96,9 +98,9 @@ class CorpusSession(AnswerSession):
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             band.observe(layer, q)
             scores = block_scores(q, reps[layer][:, self.complete], s.rep, c.n_kv_heads)
-            kv = self._gather(layer, self.complete[top_blocks(scores, self.k_per_layer)])
+            kv = self._gather(layer, self.complete[top_blocks(scores, self.k_per_layer).cpu()])
             return retrieval_attention(apply_rope(q, cos, sin), keys, values, kv[0], kv[1], idx,
-                                       self.ret_cos, self.ret_sin, self.sink_end)
+                                       self.ret_cos, self.ret_sin, self.sink_end, impl=self.engine.landmarks.impl)
 
         m.run_layers(x, attend, self.scoring_layers.stop)
         votes = self.votes = band.votes()
@@ -125,7 +127,7 @@ class CorpusSession(AnswerSession):
             self.entries[d].verify(slice(None), slice(None), b)
         cos, sin = m.rope.at(torch.arange(start, start + n))
         for layer in range(c.n_layers):
-            kv = torch.cat([self.stores[d][layer, :, :, b, :v] for d, b, v in pieces], 2).to(m.dtype)
+            kv = torch.cat([self.stores[d][layer, :, :, b, :v] for d, b, v in pieces], 2).to(m.device, m.dtype)
             self.dense.write(layer, start, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = start + n
 
@@ -143,12 +145,13 @@ class CorpusSession(AnswerSession):
             x, self.text = torch.cat([m.embed(self.text), x]), None
         T, start = x.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(start, start + T))
-        none = torch.zeros(c.n_kv_heads, 0, dtype=torch.long)
+        none = torch.zeros(c.n_kv_heads, 0, dtype=torch.long, device=m.device)
         empty = self.dense.kv.new_zeros(c.n_kv_heads, 0, self.reading.block, c.head_dim)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
-            return retrieval_attention(apply_rope(q, cos, sin), keys, values, empty, empty, none, cos, sin, 0)
+            return retrieval_attention(apply_rope(q, cos, sin), keys, values, empty, empty, none, cos, sin, 0,
+                                       impl=self.engine.landmarks.impl)
 
         x = m.run_layers(x, attend)
         self.dense.length = start + T

@@ -51,31 +51,32 @@ class TrainedCorpusSession(AnswerSession):
         reps = []
         for d, sl, b0 in cand.ranges():
             n_full = int((cand.valid[sl] == B).sum())
-            reps.append(torch.from_numpy(entries[d].reps[:, :, b0:b0 + n_full, 0]).float())  # [L, Hkv, n, D]
+            full = torch.from_numpy(entries[d].reps[:, :, b0:b0 + n_full, 0])  # [L, Hkv, n, D]
+            reps.append(full.to(m.device).float())
             reps += [self.closing[i][:, 0, :, None].float() for i in range(sl.start + n_full, sl.stop)]
         self.reps = torch.cat(reps, 2)[:, :, :, None]  # [L, Hkv, N, 1, D] (N >= 1: the first document's start)
         self.k = min(s.top_k_or_default + s.window_tokens // B, len(cand))
         self.top = self.k * B  # the question's first position: every head's blocks end here
         capacity = self.landmarks.stream_length(capacity)  # room for the landmarks among new tokens
-        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
-        self.dense_flags = torch.zeros(capacity, dtype=torch.bool)
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype, m.device)
+        self.dense_flags = torch.zeros(capacity, dtype=torch.bool, device=m.device)
         self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, N], the first step's
         self.retrieved_per_step = self.top
 
     def _blocks(self, layer: int, head: int, chosen: list[int]):
         """The chosen candidates' pre-RoPE keys, values [n, D] and landmark flags [n], end to end."""
         B, m, cand = self.reading.block, self.model, self.candidates
-        empty = torch.zeros(0, m.cfg.head_dim, dtype=m.dtype)  # k may be 0 (--top-k 0, no window)
-        ks, vs, flags = [empty], [empty], [torch.zeros(0, dtype=torch.bool)]
+        empty = torch.zeros(0, m.cfg.head_dim, dtype=m.dtype, device=m.device)  # k may be 0 (--top-k 0, no window)
+        ks, vs, flags = [empty], [empty], [torch.zeros(0, dtype=torch.bool, device=m.device)]
         for i in chosen:
             d, b, valid = int(cand.doc[i]), int(cand.block[i]), int(cand.valid[i])
             self.entries[d].verify(layer, slice(None), b)
-            kv = self.stores[d][layer, :, head, b, :valid].to(m.dtype)  # [2, valid, D]
+            kv = self.stores[d][layer, :, head, b, :valid].to(m.device, m.dtype)  # [2, valid, D]
             if valid < B:  # a partial block and its closing landmark
                 kv = torch.cat([kv, self.closing[i][layer, :, head, None].to(m.dtype)], 1)
             ks.append(kv[0])
             vs.append(kv[1])
-            flags.append(torch.arange(kv.shape[1]) == kv.shape[1] - 1)
+            flags.append(torch.arange(kv.shape[1], device=m.device) == kv.shape[1] - 1)
         return torch.cat(ks), torch.cat(vs), torch.cat(flags)
 
     @torch.inference_mode()
@@ -85,7 +86,7 @@ class TrainedCorpusSession(AnswerSession):
         start = self.dense.length
         ids = torch.tensor(self.landmarks.stream(ids.tolist(), None, start)[0])
         end = start + ids.shape[0]
-        self.dense_flags[start:end] = ids == spec.mem_id
+        self.dense_flags[start:end] = (ids == spec.mem_id).to(m.device)
         cos, sin = m.rope.at(torch.arange(self.top + start, self.top + end))
         g = c.n_heads // c.n_kv_heads
 
@@ -111,6 +112,6 @@ class TrainedCorpusSession(AnswerSession):
 
         x = m.run_layers(m.embed(ids), attend)
         if start == 0 and self.layer_scores:
-            self.votes = torch.stack(self.layer_scores).mean((0, 1))
+            self.votes = torch.stack(self.layer_scores).mean((0, 1)).cpu()
         self.dense.length = end
         return self.landmarks.mask_logits(m.logits(x[-1:])[0])

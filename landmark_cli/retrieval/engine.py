@@ -69,7 +69,7 @@ class Engine:
         settings, self.spec = effective_settings(loaded, settings or Settings())  # spec set: trained landmarks
         self.loaded, self.settings, self.reading = loaded, settings, settings.read
         self.model = loaded.model
-        self.landmarks = landmark_kind(self.spec)
+        self.landmarks = landmark_kind(self.spec, loaded.kernels)
         self.root = Path(root) if root else home() / "store"
         store.sweep_temporaries(self.root)  # what a killed reader left behind
         limit = self.spec.train_context if self.spec else self.model.cfg.context
@@ -188,18 +188,20 @@ class Engine:
     def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None, first: int = 0) -> None:
         """Read ids[first:] chunk by chunk (`first` is a chunk boundary; blocks before it are filled)."""
         n = ids.shape[0]
+        reps = torch.from_numpy(w.reps).to(self.model.device)  # the representatives where the model runs
         for start in range(first, n, self.reading.chunk_tokens):
             end = min(start + self.reading.chunk_tokens, n)
-            self._read_chunk(w, ids[start:end], start, n)
+            self._read_chunk(w, reps, ids[start:end], start, n)
             if progress:
                 progress(end, n)
 
-    def _read_chunk(self, w: store.Writer, chunk: torch.Tensor, start: int, n: int) -> None:
+    def _read_chunk(self, w: store.Writer, reps: torch.Tensor, chunk: torch.Tensor, start: int, n: int) -> None:
         """Read the tokens chunk at stream positions [start, start + len(chunk)) of a stream of n.
 
         The chunk attends to [sink] [top-k blocks by representative, per layer and KV head,
         among the complete blocks between sink and window] [window] [itself]; its pre-RoPE
-        keys and values and its blocks' representatives go into the entry being written."""
+        keys and values and its blocks' representatives go into the entry being written
+        (reps: the entry's representatives on the model's device, kept alongside)."""
         s, m = self.reading, self.model
         B, end = s.block, start + chunk.shape[0]
         store_kv = as_torch(w.kv)
@@ -208,15 +210,18 @@ class Engine:
         sink_end = min(s.sink_tokens, start)
         win0 = max(sink_end, start - s.window_tokens)
         retrievable = slice(sink_end // B, win0 // B)
-        ranker = ByRepresentatives(torch.from_numpy(w.reps[:, :, retrievable]), s.rep, retrievable.start,
-                                   s.top_k_or_default, m.cfg.n_kv_heads)
+        ranker = ByRepresentatives(reps[:, :, retrievable], s.rep, retrievable.start, s.top_k_or_default,
+                                   m.cfg.n_kv_heads)
         selection = self.landmarks.selection(ranker, win0 // B, m.cfg.n_kv_heads)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            stored = []
             for j, t in enumerate((k, v)):  # this chunk's pre-RoPE keys and values, into its blocks
                 padded = torch.nn.functional.pad(t, (0, 0, 0, (b1 - b0) * B - (end - start)))
-                store_kv[layer, j, :, b0:b1] = padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1).to(store_kv.dtype)
-            w.reps[layer, :, b0:b1] = block_reps(store_kv[layer, 0, :, b0:b1], s.rep, valid=last_valid).numpy()
+                stored.append(padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1).to(store_kv.dtype))
+                store_kv[layer, j, :, b0:b1] = stored[-1].cpu()
+            reps[layer, :, b0:b1] = block_reps(stored[0], s.rep, valid=last_valid)  # from the keys as stored
+            w.reps[layer, :, b0:b1] = reps[layer, :, b0:b1].cpu().numpy()
             sel = selection.blocks(layer, q)
             return self._attend_chunk(layer, q, k, v, store_kv[layer], sel, sink_end, win0, start)
 
@@ -233,8 +238,9 @@ class Engine:
         ret = sel.shape[1] * s.block
         pos = torch.cat([torch.arange(n_sink), torch.arange(n_win + T) + sink_end + ret])
         cos, sin = m.rope.at(pos)
-        dk = torch.cat([sink[0].to(k.dtype), win[0].to(k.dtype), k], 1)
-        dv = torch.cat([sink[1].to(v.dtype), win[1].to(v.dtype), v], 1)
+        sink, win = sink.to(k.device, k.dtype), win.to(k.device, k.dtype)
+        dk = torch.cat([sink[0], win[0], k], 1)
+        dv = torch.cat([sink[1], win[1], v], 1)
         ct, st = m.rope.tables(sink_end + ret + 1)
         flags = is_landmark_position(torch.arange(n_win + T), s.block)  # trained: no sink; the window starts a block
         return self.landmarks.attend(layer, apply_rope(q, cos[-T:], sin[-T:]), apply_rope(dk, cos, sin), dv, flags,

@@ -71,7 +71,7 @@ def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [Hkv, N] -> indices [Hkv, min(k, N)] of the best blocks, in document order."""
     k = min(k, scores.shape[1])
     if k == scores.shape[1]:
-        return torch.arange(k).expand(scores.shape[0], k).contiguous()
+        return torch.arange(k, device=scores.device).expand(scores.shape[0], k).contiguous()
     return scores.topk(k, dim=-1).indices.sort(-1).values
 
 
@@ -87,10 +87,10 @@ def exact_block_logits(q: torch.Tensor, keys: torch.Tensor, n_kv_heads: int, val
     n = keys.shape[1]
     if n == 0:
         return qg.new_zeros(n_kv_heads, qg.shape[1], 0)
-    out = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].float()).amax(-1)
+    out = torch.cat([torch.einsum("hmd,hnbd->hmnb", qg, keys[:, i:i + chunk].to(qg.device).float()).amax(-1)
                      for i in range(0, n, chunk)], -1)
     if valid_last is not None and valid_last < keys.shape[2]:
-        out[..., -1] = torch.einsum("hmd,hbd->hmb", qg, keys[:, -1, :valid_last].float()).amax(-1)
+        out[..., -1] = torch.einsum("hmd,hbd->hmb", qg, keys[:, -1, :valid_last].to(qg.device).float()).amax(-1)
     return out
 
 

@@ -78,7 +78,7 @@ class ByRepresentatives:
         self.scores: list[torch.Tensor] | None = [] if record else None
 
     def blocks(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        scores = block_scores(q, self.reps[layer], self.kind, self.n_kv_heads)
+        scores = block_scores(q, self.reps[layer].to(q.device), self.kind, self.n_kv_heads)
         if self.scores is not None:
             self.scores.append(scores)
         return top_blocks(scores, self.k) + self.first
@@ -129,8 +129,8 @@ class BandScores:
         self.logits.append(torch.cat(parts, -1))
 
     def votes(self, first: int | None = None) -> torch.Tensor:
-        """Relevance [N] of the first `first` candidates (default: all), normalised among them."""
-        return torch.stack([relevance(lg[..., :first]) for lg in self.logits]).mean((0, 1))
+        """Relevance [N] of the first `first` candidates (default: all), normalised among them (on the CPU)."""
+        return torch.stack([relevance(lg[..., :first]) for lg in self.logits]).mean((0, 1)).cpu()
 
 
 class Scoring:

@@ -15,6 +15,7 @@ import torch
 from landmark_cli.errors import LandmarkError
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
 from landmark_cli.kernels.rope import apply_rope
+from landmark_cli.model.device import stage
 from landmark_cli.retrieval.attention import DenseKV, as_torch
 from landmark_cli.retrieval.landmarks import is_landmark_position, top_runs
 from landmark_cli.retrieval.selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
@@ -71,8 +72,8 @@ class Session(AnswerSession):
         self.rereads = self.answering.select == "shared" and self.answering.passages == "text"
         s, c, m = self.reading, self.model.cfg, self.model
         B, n = s.block, entry.n_tokens
-        self.store = as_torch(entry.kv)
-        self.reps = torch.from_numpy(entry.reps)
+        self.store = as_torch(entry.kv)  # on disk, memory-mapped: read where the blocks are used
+        self.reps = torch.from_numpy(entry.reps).to(m.device)
         window = self.answering.window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
         win0 = max(self.sink_end, (n - window) // B * B)
@@ -92,27 +93,28 @@ class Session(AnswerSession):
                                 f"{self.next_pos + capacity - n_dense} tokens exceeds the model's context of "
                                 f"{limit} tokens", "lower --answer-top-k, --answer-window or --max-tokens")
         # landmark flags of the dense positions (used by trained landmarks)
-        self.dense_flags = is_landmark_position(win0 + torch.arange(capacity), B)
+        self.dense_flags = is_landmark_position(win0 + torch.arange(capacity, device=m.device), B)
         # where a trained model's local layer finds its previous block: right before the
         # window (RoPE is relative, so a position below 0 is a rotation the other way)
         p = self.sink_end + self.k * B - B + torch.arange(B)
         lc, ls = m.rope.at(p.abs())
-        self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None]
+        self.local_cos, self.local_sin = lc, ls * torch.where(p < 0, -1.0, 1.0)[:, None].to(ls.device)
         self.first_dense_block = win0 // B
         self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
         cos, sin = m.rope.at(pos)
-        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype)
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype, m.device)
         nb = entry.kv.shape[3]
         entry.verify(slice(None), slice(None), np.r_[0:self.sink_end // B, win0 // B:nb])
         for layer in range(c.n_layers):
             flat = self.store[layer].flatten(2, 3)  # [2, Hkv, nb*B, D] view of the memory map
-            kv = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.dtype)
+            kv = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.device, m.dtype)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = n_dense
         self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, blocks], the first step's
         self.chosen: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
-        self.rotated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: the chosen blocks, RoPE'd
+        # per layer: the chosen blocks where the model reads them (stage) and RoPE'd (rotated_blocks)
+        self.fixed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.steps = 0
 
     def ranker(self, record: bool = False) -> ByRepresentatives:
@@ -133,18 +135,17 @@ class Session(AnswerSession):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             sel = selection.blocks(layer, q)
-            if not (sel is self.chosen and layer in self.rotated):  # the chosen blocks were checked when first rotated
+            if not (sel is self.chosen and layer in self.fixed):  # the chosen blocks were checked when first staged
                 self.entry.verify(layer, slice(None), sel)
             rc, rs = (self.local_cos, self.local_sin) if self.landmarks.local(layer) else (self.ret_cos, self.ret_sin)
-            rotated = None
-            if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: rotate them once
-                if layer not in self.rotated:
-                    self.rotated[layer] = rotated_blocks(self.store[layer, 0], self.store[layer, 1], sel, rc, rs,
-                                                         self.sink_end, x.device)
-                rotated = self.rotated[layer]
+            k_store, v_store, idx, rotated = self.store[layer, 0], self.store[layer, 1], sel, None
+            if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: stage and rotate once
+                if layer not in self.fixed:
+                    ks, vs, ix = stage(k_store, v_store, sel, x.device)
+                    self.fixed[layer] = ks, vs, ix, rotated_blocks(ks, vs, ix, rc, rs, self.sink_end, x.device)
+                k_store, v_store, idx, rotated = self.fixed[layer]
             return self.landmarks.attend(layer, apply_rope(q, cos, sin), keys, values, self.dense_flags[:end],
-                                         self.store[layer, 0], self.store[layer, 1], sel, rc, rs, self.sink_end,
-                                         rotated=rotated)
+                                         k_store, v_store, idx, rc, rs, self.sink_end, rotated=rotated)
 
         return self.model.run_layers(x, attend, layers)
 
@@ -179,7 +180,7 @@ class Session(AnswerSession):
             x = self._run(x, cos, sin, start, self.per_layer(ranker))
             if ranker.scores:  # the question's step: its scores name the sources
                 self.layer_scores = ranker.scores
-                self.votes = torch.stack(ranker.scores).mean((0, 1))
+                self.votes = torch.stack(ranker.scores).mean((0, 1)).cpu()
         self.dense.length, self.next_pos, self.steps = self.dense.length + T, self.next_pos + T, self.steps + 1
         return self.landmarks.mask_logits(m.logits(x[-1:])[0])
 

@@ -198,7 +198,9 @@ class Entry:
         """Check the keys (part 0) and/or values (part 1) of `blocks` in `layers` against
         their checksums, each block once per process; raise DamagedEntry on a mismatch or
         a value that is not finite. layers, parts, blocks: an int, a range or slice, or
-        indices (a tensor or array of any shape)."""
+        indices (a tensor on any device, or an array, of any shape)."""
+        if hasattr(blocks, "cpu"):
+            blocks = blocks.cpu()
         ids = np.unique(np.asarray(blocks, dtype=np.int64).ravel()) if not isinstance(blocks, slice) else \
             np.arange(self.block_sums.shape[2])[blocks]
         layer_ids = np.arange(self.block_sums.shape[0])[layers] if not isinstance(layers, int) else [layers]

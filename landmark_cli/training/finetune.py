@@ -36,6 +36,7 @@ from landmark_cli.model.checkpoint import (
     read_config,
     write_dir,
 )
+from landmark_cli.model.device import resolve_device
 from landmark_cli.model.llama import Llama, LlamaConfig
 
 STATE_FILE, STATE_META = "train_state.safetensors", "train_state.json"
@@ -266,11 +267,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
     from landmark_cli.model.loading import resolve_dir
 
     out = Path(out).expanduser()
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise LandmarkError(f"unknown device {device!r}", "use --device cpu or --device cuda")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise LandmarkError(f"--device {device}: CUDA is not available to this torch ({torch.__version__})",
-                            "use --device cpu, or install a CUDA build of torch (see README)")
+    dev = resolve_device(device)
     if cfg.blocks < 2:
         raise LandmarkError(f"--context {cfg.context} holds fewer than 2 blocks of {cfg.block_size} + 1 tokens",
                             "raise --context or lower --block-size")
@@ -282,8 +279,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
     if len(tokens) < need:
         raise LandmarkError(f"the documents under {data} hold {len(tokens):,} tokens, fewer than one training "
                             f"window of {need:,}", "add text or lower --context")
-    if device != "cpu":
-        model = Llama(model.cfg, {k: v.to(device) for k, v in model.w.items()})
+    model = model.to(dev)  # fp32 master weights; bf16 autocast on a GPU
     params = model.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -292,8 +288,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
     step, losses = _resume(out, model, opt, gen, cfg) if resuming else (0, [])
     if resuming:
         progress(f"resuming {out} at step {step}/{cfg.steps}")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
-                                                                                                        enabled=False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     t_start, tokens_seen = time.perf_counter(), 0
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -303,7 +298,7 @@ def finetune(base: str, data: str | Path, out: str | Path, cfg: TrainConfig = Tr
         for _ in range(cfg.accum):
             batch, mask = sample_batch(tokens, cfg, spec, gen, trained)
             with amp:
-                loss = loss_of(model, batch.to(device), spec, None if mask is None else mask.to(device)) / cfg.accum
+                loss = loss_of(model, batch.to(dev), spec, None if mask is None else mask.to(dev)) / cfg.accum
             loss.backward()
             total += loss.item()
             tokens_seen += batch.numel()

@@ -1,0 +1,98 @@
+"""--device, --dtype and --kernels: resolution, one-line errors, and the GPU's staging path run on the CPU."""
+
+import json
+
+import pytest
+import torch
+from test_cli import DOC, run
+
+from landmark_cli.errors import LandmarkError
+from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtype, stage
+from landmark_cli.model.loading import load_model
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.session import Session
+from landmark_cli.retrieval.settings import Answering, Reading, Settings
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+CPU = torch.device("cpu")
+
+
+def test_resolution():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert check_kernels("torch", CPU) == "torch"
+    for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtype("half", CPU),
+                lambda: check_kernels("cuda", CPU), lambda: check_kernels("triton", CPU)):
+        with pytest.raises(LandmarkError):
+            bad()
+
+
+@no_cuda
+def test_cuda_without_cuda_is_one_line(capsys, monkeypatch, tmp_path, tiny_dir):
+    doc = tmp_path / "notes.md"
+    doc.write_text(DOC)
+    for args in (["ask", doc, "Who?", "--model", tiny_dir, "--device", "cuda"],
+                 ["index", tmp_path, "--model", tiny_dir, "--device", "cuda:1"],
+                 ["passkey", "--model", tiny_dir, "--lengths", "1k", "--trials", "1", "--device", "cuda"]):
+        code, out, err = run(capsys, monkeypatch, *args)
+        assert code != 0 and "CUDA is not available" in err, err
+        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+
+
+def test_bfloat16_on_the_cpu_end_to_end(capsys, monkeypatch, tmp_path, tiny_dir):
+    doc = tmp_path / "notes.md"
+    doc.write_text(DOC)
+    args = ["ask", doc, "Who was the captain?", "--model", tiny_dir, "--json", "--max-tokens", "4", "--block-size",
+            "16", "--top-k", "2", "--window", "64", "--sink", "16", "--chunk", "64", "--device", "cpu",
+            "--dtype", "bfloat16", "--kernels", "torch"]
+    for cached in (False, True):
+        code, out, err = run(capsys, monkeypatch, *args)
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["cached"] is cached and r["tokens"]["answer"] >= 1 and r["sources"]
+
+
+def test_model_to_another_dtype_keeps_the_weights(tiny_dir):
+    lm = load_model(str(tiny_dir), dtype=torch.float32)
+    half = lm.model.to(dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.device == CPU and lm.model.to(CPU) is lm.model
+    for name, w in lm.model.state_dict().items():
+        assert torch.equal(half.state_dict()[name], w.to(torch.bfloat16)), name
+
+
+def test_stage_gathers_the_selected_blocks(monkeypatch):
+    store = torch.randn(3, 10, 4, 8)
+    idx = torch.tensor([[1, 5], [0, 9], [7, 7]])
+    ks, vs, got = stage(store, store * 2, idx, CPU)
+    assert ks is store and torch.equal(got, idx)  # already where it is read: in place
+    monkeypatch.setenv("LANDMARK_STAGE", "1")
+    ks, vs, got = stage(store, store * 2, idx, CPU)
+    assert ks.shape == (3, 2, 4, 8) and torch.equal(got, torch.arange(2).expand(3, 2))
+    for h in range(3):
+        assert torch.equal(ks[h], store[h, idx[h]]) and torch.equal(vs[h], 2 * store[h, idx[h]])
+
+
+@pytest.mark.parametrize("select, passages", [("layer", "cached"), ("shared", "cached"), ("shared", "text")])
+def test_staged_blocks_answer_exactly_as_blocks_read_in_place(tiny, tmp_path, monkeypatch, select, passages):
+    """The GPU's path (every retrieved block gathered and copied before attention, while
+    reading and answering) gives the logits of the CPU's (blocks read in place from the
+    memory-mapped store), step by step."""
+    ids = torch.randint(3, tiny.model.cfg.vocab_size, (230,), generator=torch.Generator().manual_seed(1)).tolist()
+    settings = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32, kv_dtype="float32"),
+                        Answering(select=select, passages=passages))
+
+    def answer(staged: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("LANDMARK_STAGE", "1" if staged else "0")
+        eng = Engine(tiny, settings, root=tmp_path / f"store-{staged}")
+        entry, cached = eng.read(ids[:190])
+        assert not cached
+        sess = Session(eng, entry, capacity=64)
+        out = [sess.step(torch.tensor(ids[190:]))]
+        for _ in range(3):
+            out.append(sess.step(torch.tensor([int(out[-1].argmax())])))
+        return out
+
+    for a, b in zip(answer(False), answer(True), strict=True):
+        assert (a - b).abs().max().item() < 1e-5
