@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from test_cli import DOC, run
+from tiny import make_tiny_landmark_model
 
 from landmark_cli.errors import LandmarkError
 from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtype, stage
@@ -74,6 +75,25 @@ def test_stage_gathers_the_selected_blocks(monkeypatch):
         assert torch.equal(ks[h], store[h, idx[h]]) and torch.equal(vs[h], 2 * store[h, idx[h]])
 
 
+def _staged_and_in_place(lm, settings, ids, n_doc, root, monkeypatch) -> None:
+    """Read ids[:n_doc] and answer ids[n_doc:] plus 3 greedy tokens, once with the blocks
+    read in place and once staged (LANDMARK_STAGE=1): the logits agree at every step."""
+
+    def answer(staged: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv("LANDMARK_STAGE", "1" if staged else "0")
+        eng = Engine(lm, settings, root=root / f"store-{staged}")
+        entry, cached = eng.read(ids[:n_doc])
+        assert not cached
+        sess = Session(eng, entry, capacity=64)
+        out = [sess.step(torch.tensor(ids[n_doc:]))]
+        for _ in range(3):
+            out.append(sess.step(torch.tensor([int(out[-1].argmax())])))
+        return out
+
+    for a, b in zip(answer(False), answer(True), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # a trained model's <landmark> logit is -inf in both
+
+
 @pytest.mark.parametrize("select, passages", [("layer", "cached"), ("shared", "cached"), ("shared", "text")])
 def test_staged_blocks_answer_exactly_as_blocks_read_in_place(tiny, tmp_path, monkeypatch, select, passages):
     """The GPU's path (every retrieved block gathered and copied before attention, while
@@ -82,17 +102,24 @@ def test_staged_blocks_answer_exactly_as_blocks_read_in_place(tiny, tmp_path, mo
     ids = torch.randint(3, tiny.model.cfg.vocab_size, (230,), generator=torch.Generator().manual_seed(1)).tolist()
     settings = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32, kv_dtype="float32"),
                         Answering(select=select, passages=passages))
+    _staged_and_in_place(tiny, settings, ids, 190, tmp_path, monkeypatch)
 
-    def answer(staged: bool) -> list[torch.Tensor]:
-        monkeypatch.setenv("LANDMARK_STAGE", "1" if staged else "0")
-        eng = Engine(tiny, settings, root=tmp_path / f"store-{staged}")
-        entry, cached = eng.read(ids[:190])
-        assert not cached
-        sess = Session(eng, entry, capacity=64)
-        out = [sess.step(torch.tensor(ids[190:]))]
-        for _ in range(3):
-            out.append(sess.step(torch.tensor([int(out[-1].argmax())])))
-        return out
 
-    for a, b in zip(answer(False), answer(True), strict=True):
-        assert (a - b).abs().max().item() < 1e-5
+def test_staged_blocks_with_trained_landmarks(tmp_path, monkeypatch):
+    """The same for a trained landmark model with a local first layer (grouped softmax,
+    per-layer retrieval, the block before the window staged for the local layer)."""
+    lm = load_model(str(make_tiny_landmark_model(tmp_path / "m", local_layers=1)))
+    ids = torch.randint(3, 300, (260,), generator=torch.Generator().manual_seed(2)).tolist()
+    settings = Settings(Reading(top_k=2, window=16, chunk=32, kv_dtype="float32"))
+    _staged_and_in_place(lm, settings, ids, 230, tmp_path, monkeypatch)
+
+
+def test_a_store_read_in_one_dtype_answers_in_another(tiny_dir, tmp_path):
+    """The store's format does not depend on where or in what precision it was read."""
+    ids = list(range(3, 203))
+    settings = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32))
+    half = Engine(load_model(str(tiny_dir), dtype=torch.bfloat16), settings, root=tmp_path / "store")
+    full = Engine(load_model(str(tiny_dir)), settings, root=tmp_path / "store")
+    entry, cached = half.read(ids)
+    assert not cached and full.read(ids)[1] is True
+    assert full.answer(full.read(ids)[0], [5, 6, 7], max_new_tokens=2).tokens
