@@ -1,31 +1,34 @@
-"""landmark_attention: naive loops == torch reference == Triton kernel (interpreted on CPU)."""
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+"""landmark_attention: naive loops == torch reference == Triton kernel (interpreted on the
+CPU; compiled on a GPU with LANDMARK_TEST_DEVICE=cuda: see kernel_helpers)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90  # noqa: E402
+from kernel_helpers import (  # before landmark_cli: on the CPU it sets TRITON_INTERPRET=1 first
+    DEVICE,
+    H100_SHARED_BYTES,
+    ON_GPU,
+    TOLS,
+    assert_close,
+    compile_for_sm90,
+    needs_kernel,
+    randn,
+    require_device,
+)
 
 import landmark_cli.kernels.landmark_attention as la
 
-# Triton decides at import whether it interprets; if another test module imported it
-# first, the kernels would need a GPU: set TRITON_INTERPRET=1 in the environment.
-INTERPRETED = type(la._fwd_kernel).__name__ == "InterpretedFunction"
-needs_triton = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="triton is not installed" if not la.HAVE_TRITON else
-    "triton was imported before TRITON_INTERPRET=1 was set: run pytest with TRITON_INTERPRET=1",
-)
-if INTERPRETED:
-    _fix_interpreter_bf16_dot()
+require_device()
+
+# Triton decides at import whether it interprets (TRITON_INTERPRET=1: the CPU), so the
+# environment must say so before any test module imports it (tests/conftest.py does).
+needs_triton = needs_kernel(la._fwd_kernel, la.HAVE_TRITON)
 
 
 def landmarks(t, pattern, seed=0):
     """[2, t] bool: row 0 per `pattern` (block length incl. its landmark, or "random":
-    a landmark at 0, two in a row, random others); row 1 always random (other blocks)."""
+    a landmark at 0, two in a row, random others); row 1 always random (other blocks).
+    Drawn on the CPU, on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
     rand = torch.rand(2, t, generator=gen) < 0.25
     rand[:, 0] = True
@@ -33,14 +36,15 @@ def landmarks(t, pattern, seed=0):
     is_lm = rand.clone()
     if pattern != "random":
         is_lm[0] = (torch.arange(t) % pattern) == pattern - 1
-    return is_lm
+    return is_lm.to(DEVICE)
 
 
 def inputs(t, group, dtype=torch.float32, d=16, hkv=2, seed=0):
+    """q, k, v (leaves that require grad), drawn on the CPU, on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, hkv * group, t, d, generator=gen)
     k, v = (torch.randn(2, hkv, t, d, generator=gen) for _ in range(2))
-    return [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    return [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
 
 
 def grads(fn, q, k, v, is_lm, dout, **kw):
@@ -55,7 +59,7 @@ def grads(fn, q, k, v, is_lm, dout, **kw):
 def test_reference_matches_naive(t, pattern, group):
     q, k, v = inputs(t, group, hkv=1)
     is_lm = landmarks(t, pattern)
-    dout = torch.randn(q.shape)
+    dout = randn(q.shape)
     naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout)
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ref, naive, strict=True):
@@ -64,7 +68,7 @@ def test_reference_matches_naive(t, pattern, group):
 
 def test_reference_edge_cases():
     q, k, v = inputs(9, 1, hkv=1)
-    is_lm = torch.zeros(2, 9, dtype=torch.bool)
+    is_lm = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
     # no landmark at all: ordinary causal attention
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close(la.landmark_attention_reference(q, k, v, is_lm), expected, 2e-5, 2e-5)
@@ -110,7 +114,7 @@ def test_triton_many_query_tiles(pattern, dtype, split, sharp, monkeypatch):
     with torch.no_grad():
         q *= sharp
     is_lm = landmarks(45, pattern)
-    dout = torch.randn(q.shape).to(dtype)
+    dout = randn(q.shape).to(dtype)
     got = grads(la.landmark_attention, q, k, v, is_lm, dout, impl="triton")
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
@@ -132,7 +136,7 @@ def test_triton_many_query_tiles(pattern, dtype, split, sharp, monkeypatch):
 def test_triton_backward(t, pattern, group, dtype):
     q, k, v = inputs(t, group, dtype)
     is_lm = landmarks(t, pattern)
-    dout = torch.randn(q.shape).to(dtype)
+    dout = randn(q.shape).to(dtype)
     got = grads(la.landmark_attention, q, k, v, is_lm, dout, impl="triton")
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     want = grads(la.landmark_attention_reference, q32, k32, v32, is_lm, dout.float())
@@ -152,14 +156,17 @@ def test_triton_custom_scale_and_long_blocks():
     t = la.MAX_BLOCK_LEN + 3
     q, k, v = inputs(t, 1)
     with pytest.raises(ValueError, match="block"):
-        la.landmark_attention(q, k, v, torch.zeros(2, t, dtype=torch.bool), impl="triton")
+        la.landmark_attention(q, k, v, torch.zeros(2, t, dtype=torch.bool, device=DEVICE), impl="triton")
 
 
 def test_auto_uses_reference_on_cpu():
+    """impl="auto": the reference on the CPU; on a GPU the kernel (when triton imports)."""
     q, k, v = inputs(6, 1)
     is_lm = landmarks(6, 3)
-    assert torch.equal(la.landmark_attention(q, k, v, is_lm),
-                       la.landmark_attention_reference(q, k, v, is_lm))
+    kernel = ON_GPU and la.HAVE_TRITON
+    want = (la.landmark_attention(q, k, v, is_lm, impl="triton") if kernel
+            else la.landmark_attention_reference(q, k, v, is_lm))
+    assert torch.equal(la.landmark_attention(q, k, v, is_lm), want)
     with pytest.raises(ValueError, match="impl"):
         la.landmark_attention(q, k, v, is_lm, impl="cuda")
 
@@ -214,9 +221,9 @@ def test_reference_queries_at_the_end(tq):
 def test_regular_blocks_match_reference(t, block, group):
     """The regular-layout path (training, reading) = the general reference, values and gradients."""
     q, k, v = inputs(t, group, hkv=1)
-    is_lm = (torch.arange(t) % block == block - 1).expand(q.shape[0], t)
+    is_lm = (torch.arange(t, device=DEVICE) % block == block - 1).expand(q.shape[0], t)
     assert la.regular_block(is_lm) == block and la.regular_block(landmarks(t, "random")) is None
-    dout = torch.randn(q.shape)
+    dout = randn(q.shape)
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout)
     fast = grads(lambda *a, **kw: la.landmark_attention_blocks(*a[:3], block, **kw), q, k, v, is_lm, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), fast, ref, strict=True):
@@ -232,14 +239,15 @@ def test_allowed_blocks_read_as_if_the_others_were_not_there():
     t, block = 29, 6
     q, k, v = (x.detach() for x in inputs(t, 2, hkv=1))
     nb = -(-t // block)
-    allowed = torch.rand(2, 2, t, nb, generator=torch.Generator().manual_seed(3)) < 0.5
+    allowed = (torch.rand(2, 2, t, nb, generator=torch.Generator().manual_seed(3)) < 0.5).to(DEVICE)
     out = la.landmark_attention_blocks(q, k, v, block, allowed=allowed)
-    blk = torch.arange(t) // block
-    is_lm = torch.arange(t) % block == block - 1
+    pos = torch.arange(t, device=DEVICE)
+    blk = pos // block
+    is_lm = pos % block == block - 1
     for b in range(2):
         for h in range(2):
             for i in (4, 13, 20, 28):
-                keep = (torch.arange(t) <= i) & ((blk == blk[i]) | allowed[b, h, i][blk])
+                keep = (pos <= i) & ((blk == blk[i]) | allowed[b, h, i][blk])
                 ref = la.landmark_attention_reference(q[b:b + 1, h:h + 1, i:i + 1], k[b:b + 1, :, keep],
                                                       v[b:b + 1, :, keep], is_lm[keep][None])
                 assert_close(out[b, h, i], ref[0, 0, 0], 2e-5, 2e-5, f"row {i}")
@@ -258,8 +266,8 @@ def test_local_reads_only_the_previous_block(t, pattern, reach):
     q, k, v = inputs(t, 2, hkv=1)
     is_lm = landmarks(t, pattern)
     if pattern != "random":  # both rows regular, for the regular-layout path
-        is_lm = (torch.arange(t) % pattern == pattern - 1).expand(2, t)
-    dout = torch.randn(q.shape)
+        is_lm = (torch.arange(t, device=DEVICE) % pattern == pattern - 1).expand(2, t)
+    dout = randn(q.shape)
     kw = {"local": True, "local_blocks": reach}
     ref = grads(la.landmark_attention_reference, q, k, v, is_lm, dout, **kw)
     naive = grads(la.landmark_attention_naive, q, k, v, is_lm, dout, **kw)
@@ -276,7 +284,7 @@ def test_local_reads_only_the_previous_block(t, pattern, reach):
     blk = la._block_ids(is_lm)
     out = ref[0].detach()
     for i in range(0, t, 5):
-        keep = (torch.arange(t) <= i) & (blk[0] >= blk[0, i] - reach)
+        keep = (torch.arange(t, device=DEVICE) <= i) & (blk[0] >= blk[0, i] - reach)
         alone = la.landmark_attention_reference(q[:1, :, i:i + 1].detach(), k[:1, :, keep].detach(),
                                                 v[:1, :, keep].detach(), is_lm[:1, keep])
         assert_close(out[0, :, i], alone[0, :, 0], 2e-5, 2e-5, f"row {i}")

@@ -1,36 +1,39 @@
-"""retrieval_attention: naive loops == torch reference == Triton kernel (interpreted on CPU)."""
+"""retrieval_attention: naive loops == torch reference == Triton kernel (interpreted on the
+CPU; compiled on a GPU with LANDMARK_TEST_DEVICE=cuda: see kernel_helpers)."""
 
-import os
 import warnings
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import (  # before landmark_cli: on the CPU it sets TRITON_INTERPRET=1 first
+    DEVICE,
+    H100_SHARED_BYTES,
+    ON_GPU,
+    TOLS,
+    assert_close,
+    compile_for_sm90,
+    needs_kernel,
+    randn,
+    require_device,
+)
 
 import landmark_cli.kernels.retrieval_attention as ra
 from landmark_cli.kernels.rope import apply_rope, rope_tables
 
+require_device()
 THETA = 10000.0
-from kernel_helpers import H100_SHARED_BYTES, TOLS, _fix_interpreter_bf16_dot, assert_close, compile_for_sm90  # noqa: E402
 
-# Triton decides at import whether it interprets; if another test module imported it
-# first, the kernels would need a GPU: set TRITON_INTERPRET=1 in the environment.
-INTERPRETED = type(ra._retrieval_kernel).__name__ == "InterpretedFunction"
-needs_triton = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="triton is not installed" if not ra.HAVE_TRITON else
-    "triton was imported before TRITON_INTERPRET=1 was set: run pytest with TRITON_INTERPRET=1",
-)
-if INTERPRETED:
-    _fix_interpreter_bf16_dot()
+# Triton decides at import whether it interprets (TRITON_INTERPRET=1: the CPU), so the
+# environment must say so before any test module imports it (tests/conftest.py does).
+needs_triton = needs_kernel(ra._retrieval_kernel, ra.HAVE_TRITON)
 
 
 def make(t, group, b, k, *, hkv=2, n_dense=None, n=9, d=16, dtype=torch.float32,
          store_dtype=None, grouped=False, seed=0):
-    """Random arguments for retrieval_attention (everything but impl)."""
+    """Random arguments for retrieval_attention (everything but impl), drawn on the CPU and
+    moved to DEVICE."""
     gen = torch.Generator().manual_seed(seed)
     n_dense = n_dense or t + 6
 
@@ -41,31 +44,34 @@ def make(t, group, b, k, *, hkv=2, n_dense=None, n=9, d=16, dtype=torch.float32,
     idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(hkv)])
     ret_pos0 = 3
     cos, sin = rope_tables(ret_pos0 + k * b + 1, d, THETA)
-    return dict(
+    args = dict(
         q=rnd(hkv * group, t, d).to(dtype),
         k_dense=rnd(hkv, n_dense, d).to(dtype), v_dense=rnd(hkv, n_dense, d).to(dtype),
         k_store=rnd(hkv, n, b, d).to(store_dtype), v_store=rnd(hkv, n, b, d).to(store_dtype),
         block_idx=idx, cos=cos, sin=sin, ret_pos0=ret_pos0,
         landmark_keys=rnd(hkv, n, d).to(store_dtype) if grouped else None,
     )
+    return {name: x.to(DEVICE) if torch.is_tensor(x) else x for name, x in args.items()}
 
 
 def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, landmark_keys):
-    """Query by query, block by block, RoPE from fresh tables at explicit positions."""
+    """Query by query, block by block, RoPE from fresh tables at explicit positions (computed
+    on the CPU, as make's, and moved to q's device)."""
     hq, t, d = q.shape
     hkv, n_dense, _ = k_dense.shape
     kb, b = block_idx.shape[1], k_store.shape[2]
-    out = torch.zeros(hq, t, d)
+    dev = q.device
+    out = torch.zeros(hq, t, d, device=dev)
     for h in range(hq):
         hk = h // (hq // hkv)
         blocks = []  # (keys, values, landmark key) of each retrieved block, in order
         for j in range(kb):
             n = int(block_idx[hk, j])
-            c, s = rope_tables(torch.arange(b) + ret_pos0 + j * b, d, THETA)
+            c, s = (x.to(dev) for x in rope_tables(torch.arange(b) + ret_pos0 + j * b, d, THETA))
             keys = apply_rope(k_store[hk, n].float(), c, s)
             lm = None
             if landmark_keys is not None:
-                c, s = rope_tables(torch.tensor([ret_pos0 + j * b + b - 1]), d, THETA)
+                c, s = (x.to(dev) for x in rope_tables(torch.tensor([ret_pos0 + j * b + b - 1]), d, THETA))
                 lm = apply_rope(landmark_keys[hk, n].float()[None], c, s)[0]
             blocks.append((keys, v_store[hk, n].float(), lm))
         for i in range(t):
@@ -76,7 +82,7 @@ def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, 
                 vals = torch.cat([vb for _, vb, _ in blocks] + [vd])
                 out[h, i] = torch.softmax(keys @ qi, 0) @ vals
             else:
-                lms = torch.stack([lm for _, _, lm in blocks]) if blocks else torch.zeros(0, d)
+                lms = torch.stack([lm for _, _, lm in blocks]) if blocks else torch.zeros(0, d, device=dev)
                 p = torch.softmax(torch.cat([lms @ qi, kd @ qi]), 0)
                 out[h, i] = p[kb:] @ vd
                 for j, (keys, vals, _) in enumerate(blocks):
@@ -85,6 +91,8 @@ def naive(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0, 
 
 
 def test_rope_matches_transformers():
+    """On the CPU whatever DEVICE is: transformers computes its inverse frequencies there,
+    and the tables must be equal bit for bit."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     from transformers import LlamaConfig
 
@@ -112,26 +120,27 @@ def test_reference_equals_full_causal_attention():
     """Every block retrieved in document order + the tail as dense = plain causal attention."""
     hkv, group, n, b, tail, t, d = 2, 3, 4, 5, 6, 3, 16
     gen = torch.Generator().manual_seed(1)
-    k_raw, v = (torch.randn(hkv, n * b + tail, d, generator=gen) for _ in range(2))
-    q_raw = torch.randn(hkv * group, t, d, generator=gen)
-    cos, sin = rope_tables(n * b + tail, d, THETA)
+    k_raw, v = (torch.randn(hkv, n * b + tail, d, generator=gen).to(DEVICE) for _ in range(2))
+    q_raw = torch.randn(hkv * group, t, d, generator=gen).to(DEVICE)
+    cos, sin = (x.to(DEVICE) for x in rope_tables(n * b + tail, d, THETA))
     k = apply_rope(k_raw, cos, sin)
     q = apply_rope(q_raw, cos[-t:], sin[-t:])
-    idx = torch.arange(n).repeat(hkv, 1)
+    idx = torch.arange(n, device=DEVICE).repeat(hkv, 1)
     out = ra.retrieval_attention(
         q, k[:, n * b :], v[:, n * b :], k_raw[:, : n * b].reshape(hkv, n, b, d),
         v[:, : n * b].reshape(hkv, n, b, d), idx, cos, sin, 0, impl="torch")
-    mask = torch.ones(t, n * b + tail, dtype=torch.bool).tril(n * b + tail - t)
+    mask = torch.ones(t, n * b + tail, dtype=torch.bool, device=DEVICE).tril(n * b + tail - t)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0),
                                           v.repeat_interleave(group, 0), attn_mask=mask)
     assert_close(out, want, 2e-5, 2e-5)
 
 
 def test_reference_reads_a_readonly_memmap(tmp_path):
+    """k_store a read-only memory map (on the CPU, with the other arguments on DEVICE)."""
     args = make(2, 3, 4, 2, store_dtype=torch.float16, grouped=True)
     arr = np.lib.format.open_memmap(tmp_path / "k.npy", mode="w+", dtype=np.float16,
                                     shape=tuple(args["k_store"].shape))
-    arr[:] = args["k_store"].numpy()
+    arr[:] = args["k_store"].cpu().numpy()
     arr.flush()
     with warnings.catch_warnings():  # torch warns that the read-only array is not writable
         warnings.simplefilter("ignore")
@@ -173,7 +182,7 @@ def test_triton_head_dim_64_strided_dense(grouped):
     """D=64 (tensor-core dots on the rotated halves) with k_dense/v_dense strided views of
     a longer buffer, as the engine passes them (read in place, not copied)."""
     args = make(3, 2, 20, 3, d=64, n_dense=40, grouped=grouped)
-    buf = torch.randn(2, 2, 50, 64)
+    buf = randn(2, 2, 50, 64)
     buf[0, :, :40], buf[1, :, :40] = args["k_dense"], args["v_dense"]
     want = ra.retrieval_attention_reference(**args)
     args.update(k_dense=buf[0, :, :40], v_dense=buf[1, :, :40])
@@ -195,8 +204,11 @@ def test_triton_half_precision(dtype, grouped):
 
 
 def test_impl_argument():
+    """impl="auto": the reference on the CPU, the kernel on a GPU (when triton imports)."""
     args = make(2, 1, 3, 1)
-    assert torch.equal(ra.retrieval_attention(**args), ra.retrieval_attention_reference(**args))
+    kernel = ON_GPU and ra.HAVE_TRITON
+    want = ra.retrieval_attention(**args, impl="triton") if kernel else ra.retrieval_attention_reference(**args)
+    assert torch.equal(ra.retrieval_attention(**args), want)
     with pytest.raises(ValueError, match="impl"):
         ra.retrieval_attention(**args, impl="cuda")
 
