@@ -1,15 +1,9 @@
-import os
-
-# Where the unit tests run the tiny model and the kernels: the CPU (CI), or a GPU with
-# LANDMARK_TEST_DEVICE=cuda (benchmarks/gpu_check.sh).
-TEST_DEVICE = os.environ.get("LANDMARK_TEST_DEVICE", "cpu")
-# Triton reads this once, at import: on the CPU the kernel tests run the Triton kernels
-# through its interpreter (CI has no GPU). Must precede any import of triton.
-if not TEST_DEVICE.startswith("cuda"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from tiny import make_tiny_model  # noqa: E402
+# Where the unit tests run the tiny model and the kernels: the CPU (CI; the Triton kernels
+# interpreted), or a GPU with LANDMARK_TEST_DEVICE=cuda (benchmarks/gpu_check.sh). Importing
+# kernel_helpers sets TRITON_INTERPRET=1 on the CPU: it must precede any import of triton.
+import pytest
+from kernel_helpers import DEVICE as TEST_DEVICE
+from tiny import make_tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,16 @@
 """Triton if it is installed; otherwise stand-ins so the kernel modules still import
-(a CPU-only install: the torch references are then the only path)."""
+(a CPU-only install: the torch references are then the only path). `on_device`: Triton
+launches a kernel on the current CUDA device, so a launch for tensors on cuda:N runs
+inside on_device(that device) (a no-op off CUDA: the interpreter)."""
+
+import contextlib
+
+import torch
+
+
+def on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 try:
     import triton

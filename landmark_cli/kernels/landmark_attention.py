@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from landmark_cli.kernels._triton import HAVE_TRITON, tl, triton
+from landmark_cli.kernels._triton import HAVE_TRITON, on_device, tl, triton
 
 MAX_BLOCK_LEN = 128  # longest landmark block the Triton kernel handles (one tile)
 LOG2E = 1.4426950408889634
@@ -554,4 +554,5 @@ def landmark_attention(q, k, v, is_landmark, *, sm_scale=None, impl="auto", loca
         warnings.warn(f"landmark_attention kernel: {problem}; using the torch reference",
                       stacklevel=2)
         return landmark_attention_reference(q, k, v, is_landmark, sm_scale=scale)
-    return _LandmarkAttention.apply(q, k, v, blocks, scale)
+    with on_device(q.device):
+        return _LandmarkAttention.apply(q, k, v, blocks, scale)

@@ -38,7 +38,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from landmark_cli.kernels._triton import HAVE_TRITON, tl, triton
+from landmark_cli.kernels._triton import HAVE_TRITON, on_device, tl, triton
 from landmark_cli.kernels.rope import apply_rope
 
 # launch settings (benchmarks sweep them): num_warps 0 = 4 for up to 32 query rows, else 8;
@@ -403,5 +403,6 @@ def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, s
         raise ValueError("retrieval_attention kernel: every tensor must be on q's device")
     if d < 16 or d & (d - 1):
         raise ValueError(f"retrieval_attention kernel: head dim {d} is not a power of two >= 16")
-    return _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin,
-                             ret_pos0, scale, landmark_keys)
+    with on_device(q.device):
+        return _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin,
+                                 ret_pos0, scale, landmark_keys)
