@@ -25,7 +25,7 @@ def resolve_device(spec: str | None) -> torch.device:
     """--device -> a torch device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -76,7 +76,8 @@ def stage(k_store: torch.Tensor, v_store: torch.Tensor, block_idx: torch.Tensor,
     read them: the stores and indices themselves when they are there already (read in place);
     otherwise the K blocks of every head gathered into pinned host memory, copied over without
     blocking the host, with indices arange(K). Returns (keys, values, indices)."""
-    if k_store.device == device and os.environ.get("LANDMARK_STAGE") != "1":
+    forced = device.type == "cpu" and os.environ.get("LANDMARK_STAGE") == "1"
+    if k_store.device == device and not forced:  # on the device already (or staged before)
         return k_store, v_store, block_idx.to(device)
     idx = block_idx.cpu()
     hkv, k = idx.shape
