@@ -2,13 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_cli import DOC, run
 from tiny import make_tiny_landmark_model
 
 from landmark_cli.errors import LandmarkError
-from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtype, stage
+from landmark_cli.model import device
+from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtypes, stage
 from landmark_cli.model.loading import load_model
 from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.session import Session
@@ -21,10 +23,11 @@ CPU = torch.device("cpu")
 def test_resolution():
     assert resolve_device("cpu") == CPU
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
-    assert resolve_dtype("auto", CPU) == torch.float32
-    assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert resolve_dtypes("auto", CPU)[0] == torch.float32  # reading: exact
+    assert resolve_dtypes("auto", CPU)[1] in (torch.float32, torch.float16)  # answering: measured
+    assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16)
     assert check_kernels("torch", CPU) == "torch"
-    for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtype("half", CPU),
+    for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtypes("half", CPU),
                 lambda: check_kernels("cuda", CPU), lambda: check_kernels("triton", CPU)):
         with pytest.raises(LandmarkError):
             bad()
@@ -123,3 +126,33 @@ def test_a_store_read_in_one_dtype_answers_in_another(tiny_dir, tmp_path):
     entry, cached = half.read(ids)
     assert not cached and full.read(ids)[1] is True
     assert full.answer(full.read(ids)[0], [5, 6, 7], max_new_tokens=2).tokens
+
+
+def test_the_cpu_answer_dtype_is_measured_once_and_kept(monkeypatch, landmark_home):
+    calls = []
+
+    def fake(dtype, n=4096, runs=9):
+        calls.append(dtype)
+        return {torch.float32: 10.0, torch.float16: 2.0}[dtype]
+
+    monkeypatch.setattr(device, "_gemv_ms", fake)
+    assert device.cpu_answer_dtype() == torch.float16 and len(calls) == 2
+    assert device.cpu_answer_dtype() == torch.float16 and len(calls) == 2  # kept in LANDMARK_HOME
+    kept = json.loads((landmark_home / device.CPU_DTYPE_FILE).read_text())
+    assert [v["answer"] for v in kept.values()] == ["float16"]
+
+
+def test_reading_and_answering_in_two_dtypes(tiny_dir, tmp_path):
+    """--dtype auto on a CPU that answers faster in float16: documents are read by the
+    float32 weights (the same store as reading in float32 alone), answers come from a
+    float16 copy."""
+    split = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)
+    assert split.reading_model.dtype == torch.float32 and split.model.dtype == torch.float16
+    assert "float32 reading, float16 answering" in split.runtime()
+    ids = list(range(3, 203))
+    settings = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32, kv_dtype="float32"))
+    a, _ = Engine(split, settings, root=tmp_path / "a").read(ids)
+    b, _ = Engine(load_model(str(tiny_dir)), settings, root=tmp_path / "b").read(ids)
+    assert np.array_equal(np.asarray(a.kv), np.asarray(b.kv))
+    answer = Engine(split, settings, root=tmp_path / "a").answer(a, [5, 6, 7], max_new_tokens=3)
+    assert answer.tokens

@@ -112,6 +112,22 @@ def test_forward_matches_transformers_on_the_default_model(default_model):
     assert diff < 1e-3
 
 
+def test_float16_answers_pick_the_float32_token(default_model):
+    """`--dtype auto` answers with a float16 copy of the weights on CPUs where that is faster:
+    over 3,072 tokens of real text its top next token is float32's at >= 99% of positions."""
+    from pathlib import Path
+
+    import torch
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "lantern_bay.md").read_text()
+    ids = torch.tensor(default_model.tokenizer(text, add_special_tokens=False)["input_ids"][:3072])
+    half = default_model.model.to(dtype=torch.float16)
+    with torch.inference_mode():
+        same = [(default_model.model.forward(w).argmax(-1) == half.forward(w).argmax(-1)).float()
+                for w in ids.split(1536)]
+    assert torch.cat(same).mean().item() >= 0.99
+
+
 def test_a_fact_planted_in_prose_beyond_the_context(default_model, home, monkeypatch, capsys, tmp_path):
     """Four one-sentence facts planted at 20/40/60/80% of 10k tokens of the essays and the
     company history of examples/ (beyond the model's 8,192-token context); one of them is

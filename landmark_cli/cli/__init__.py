@@ -115,13 +115,13 @@ def _progress() -> Progress:
 
 def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = "auto"):
     """Load --model on --device in --dtype, with --kernels; returns (LoadedModel, seconds)."""
-    from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtype
+    from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtypes
     from landmark_cli.model.loading import load_model
 
     where = resolve_device(device)
-    precision, kernels = resolve_dtype(dtype, where), check_kernels(kernels, where)
+    (reading, answering), kernels = resolve_dtypes(dtype, where), check_kernels(kernels, where)
     t0 = time.perf_counter()
-    lm = load_model(model, precision, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"))
+    lm = load_model(model, reading, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"), answer_dtype=answering)
     lm.kernels = kernels
     return lm, time.perf_counter() - t0
 

@@ -10,11 +10,16 @@ staging path on a machine without one.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import statistics
+import time
 
 import torch
 
 from landmark_cli.errors import LandmarkError
+from landmark_cli.paths import home
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,17 +48,76 @@ def resolve_device(spec: str | None) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    """--dtype -> the weights' and activations' dtype. auto: float32 on the CPU (its fastest
-    exact path), bfloat16 on a GPU (float16 where the GPU has no bfloat16)."""
+def resolve_dtypes(spec: str | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """--dtype -> the weights' and activations' dtype (reading, answering). A named dtype is
+    used for both. auto: on a GPU bfloat16 for both (float16 where the GPU has no bfloat16);
+    on the CPU float32 for reading (compute-bound: float32 is exact and, without native
+    float16 arithmetic, the fastest) and, for answering (memory-bound: every token streams
+    all the weights), float16 where this CPU multiplies a float16 matrix by a vector
+    faster than a float32 one (`cpu_answer_dtype`), else float32."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return half, half
+        return torch.float32, cpu_answer_dtype()
     if spec not in DTYPES:
         raise LandmarkError(f"unknown dtype {spec!r}", f"use --dtype auto | {' | '.join(DTYPES)}")
-    return DTYPES[spec]
+    return DTYPES[spec], DTYPES[spec]
+
+
+CPU_DTYPE_FILE = "cpu-dtype.json"
+MIN_GAIN = 1.3  # float16 answers only where it is clearly faster
+
+
+def cpu_answer_dtype() -> torch.dtype:
+    """float16 or float32, whichever multiplies a 4096 x 4096 matrix (64 MiB in float32:
+    more than the caches, like a model's weights) by a vector faster on this CPU with this
+    torch's threads; measured once (about a second) and kept in LANDMARK_HOME, keyed by the
+    processor, torch's version and the thread count."""
+    key = f"{platform.machine()} {_cpu_name()} torch {torch.__version__} threads {torch.get_num_threads()}"
+    path = home() / CPU_DTYPE_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key not in known:
+        times = {name: _gemv_ms(DTYPES[name]) for name in ("float32", "float16")}
+        known[key] = {"ms": times, "answer": "float16" if times["float32"] > MIN_GAIN * times["float16"]
+                      else "float32"}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return DTYPES[known[key]["answer"]]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gemv_ms(dtype: torch.dtype, n: int = 4096, runs: int = 9) -> float:
+    w = torch.randn(n, n).to(dtype)
+    x = torch.randn(1, n).to(dtype)
+    times = []
+    for i in range(runs + 2):
+        t0 = time.perf_counter()
+        x @ w.T
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
 
 
 def check_kernels(spec: str, device: torch.device) -> str:

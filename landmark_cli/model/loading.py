@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import torch
 
 from landmark_cli.errors import ModelError
@@ -43,10 +44,20 @@ class LoadedModel:
     hf_config: PretrainedConfig
     landmark: LandmarkSpec | None = None  # trained landmarks (reference format), or None
     kernels: str = "auto"  # attention implementation: auto | torch | triton (device.check_kernels)
+    reader: Llama | None = None  # the model that reads documents, when its dtype is not `model`'s
+
+    @property
+    def reading_model(self) -> Llama:
+        """The model documents are read with (`model`, unless reading has a dtype of its own)."""
+        return self.reader or self.model
 
     def runtime(self) -> str:
-        """Where and how the model runs, e.g. "cuda:0, bfloat16, kernels auto"."""
-        return f"{self.model.device}, {str(self.model.dtype).removeprefix('torch.')}, kernels {self.kernels}"
+        """Where and how the model runs, e.g. "cuda:0, bfloat16, kernels auto" or
+        "cpu, float32 reading, float16 answering, kernels auto"."""
+        name = str(self.model.dtype).removeprefix("torch.")
+        if self.reader is not None and self.reader.dtype != self.model.dtype:
+            name = f"{str(self.reader.dtype).removeprefix('torch.')} reading, {name} answering"
+        return f"{self.model.device}, {name}, kernels {self.kernels}"
 
     @property
     def is_chat(self) -> bool:
@@ -169,10 +180,15 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               progress=lambda s: None) -> LoadedModel:
+               progress=lambda s: None, answer_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load --model SPEC: our Llama over its weights (on `device`, in `dtype`), plus its
     tokenizer and HF config. The safetensors files are memory-mapped and read one tensor at
-    a time straight onto the device: no second copy of the model in RAM."""
+    a time straight onto the device: no second copy of the model in RAM.
+
+    answer_dtype: answer in another dtype than documents are read in (the CPU's `--dtype
+    auto`): a second copy of the weights in that dtype answers, the first reads. When the
+    two copies would take more than half the machine's memory, the model is kept once,
+    in answer_dtype, for both."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -202,8 +218,17 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
                 weights[name] = st.get_tensor(name).to(dtype)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    progress(f"Loaded {d.name} ({str(dtype).removeprefix('torch.')}, {device}) in {time.perf_counter() - t0:.1f}s")
+    model = Llama(LlamaConfig.from_hf(cfg), weights)
+    reader = None
+    if answer_dtype is not None and answer_dtype != dtype:
+        both = sum(w.numel() for w in model.parameters()) * (dtype.itemsize + answer_dtype.itemsize)
+        if device.type != "cpu" or both <= psutil.virtual_memory().total // 2:
+            reader = model
+        model = model.to(dtype=answer_dtype)
+    name = str(model.dtype).removeprefix("torch.")
+    if reader is not None:
+        name = f"{str(reader.dtype).removeprefix('torch.')} reading, {name} answering"
+    progress(f"Loaded {d.name} ({name}, {device}) in {time.perf_counter() - t0:.1f}s")
     extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
-    return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra),
-                       model=Llama(LlamaConfig.from_hf(cfg), weights), tokenizer=tok, hf_config=cfg,
-                       landmark=lm_spec)
+    return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra), model=model,
+                       tokenizer=tok, hf_config=cfg, landmark=lm_spec, reader=reader)

@@ -68,7 +68,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, settings: Settings | None = None, root: Path | None = None):
         settings, self.spec = effective_settings(loaded, settings or Settings())  # spec set: trained landmarks
         self.loaded, self.settings, self.reading = loaded, settings, settings.read
-        self.model = loaded.model
+        self.model = loaded.model  # answers
+        self.reader = loaded.reading_model  # reads documents (another dtype on the CPU's --dtype auto)
         self.landmarks = landmark_kind(self.spec, loaded.kernels)
         self.root = Path(root) if root else home() / "store"
         store.sweep_temporaries(self.root)  # what a killed reader left behind
@@ -188,7 +189,7 @@ class Engine:
     def _prefill(self, w: store.Writer, ids: torch.Tensor, progress: Progress | None, first: int = 0) -> None:
         """Read ids[first:] chunk by chunk (`first` is a chunk boundary; blocks before it are filled)."""
         n = ids.shape[0]
-        reps = torch.from_numpy(w.reps).to(self.model.device)  # the representatives where the model runs
+        reps = torch.from_numpy(w.reps).to(self.reader.device)  # the representatives where the model runs
         for start in range(first, n, self.reading.chunk_tokens):
             end = min(start + self.reading.chunk_tokens, n)
             self._read_chunk(w, reps, ids[start:end], start, n)
@@ -202,7 +203,7 @@ class Engine:
         among the complete blocks between sink and window] [window] [itself]; its pre-RoPE
         keys and values and its blocks' representatives go into the entry being written
         (reps: the entry's representatives on the model's device, kept alongside)."""
-        s, m = self.reading, self.model
+        s, m = self.reading, self.reader
         B, end = s.block, start + chunk.shape[0]
         store_kv = as_torch(w.kv)
         b0, b1 = start // B, -(-end // B)
@@ -231,7 +232,7 @@ class Engine:
         """Attention of one reading chunk (q, k, v pre-RoPE) over the sink [0, sink_end), the
         blocks sel of layer_kv [2, Hkv, N, B, D], the window [win0, start) and itself, placed
         contiguously from position 0."""
-        s, m = self.reading, self.model
+        s, m = self.reading, self.reader
         sink, win = (layer_kv[:, :, i0 // s.block:i1 // s.block].flatten(2, 3) for i0, i1 in ((0, sink_end),
                                                                                          (win0, start)))
         T, n_sink, n_win = q.shape[1], sink.shape[2], win.shape[2]
