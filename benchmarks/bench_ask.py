@@ -1,6 +1,6 @@
 """Speed and memory of `landmark ask` on the default model, against transformers in-process.
 
-    python benchmarks/bench_ask.py [--long 32k] [--short 4k] [--runs 3] [--json out.json]
+    python benchmarks/bench_ask.py [--long 32k] [--short 4k] [--runs 3] [--dtype auto] [--json out.json]
 
 Reports (medians of --runs where repeated):
   - reading (indexing) tokens/s at the short and long length, and a plain transformers
@@ -9,6 +9,9 @@ Reports (medians of --runs where repeated):
     target <= 1.3);
   - answer tokens/s while generating, beside transformers' own `generate`;
   - peak RSS and KV bytes on disk per token.
+
+--dtype is the CLI's (auto: on the CPU float32 reading and, where this CPU is faster so,
+float16 answering); transformers always runs in float32.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
+from landmark_cli.model.device import resolve_dtypes  # noqa: E402
 from landmark_cli.model.loading import load_model, resolve_dir  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
@@ -78,10 +82,12 @@ def main() -> None:
     ap.add_argument("--short", default="4k")
     ap.add_argument("--long", default="32k")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (as landmark's --dtype)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = load_model("default")
+    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
+    lm = load_model("default", reading, answer_dtype=answering)
     tok = lm.tokenizer
     settings = Settings()
     roots: list[Path] = []  # scratch stores, removed at the end
@@ -93,6 +99,7 @@ def main() -> None:
     eng = fresh_engine()
     text = corpus()
     res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                 "runtime": lm.runtime(),
                  "settings": vars(settings) if hasattr(settings, "__dict__") else str(settings)}
 
     entries = {}
