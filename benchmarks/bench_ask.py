@@ -17,6 +17,7 @@ float16 answering); transformers always runs in float32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -100,7 +101,7 @@ def main() -> None:
     text = corpus()
     res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                  "runtime": lm.runtime(),
-                 "settings": vars(settings) if hasattr(settings, "__dict__") else str(settings)}
+                 "settings": dataclasses.asdict(settings)}
 
     entries = {}
     warm = ask_prompt(tok, first_tokens(tok, text, 600), QUESTION)  # first-call costs (allocations, threads)
