@@ -10,7 +10,7 @@ Reports (medians of --runs where repeated):
   - answer tokens/s while generating, beside transformers' own `generate`;
   - peak RSS and KV bytes on disk per token.
 
---dtype is the CLI's (auto: on the CPU float32 reading and, where this CPU is faster so,
+--dtype is the CLI's (mixed: on the CPU float32 reading and, where this CPU is faster so,
 float16 answering); transformers always runs in float32.
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--short", default="4k")
     ap.add_argument("--long", default="32k")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (as landmark's --dtype)")
+    ap.add_argument("--dtype", default="auto", help="auto | mixed | float32 | bfloat16 | float16 (landmark's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -23,8 +23,9 @@ CPU = torch.device("cpu")
 def test_resolution():
     assert resolve_device("cpu") == CPU
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
-    assert resolve_dtypes("auto", CPU)[0] == torch.float32  # reading: exact
-    assert resolve_dtypes("auto", CPU)[1] in (torch.float32, torch.float16)  # answering: measured
+    assert resolve_dtypes("auto", CPU) == (torch.float32, torch.float32)
+    assert resolve_dtypes("mixed", CPU)[0] == torch.float32  # reading: exact
+    assert resolve_dtypes("mixed", CPU)[1] in (torch.float32, torch.float16)  # answering: measured
     assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16)
     assert check_kernels("torch", CPU) == "torch"
     for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtypes("half", CPU),
@@ -143,7 +144,7 @@ def test_the_cpu_answer_dtype_is_measured_once_and_kept(monkeypatch, landmark_ho
 
 
 def test_reading_and_answering_in_two_dtypes(tiny_dir, tmp_path):
-    """--dtype auto on a CPU that answers faster in float16: documents are read by the
+    """--dtype mixed on a CPU that answers faster in float16: documents are read by the
     float32 weights (the same store as reading in float32 alone), answers come from a
     float16 copy."""
     split = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)

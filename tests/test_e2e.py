@@ -113,7 +113,7 @@ def test_forward_matches_transformers_on_the_default_model(default_model):
 
 
 def test_float16_answers_pick_the_float32_token(default_model):
-    """`--dtype auto` answers with a float16 copy of the weights on CPUs where that is faster:
+    """`--dtype mixed` answers with a float16 copy of the weights on CPUs where that is faster:
     over 3,072 tokens of real text its top next token is float32's at >= 99% of positions."""
     from pathlib import Path
 

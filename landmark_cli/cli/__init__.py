@@ -32,7 +32,8 @@ ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per read
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: auto (a CUDA GPU when there is "
                                         "one, else the CPU) | cpu | cuda | cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights and activations: auto (float32 on the CPU, "
-                                       "bfloat16 on a GPU) | float32 | bfloat16 | float16")]
+                                       "bfloat16 on a GPU) | mixed (CPU: float32 reading, float16 answering "
+                                       "where faster) | float32 | bfloat16 | float16")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="attention: auto (the Triton kernels on a GPU) | "
                                          "torch | triton")]
 
