@@ -9,7 +9,8 @@ Cases and questions: benchmarks/qa_cases.py. Systems, each answering greedily wi
 model (at most --max-tokens tokens):
 
   landmark variants  `landmark ask` (a folder: `ask DIR`) with one set of answer-time settings
-                     (VARIANTS); the document is read once, with the default reading settings;
+                     (VARIANTS); the document is read once, with the default reading settings
+                     and the KV format --kv-dtype (recorded as "<variant>+<format>" unless float16);
   truncate           full attention over the start of the document that fits the model's context;
   rag                the 5 chunks of about 120 words whose all-MiniLM-L6-v2 embeddings are
                      nearest the question's, in document order, read with full attention;
@@ -51,7 +52,7 @@ from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.paths import home  # noqa: E402
 from landmark_cli.prompts import ask_prompt, document_tokens  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
-from landmark_cli.retrieval.settings import Answering, Settings, effective_settings  # noqa: E402
+from landmark_cli.retrieval.settings import Answering, Reading, Settings, effective_settings  # noqa: E402
 
 VARIANTS = {  # answer-time settings under test (the reading is the same for all)
     "w1024": Answering(window=1024, top_k=8, lead=0, follow=1, passages="cached"),  # the reading's window and top_k
@@ -202,14 +203,16 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
         for case in cases:
             text, doc = None, None
             for q in (q for q in case.questions if q.half in args.halves):
-                for system in systems:
+                for variant in systems:
+                    system = variant if variant not in VARIANTS or args.kv_dtype == "float16" else \
+                        f"{variant}+{args.kv_dtype}"
                     if (case.name, q.text, system) in done or (system == "full" and case.suite == "prose"
                                                                 and case.tokens != shortest):
                         continue  # done, or the prose ceiling, which is the shortest document's
                     t0 = time.perf_counter()
                     sources_hold = None
-                    if system in VARIANTS:
-                        settings = Settings(answer=VARIANTS[system])
+                    if variant in VARIANTS:
+                        settings = Settings(Reading(kv_dtype=args.kv_dtype), VARIANTS[variant])
                         if case.suite == "folder":
                             Indexer(lm, settings).run(case.path, progress=None)
                             res = ask_folder(lm, case.path, q.text, settings, max_new_tokens=args.max_tokens)
@@ -255,7 +258,9 @@ def reading_progress(name: str):
 # ---- the report -----------------------------------------------------------------------------
 def report(results: Path, lm) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    systems = [s for s in (*BASELINES[:2], *VARIANTS, BASELINES[2]) if any(r["system"] == s for r in rows)]
+    present = list(dict.fromkeys(r["system"] for r in rows))
+    systems = [s for v in (*BASELINES[:2], *VARIANTS, BASELINES[2])  # each variant, then its other KV formats
+               for s in present if s == v or (v in VARIANTS and s.startswith(f"{v}+"))]
     default = effective_settings(lm, Settings())[0].answer
     named_default = next((n for n, a in VARIANTS.items() if effective_settings(lm, Settings(answer=a))[0].answer
                           == default), None)
@@ -294,6 +299,7 @@ def main():
     ap.add_argument("--systems", default=",".join([*BASELINES, *VARIANTS]))
     ap.add_argument("--halves", default="tune,held", help="which questions: tune, held or both")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--kv-dtype", default=Reading().kv_dtype, help="the store's KV format for the variants")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/qa_eval_cpu.jsonl")
     ap.add_argument("--data", type=Path, default=None, help="where the texts go (default: LANDMARK_HOME/qa-eval)")
     ap.add_argument("--report", action="store_true", help="only print the table of the results file")

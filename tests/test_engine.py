@@ -70,16 +70,23 @@ def test_second_read_is_cached_and_does_no_prefill(tiny, tmp_path, monkeypatch):
     assert a1.tokens == a2.tokens
 
 
-@pytest.mark.parametrize("damage", ["truncate_kv", "flip_reps", "bad_meta", "missing_ids"])
-def test_corrupted_entry_is_detected_and_rebuilt(tiny, tmp_path, damage):
+@pytest.mark.parametrize("damage, kv_dtype", [("truncate_kv", "float16"), ("flip_reps", "float16"),
+                                             ("bad_meta", "float16"), ("missing_ids", "float16"),
+                                             ("truncate_kv", "int8"), ("truncate_scales", "int8"),
+                                             ("missing_scales", "int8")])
+def test_corrupted_entry_is_detected_and_rebuilt(tiny, tmp_path, damage, kv_dtype):
     ids = _ids(150, tiny.model.cfg.vocab_size, seed=4)
-    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32)), root=tmp_path / "store")
+    eng = Engine(tiny, Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32, kv_dtype=kv_dtype)),
+                 root=tmp_path / "store")
     entry, _ = eng.read(ids)
     path, expected = entry.path, np.array(entry.kv)
     del entry
-    if damage == "truncate_kv":
-        with open(path / "kv.npy", "r+b") as f:
-            f.truncate((path / "kv.npy").stat().st_size - 100)
+    if damage.startswith("truncate"):
+        file = path / f"{damage.split('_')[1]}.npy"
+        with open(file, "r+b") as f:
+            f.truncate(file.stat().st_size - 100)
+    elif damage == "missing_scales":
+        (path / "scales.npy").unlink()
     elif damage == "flip_reps":
         raw = bytearray((path / "reps.npy").read_bytes())
         raw[-7] ^= 0xFF
@@ -182,12 +189,13 @@ def test_padding_of_the_last_block_never_matches():
     assert exact_block_logits(q, keys, 1)[0, 0, 1] == 0.0  # without the mask the padding wins
 
 
-def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
+def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, monkeypatch, kv_dtype):
     """A document that grew is read from where it differs: same store contents, fewer chunks read."""
     vocab = tiny.model.cfg.vocab_size
     old = _ids(150, vocab, seed=5)
     new = old[:110] + _ids(90, vocab, seed=6)  # differs from token 110: chunks [0, 96) are shared
-    s = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32))
+    s = Settings(Reading(block=8, top_k=2, sink=8, window=16, chunk=32, kv_dtype=kv_dtype))
     full, _ = Engine(tiny, s, root=tmp_path / "a").read(new)
     eng = Engine(tiny, s, root=tmp_path / "b")
     donor, _ = eng.read(old)
@@ -199,7 +207,7 @@ def test_reading_from_a_shared_prefix_equals_reading_everything(tiny, tmp_path, 
     monkeypatch.setattr(tiny.model, "embed", lambda ids: chunks.append(len(ids)) or real(ids))
     grown, cached = eng.read(new, prefix=donor)
     assert not cached and sum(chunks) == len(new) - 96
-    for name in ("kv", "reps", "ids"):
+    for name in ("kv", "scales", "reps", "ids"):
         assert np.array_equal(getattr(grown, name), getattr(full, name)), name
 
 

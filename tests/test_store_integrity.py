@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,14 +22,18 @@ DOC = "\n".join(f"Line {i}: the ferry company harbour captain ship {i % 7} launc
                 for i in range(1, 60))
 
 
-def overwrite_block(entry: store.Entry, layer: int, part: int, block: int) -> None:
+def overwrite_block(entry: store.Entry, layer: int, part: int, block: int, what: str = "kv") -> None:
     """Random bytes over one block's keys (part 0) or values (part 1) of the first KV head,
-    in place: the file keeps its size, so only a checksum can tell."""
-    L, _, H, N, B, D = entry.kv.shape
-    start = entry.kv.offset + (((layer * 2 + part) * H) * N + block) * B * D * entry.kv.itemsize
-    with open(entry.path / "kv.npy", "r+b") as f:
+    in place: the file keeps its size, so only a checksum can tell. what: "kv" (the values
+    or int8 codes) or "scales" (an int8 entry's scales of that block)."""
+    a = entry.kv if what == "kv" else entry.scales
+    assert a is not None
+    L, _, H, N = a.shape[:4]
+    row = int(np.prod(a.shape[4:])) * a.itemsize  # bytes of one block of one head
+    start = a.offset + (((layer * 2 + part) * H) * N + block) * row
+    with open(entry.path / f"{what}.npy", "r+b") as f:
         f.seek(start)
-        f.write(np.random.default_rng(0).bytes(B * D * entry.kv.itemsize))
+        f.write(np.random.default_rng(0).bytes(row))
 
 
 def the_entry(home) -> store.Entry:
@@ -38,18 +43,21 @@ def the_entry(home) -> store.Entry:
     return entry
 
 
-def test_damage_in_a_block_a_question_reads_is_caught_and_the_document_read_again(tiny, tmp_path, landmark_home):
+@pytest.mark.parametrize("kv_dtype, what", [("float16", "kv"), ("int8", "kv"), ("int8", "scales")])
+def test_damage_in_a_block_a_question_reads_is_caught_and_the_document_read_again(tiny, tmp_path, landmark_home,
+                                                                                 kv_dtype, what):
     doc = tmp_path / "notes.md"
     doc.write_text(DOC)
-    first = ask(tiny, doc, "Who was the captain?", SMALL, max_new_tokens=4)
+    settings = replace(SMALL, read=replace(SMALL.read, kv_dtype=kv_dtype))
+    first = ask(tiny, doc, "Who was the captain?", settings, max_new_tokens=4)
     entry = the_entry(landmark_home)
-    overwrite_block(entry, layer=0, part=0, block=entry.kv.shape[3] - 1)  # in the local window: always read
+    overwrite_block(entry, layer=0, part=0, block=entry.kv.shape[3] - 1, what=what)  # in the window: always read
     assert store.open_entry(entry.path) is not None  # sizes and small arrays still look fine
     warnings = []
-    again = ask(tiny, doc, "Who was the captain?", SMALL, max_new_tokens=4, on_damaged=warnings.append)
+    again = ask(tiny, doc, "Who was the captain?", settings, max_new_tokens=4, on_damaged=warnings.append)
     assert len(warnings) == 1 and "damaged" in warnings[0]
     assert again.cached is False and again.answer == first.answer  # read again, not answered from damage
-    assert ask(tiny, doc, "Who was the captain?", SMALL, max_new_tokens=4).cached is True
+    assert ask(tiny, doc, "Who was the captain?", settings, max_new_tokens=4).cached is True
 
 
 def test_damage_in_a_block_never_read_costs_nothing(tiny, tmp_path):
@@ -142,6 +150,13 @@ def test_entries_of_an_earlier_format_are_removed(tiny, tmp_path):
     (entry.path / "meta.json").write_text(json.dumps({**meta, "format": store.FORMAT_VERSION - 1}))
     Engine(tiny, SMALL, root=root)
     assert not entry.path.exists() and not list(root.glob("*.trash-*"))
+
+
+def test_a_non_finite_int8_scale_is_found():
+    scales = np.ones((2, 4, 8), dtype=np.float16)
+    scales[1, 2, 5] = np.inf
+    codes = np.zeros((2, 4, 3, 8), dtype=np.int8)
+    assert store.part_damaged(codes, scales).tolist() == [False, False, True, False]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

@@ -58,6 +58,12 @@ class PassagesChoice(str, Enum):
     text = "text"
 
 
+class KVDtypeChoice(str, Enum):
+    int8 = "int8"
+    float16 = "float16"
+    float32 = "float32"
+
+
 class LandmarksChoice(str, Enum):
     auto = "auto"
     trained = "trained"
@@ -82,6 +88,10 @@ PassagesOpt = Annotated[Optional[PassagesChoice], typer.Option("--passages", hel
                                                               "blocks attended as cached (default: their keys and "
                                                               "values as read in the document), or read again as "
                                                               "text before the question", show_default=False)]
+KVDtypeOpt = Annotated[Optional[KVDtypeChoice], typer.Option("--kv-dtype", help="how the cache keeps keys and "
+                                                             "values: int8 (a float16 scale per block, head and "
+                                                             "channel; about half the bytes of float16), float16 or "
+                                                             "float32 (default: float16)", show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 
@@ -93,15 +103,16 @@ def _group() -> None:
 
 def _settings(top_k, block, window, sink, chunk, rep=RepChoice.mean, select=SelectChoice.shared,
               landmarks=LandmarksChoice.auto, order=OrderChoice.best_last, answer_window=None, answer_top_k=None,
-              passages=None):
+              passages=None, kv_dtype=None):
     """The options as Settings; None: the default (for the model's kind of landmark)."""
     from landmark_cli.retrieval.settings import Answering, Reading, Settings
 
     answer = {"window": answer_window, "top_k": answer_top_k}
     if passages is not None:
         answer["passages"] = passages.value
+    read = {} if kv_dtype is None else {"kv_dtype": kv_dtype.value}
     try:
-        return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value),
+        return Settings(Reading(block=block, top_k=top_k, window=window, sink=sink, chunk=chunk, rep=rep.value, **read),
                         Answering(select=select.value, order=order.value, **answer), landmarks=landmarks.value)
     except ValueError as e:
         raise LandmarkError(str(e), "see the command's --help") from None
@@ -138,6 +149,7 @@ def ask(
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
     rep: RepOpt = RepChoice.mean,
+    kv_dtype: KVDtypeOpt = None,
     select: SelectOpt = SelectChoice.shared,
     order: OrderOpt = OrderChoice.best_last,
     answer_window: AnswerWindowOpt = None,
@@ -161,7 +173,7 @@ def ask(
 
     check_question(question)
     settings = _settings(top_k, block_size, window, sink, chunk, rep, select, landmarks, order, answer_window,
-                         answer_top_k, passages)
+                         answer_top_k, passages, kv_dtype)
     folder = Path(path).expanduser().is_dir()
     if folder:
         if not find_documents(path):  # fail fast, before loading the model
@@ -286,6 +298,7 @@ def index(
     sink: SinkOpt = 64,
     chunk: ChunkOpt = 512,
     rep: RepOpt = RepChoice.mean,
+    kv_dtype: KVDtypeOpt = None,
     landmarks: LandmarksOpt = LandmarksChoice.auto,
     status: Annotated[bool, typer.Option("--status", help="show what is indexed, stale, new or failed; "
                                          "read nothing")] = False,
@@ -301,7 +314,7 @@ def index(
     from landmark_cli.documents import find_documents
     from landmark_cli.index import Indexer
 
-    settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks)
+    settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks, kv_dtype=kv_dtype)
     find_documents(folder)  # a missing folder fails before the model loads
     lm, _ = _load(model, device, dtype, kernels)
     if status:
@@ -348,6 +361,7 @@ def passkey(
                                          "the last tokens that fit the model's context)")] = "landmark,full,truncate",
     top_k: TopKOpt = None,
     block_size: BlockOpt = 32,
+    kv_dtype: KVDtypeOpt = None,
     landmarks: LandmarksOpt = LandmarksChoice.auto,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
@@ -370,7 +384,8 @@ def passkey(
 
     grid = grid_run.Grid(pk.parse_lengths(lengths), trials, [m.strip() for m in methods.split(",") if m.strip()], seed)
     defaults = Reading()
-    settings = _settings(top_k, block_size, defaults.window, defaults.sink, defaults.chunk, landmarks=landmarks)
+    settings = _settings(top_k, block_size, defaults.window, defaults.sink, defaults.chunk, landmarks=landmarks,
+                         kv_dtype=kv_dtype)
     if plot_file:
         pk.require_matplotlib()  # before hours of work, not after
     lm, _ = _load(model, device, dtype, kernels)

@@ -20,6 +20,7 @@ import torch
 
 from landmark_cli.errors import LandmarkError
 from landmark_cli.paths import home
+from landmark_cli.storage.kvformat import QuantizedKV, Stored, dequantize
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,20 +138,25 @@ def check_kernels(spec: str, device: torch.device) -> str:
     return spec
 
 
-def stage(k_store: torch.Tensor, v_store: torch.Tensor, block_idx: torch.Tensor,
+def stage(k_store: Stored, v_store: Stored, block_idx: torch.Tensor,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The blocks block_idx [Hkv, K] of k_store / v_store [Hkv, N, B, D] where `device` can
-    read them: the stores and indices themselves when they are there already (read in place);
-    otherwise the K blocks of every head gathered into pinned host memory, copied over without
-    blocking the host, with indices arange(K). Returns (keys, values, indices)."""
+    read them: the stores and indices themselves when they are there already as floats (read
+    in place); otherwise the K blocks of every head gathered into (pinned, for a GPU) host
+    memory, copied over without blocking the host, int8 codes decoded there, with indices
+    arange(K). Returns (keys, values, indices)."""
     forced = device.type == "cpu" and os.environ.get("LANDMARK_STAGE") == "1"
-    if k_store.device == device and not forced:  # on the device already (or staged before)
-        return k_store, v_store, block_idx.to(device)
+    if isinstance(k_store, torch.Tensor) and k_store.device == device and not forced:  # or staged before
+        return k_store, v_store, block_idx.to(device)  # type: ignore[return-value]
     idx = block_idx.cpu()
     hkv, k = idx.shape
     pin = device.type == "cuda"
     out = []
     for store in (k_store, v_store):
+        if isinstance(store, QuantizedKV):
+            codes, scales = store.gather(idx, pin)
+            out.append(dequantize(codes.to(device, non_blocking=pin), scales.to(device, non_blocking=pin)))
+            continue
         buf = torch.empty((hkv, k) + tuple(store.shape[2:]), dtype=store.dtype, pin_memory=pin)
         for h in range(hkv):
             torch.index_select(store[h], 0, idx[h], out=buf[h])

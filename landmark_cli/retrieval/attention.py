@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 
 from landmark_cli.kernels.landmark_attention import landmark_attention
@@ -23,13 +20,6 @@ from landmark_cli.model.checkpoint import LandmarkSpec
 from landmark_cli.model.device import stage
 from landmark_cli.retrieval.landmarks import insert_landmarks, is_landmark_position
 from landmark_cli.retrieval.selection import LocalLayers, Selection
-
-
-def as_torch(a: np.ndarray) -> torch.Tensor:
-    """A (possibly read-only, memory-mapped) numpy array as a tensor, without copying."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
 
 
 class DenseKV:

@@ -29,7 +29,7 @@ import torch
 
 from landmark_cli.kernels.retrieval_attention import retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
-from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.attention import DenseKV
 from landmark_cli.retrieval.landmarks import block_scores, top_blocks, top_runs
 from landmark_cli.retrieval.selection import BandScores, Candidates
 from landmark_cli.retrieval.session import AnswerSession, scoring_layers
@@ -49,7 +49,7 @@ class CorpusSession(AnswerSession):
         self.reading, self.answering, self.model = engine.reading, engine.settings.answer, engine.model
         s, c, m = self.reading, self.model.cfg, self.model
         B = s.block
-        self.stores = [as_torch(e.kv) for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
+        self.stores = [e.tensor() for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
         self.sink_end = min(s.sink_tokens, entries[0].n_tokens // B * B)
         self.candidates = Candidates.of(entries, B, self.sink_end)
         self.complete = torch.nonzero(self.candidates.valid == B).flatten()
@@ -65,7 +65,7 @@ class CorpusSession(AnswerSession):
         cos, sin = m.rope.at(torch.arange(self.sink_end))
         entries[0].verify(slice(None), slice(None), range(self.sink_end // B))
         for layer in range(c.n_layers):
-            kv = self.stores[0][layer].flatten(2, 3)[:, :, :self.sink_end].to(m.device, m.dtype)
+            kv = self.stores[0][layer, :, :, :self.sink_end // B].to(m.device, m.dtype).flatten(2, 3)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = self.sink_end
         self.chosen: torch.Tensor | None = None  # candidate numbers, once chosen
@@ -80,8 +80,8 @@ class CorpusSession(AnswerSession):
         out = []
         for h in range(sel.shape[0]):
             out.append(torch.stack([self.stores[int(self.candidates.doc[i])][layer, :, h, int(self.candidates.block[i])]
-                                    for i in sel[h].tolist()], 1))
-        return torch.stack(out, 1).to(self.model.device)
+                                    .to(self.model.device) for i in sel[h].tolist()], 1))
+        return torch.stack(out, 1)
 
     def _choose(self, x: torch.Tensor, question: slice) -> None:
         """Run the question up to the last scoring layer (per-layer retrieval over the
@@ -127,7 +127,7 @@ class CorpusSession(AnswerSession):
             self.entries[d].verify(slice(None), slice(None), b)
         cos, sin = m.rope.at(torch.arange(start, start + n))
         for layer in range(c.n_layers):
-            kv = torch.cat([self.stores[d][layer, :, :, b, :v] for d, b, v in pieces], 2).to(m.device, m.dtype)
+            kv = torch.cat([self.stores[d][layer, :, :, b, :v].to(m.device, m.dtype) for d, b, v in pieces], 2)
             self.dense.write(layer, start, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = start + n
 

@@ -26,7 +26,7 @@ import torch
 
 from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.rope import apply_rope
-from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.attention import DenseKV
 from landmark_cli.retrieval.landmarks import block_scores, top_blocks
 from landmark_cli.retrieval.selection import Candidates
 from landmark_cli.retrieval.session import AnswerSession, Session
@@ -41,7 +41,7 @@ class TrainedCorpusSession(AnswerSession):
         self.reading, self.model, self.landmarks = engine.reading, engine.model, engine.landmarks
         s, c, m = self.reading, self.model.cfg, self.model
         B = s.block
-        self.stores = [as_torch(e.kv) for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
+        self.stores = [e.tensor() for e in entries]  # [L, 2, Hkv, nb, B, D] memory maps
         # every block from the first document's start and the others' first document text
         self.candidates = Candidates.of(entries, B, 0)
         cand = self.candidates

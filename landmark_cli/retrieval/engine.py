@@ -28,7 +28,7 @@ from landmark_cli.errors import LandmarkError, StoreError
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.model.loading import LoadedModel
 from landmark_cli.paths import home
-from landmark_cli.retrieval.attention import as_torch, landmark_kind
+from landmark_cli.retrieval.attention import landmark_kind
 from landmark_cli.retrieval.landmarks import N_REPS, block_reps, is_landmark_position
 from landmark_cli.retrieval.selection import ByRepresentatives
 from landmark_cli.retrieval.settings import Answering, Settings, effective_settings
@@ -136,8 +136,7 @@ class Engine:
             start = self.shared_prefix(prefix, given) if prefix is not None else 0
             if prefix is not None and start:
                 prefix.verify(slice(None), slice(None), range(start // s.block))
-                w.kv[:, :, :, :start // s.block] = prefix.kv[:, :, :, :start // s.block]
-                w.reps[:, :, :start // s.block] = prefix.reps[:, :, :start // s.block]
+                w.copy_from(prefix, start // s.block)
             self._prefill(w, torch.tensor(ids), progress, start)
             path = w.commit()
         except BaseException:
@@ -205,7 +204,7 @@ class Engine:
         (reps: the entry's representatives on the model's device, kept alongside)."""
         s, m = self.reading, self.reader
         B, end = s.block, start + chunk.shape[0]
-        store_kv = as_torch(w.kv)
+        store_kv = w.tensor()
         b0, b1 = start // B, -(-end // B)
         last_valid = n - (w.kv.shape[3] - 1) * B if end == n else None  # real tokens in the stream's last block
         sink_end = min(s.sink_tokens, start)
@@ -216,12 +215,11 @@ class Engine:
         selection = self.landmarks.selection(ranker, win0 // B, m.cfg.n_kv_heads)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            stored = []
             for j, t in enumerate((k, v)):  # this chunk's pre-RoPE keys and values, into its blocks
                 padded = torch.nn.functional.pad(t, (0, 0, 0, (b1 - b0) * B - (end - start)))
-                stored.append(padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1).to(store_kv.dtype))
-                store_kv[layer, j, :, b0:b1] = stored[-1].cpu()
-            reps[layer, :, b0:b1] = block_reps(stored[0], s.rep, valid=last_valid)  # from the keys as stored
+                w.put(layer, j, b0, padded.view(m.cfg.n_kv_heads, b1 - b0, B, -1))
+            stored = store_kv[layer, 0, :, b0:b1].to(k.device)  # the keys as stored (rounded, or int8 decoded)
+            reps[layer, :, b0:b1] = block_reps(stored, s.rep, valid=last_valid)
             w.reps[layer, :, b0:b1] = reps[layer, :, b0:b1].cpu().numpy()
             sel = selection.blocks(layer, q)
             return self._attend_chunk(layer, q, k, v, store_kv[layer], sel, sink_end, win0, start)
@@ -230,16 +228,15 @@ class Engine:
 
     def _attend_chunk(self, layer, q, k, v, layer_kv, sel, sink_end, win0, start) -> torch.Tensor:
         """Attention of one reading chunk (q, k, v pre-RoPE) over the sink [0, sink_end), the
-        blocks sel of layer_kv [2, Hkv, N, B, D], the window [win0, start) and itself, placed
+        blocks sel of layer_kv [2, Hkv, N, B, D] (kvformat.Stored), the window [win0, start) and itself, placed
         contiguously from position 0."""
         s, m = self.reading, self.reader
-        sink, win = (layer_kv[:, :, i0 // s.block:i1 // s.block].flatten(2, 3) for i0, i1 in ((0, sink_end),
-                                                                                         (win0, start)))
+        sink, win = (layer_kv[:, :, i0 // s.block:i1 // s.block].to(k.device, k.dtype).flatten(2, 3)
+                     for i0, i1 in ((0, sink_end), (win0, start)))
         T, n_sink, n_win = q.shape[1], sink.shape[2], win.shape[2]
         ret = sel.shape[1] * s.block
         pos = torch.cat([torch.arange(n_sink), torch.arange(n_win + T) + sink_end + ret])
         cos, sin = m.rope.at(pos)
-        sink, win = sink.to(k.device, k.dtype), win.to(k.device, k.dtype)
         dk = torch.cat([sink[0], win[0], k], 1)
         dv = torch.cat([sink[1], win[1], v], 1)
         ct, st = m.rope.tables(sink_end + ret + 1)

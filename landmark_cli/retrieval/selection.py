@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from landmark_cli.retrieval.landmarks import block_scores, exact_block_logits, relevance, top_blocks
+from landmark_cli.storage.kvformat import Stored
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class BandScores:
     candidate, at the scoring layers; `votes()` turns them into one relevance per block:
     softmax over blocks per query, mean over queries, KV heads and scoring layers."""
 
-    def __init__(self, layers: range, candidates: Candidates, entries: list, stores: list[torch.Tensor],
+    def __init__(self, layers: range, candidates: Candidates, entries: list, stores: list[Stored],
                  n_kv_heads: int, question: slice):
         """entries: the store entries the candidates come from; stores: their KV as tensors."""
         self.layers, self.candidates, self.entries, self.stores = layers, candidates, entries, stores

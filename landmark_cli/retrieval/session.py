@@ -16,7 +16,7 @@ from landmark_cli.errors import LandmarkError
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.model.device import stage
-from landmark_cli.retrieval.attention import DenseKV, as_torch
+from landmark_cli.retrieval.attention import DenseKV
 from landmark_cli.retrieval.landmarks import is_landmark_position, top_runs
 from landmark_cli.retrieval.selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
 from landmark_cli.storage import store
@@ -72,7 +72,7 @@ class Session(AnswerSession):
         self.rereads = self.answering.select == "shared" and self.answering.passages == "text"
         s, c, m = self.reading, self.model.cfg, self.model
         B, n = s.block, entry.n_tokens
-        self.store = as_torch(entry.kv)  # on disk, memory-mapped: read where the blocks are used
+        self.store = entry.tensor()  # on disk, memory-mapped: read where the blocks are used
         self.reps = torch.from_numpy(entry.reps).to(m.device)
         window = self.answering.window // B * B
         self.sink_end = min(s.sink_tokens, n // B * B)
@@ -107,8 +107,9 @@ class Session(AnswerSession):
         nb = entry.kv.shape[3]
         entry.verify(slice(None), slice(None), np.r_[0:self.sink_end // B, win0 // B:nb])
         for layer in range(c.n_layers):
-            flat = self.store[layer].flatten(2, 3)  # [2, Hkv, nb*B, D] view of the memory map
-            kv = torch.cat([flat[:, :, :self.sink_end], flat[:, :, win0:n]], 2).to(m.device, m.dtype)
+            sink, win = (self.store[layer, :, :, b0:b1].to(m.device, m.dtype).flatten(2, 3)  # [2, Hkv, tokens, D]
+                         for b0, b1 in ((0, self.sink_end // B), (win0 // B, nb)))
+            kv = torch.cat([sink, win[:, :, :n - win0]], 2)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = n_dense
         self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, blocks], the first step's

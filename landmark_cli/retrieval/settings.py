@@ -16,7 +16,7 @@ from landmark_cli.errors import LandmarkError
 from landmark_cli.model.checkpoint import LandmarkSpec
 
 Rep = Literal["mean", "minmax", "landmark"]  # landmark: trained models only (the <landmark> token's key)
-KVDtype = Literal["float16", "float32"]
+KVDtype = Literal["float16", "float32", "int8"]  # storage/kvformat.py
 Select = Literal["shared", "layer"]
 Order = Literal["best-last", "document"]
 Passages = Literal["cached", "text"]

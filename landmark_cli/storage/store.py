@@ -4,12 +4,14 @@ Layout of an entry `LANDMARK_HOME/store/<key>/`:
 
     meta.json       format version, shapes, settings, checksums of the small arrays
     kv.npy          [layers, 2, kv_heads, n_blocks, block, head_dim]  pre-RoPE keys (0) and values (1)
+    scales.npy      [layers, 2, kv_heads, n_blocks, head_dim]  float16 scales of int8 codes (kvformat.py; int8 only)
     reps.npy        [layers, kv_heads, n_blocks, n_reps, head_dim]    block representatives (loaded whole)
     ids.npy         [n_tokens] int32 token ids
     spans.npy       [n_blocks, 2] int64 character span of each block in the document (-1 = prompt)
-    block_sums.npy  [layers, 2, n_blocks] uint64 checksum of each block's keys (0) and values (1)
+    block_sums.npy  [layers, 2, n_blocks] uint64 checksum of each block's keys (0) and values (1),
+                    their scales included
 
-`kv.npy` is memory-mapped, so reading one block touches only its bytes. An entry is
+`kv.npy` (and `scales.npy`) are memory-mapped, so reading one block touches only its bytes. An entry is
 built in `<key>.tmp-*` and renamed into place when complete; its writer holds the lock
 file inside that directory, so a directory whose lock is free belongs to a writer that
 is gone (a crash, a kill) and the next engine on the store removes it. `open_entry`
@@ -35,15 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 
 from landmark_cli.errors import StoreError
+from landmark_cli.storage.kvformat import Stored, quantize, stored_kv
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SMALL = ("reps", "ids", "spans", "block_sums")
 WRITER_LOCK = "writer.lock"  # held inside a temporary entry by the process writing it
 SUM_CHUNK = 256  # blocks checksummed at a time (bounds the temporary memory)
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class DamagedEntry(StoreError):
@@ -80,6 +85,21 @@ def block_checksums(blocks: np.ndarray) -> np.ndarray:
         return (words * weights).sum(2, dtype=np.uint64).sum(0, dtype=np.uint64)
 
 
+def part_checksums(kv: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """Checksums [n] of blocks kv [kv_heads, n, block, head_dim] with their int8 scales
+    [kv_heads, n, head_dim] (None for float formats): the codes' sum plus the scales'."""
+    sums = block_checksums(kv)
+    if scales is not None:
+        with np.errstate(over="ignore"):
+            sums += block_checksums(scales[:, :, None])
+    return sums
+
+
+def part_damaged(kv: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """[n] bool: blocks holding a value that is not finite (int8: in their scales)."""
+    return non_finite(kv) if scales is None else non_finite(scales[:, :, None])
+
+
 def non_finite(blocks: np.ndarray) -> np.ndarray:
     """blocks [kv_heads, n, block, head_dim] (fp16 or fp32) -> [n] bool: holds an inf or NaN
     (read from the exponent bits, without converting the values)."""
@@ -90,14 +110,17 @@ def non_finite(blocks: np.ndarray) -> np.ndarray:
     return np.asarray(hit.any(axis=(0, 2)))
 
 
-def kv_checksums(kv: np.ndarray) -> np.ndarray:
-    """kv [layers, 2, kv_heads, n_blocks, block, head_dim] -> [layers, 2, n_blocks] uint64."""
+def kv_checksums(kv: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
+    """kv [layers, 2, kv_heads, n_blocks, block, head_dim] (scales [layers, 2, kv_heads,
+    n_blocks, head_dim] for int8) -> [layers, 2, n_blocks] uint64."""
     L, _, _, N = kv.shape[:4]
     out = np.zeros((L, 2, N), dtype=np.uint64)
     for layer in range(L):
         for j in range(2):
             for b in range(0, N, SUM_CHUNK):
-                out[layer, j, b:b + SUM_CHUNK] = block_checksums(kv[layer, j, :, b:b + SUM_CHUNK])
+                part = slice(b, b + SUM_CHUNK)
+                out[layer, j, part] = part_checksums(kv[layer, j, :, part],
+                                                     None if scales is None else scales[layer, j, :, part])
     return out
 
 
@@ -179,7 +202,8 @@ class Entry:
 
     path: Path
     meta: dict
-    kv: np.ndarray
+    kv: np.ndarray  # float16 or float32 values, or int8 codes
+    scales: np.ndarray | None  # the int8 codes' scales (kvformat.py); None for float formats
     reps: np.ndarray
     ids: np.ndarray
     spans: np.ndarray
@@ -193,6 +217,11 @@ class Entry:
     @property
     def n_tokens(self) -> int:
         return int(self.meta["n_tokens"])
+
+    def tensor(self) -> Stored:
+        """The keys and values [layers, 2, kv_heads, n_blocks, block, head_dim] as attention
+        reads them (memory-mapped: nothing is read until used; verify first)."""
+        return stored_kv(self.kv, self.scales)
 
     def verify(self, layers, parts, blocks) -> None:
         """Check the keys (part 0) and/or values (part 1) of `blocks` in `layers` against
@@ -211,7 +240,9 @@ class Entry:
                 for b in range(0, todo.size, SUM_CHUNK):
                     chunk = todo[b:b + SUM_CHUNK]
                     data = self.kv[layer, j][:, chunk]  # [kv_heads, n, block, head_dim]: only these blocks are read
-                    bad = (block_checksums(data) != self.block_sums[layer, j, chunk]) | non_finite(data)
+                    scales = None if self.scales is None else self.scales[layer, j][:, chunk]
+                    bad = (part_checksums(data, scales) != self.block_sums[layer, j, chunk]) | \
+                        part_damaged(data, scales)
                     if bad.any():
                         raise DamagedEntry(self.path, int(layer), int(chunk[bad.argmax()]))
                 self.verified[layer, j, todo] = True
@@ -229,6 +260,8 @@ class Writer:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
         L, H, N, B, D, R = (shape[k] for k in ("layers", "kv_heads", "n_blocks", "block", "head_dim", "n_reps"))
         self.kv = open_memmap(self.tmp / "kv.npy", mode="w+", dtype=kv_dtype, shape=(L, 2, H, N, B, D))
+        self.scales = open_memmap(self.tmp / "scales.npy", mode="w+", dtype=np.float16, shape=(L, 2, H, N, D)) \
+            if kv_dtype == "int8" else None
         self.reps = np.zeros((L, H, N, R, D), dtype=np.float32)
         self.ids = np.zeros(shape["n_tokens"], dtype=np.int32)
         self.spans = np.full((N, 2), -1, dtype=np.int64)
@@ -236,15 +269,39 @@ class Writer:
         self.lock = FileLock(str(self.tmp / WRITER_LOCK))  # tells sweep_temporaries this writer is alive
         self.lock.acquire()
 
+    def tensor(self) -> Stored:
+        """What is written so far, as attention reads it (Entry.tensor)."""
+        return stored_kv(self.kv, self.scales)
+
+    def put(self, layer: int, part: int, first: int, blocks: torch.Tensor) -> None:
+        """Write blocks [kv_heads, n, block, head_dim] (floats, any device) as blocks
+        [first, first + n) of `layer`'s keys (part 0) or values (part 1)."""
+        rows = slice(first, first + blocks.shape[1])
+        if self.scales is None:
+            self.kv[layer, part, :, rows] = blocks.to("cpu", TORCH_DTYPES[self.kv.dtype.name]).numpy()
+        else:
+            codes, scales = quantize(blocks)
+            self.kv[layer, part, :, rows] = codes.cpu().numpy()
+            self.scales[layer, part, :, rows] = scales.cpu().numpy()
+
+    def copy_from(self, entry: "Entry", n_blocks: int) -> None:
+        """The first n_blocks blocks of every layer, as `entry` (of the same format) holds them."""
+        self.kv[:, :, :, :n_blocks] = entry.kv[:, :, :, :n_blocks]
+        if self.scales is not None and entry.scales is not None:
+            self.scales[:, :, :, :n_blocks] = entry.scales[:, :, :, :n_blocks]
+        self.reps[:, :, :n_blocks] = entry.reps[:, :, :n_blocks]
+
     def commit(self) -> Path:
         self.kv.flush()
-        self.block_sums = kv_checksums(self.kv)
+        if self.scales is not None:
+            self.scales.flush()
+        self.block_sums = kv_checksums(self.kv, self.scales)
         checks = {}
         for name in SMALL:
             a = getattr(self, name)
             np.save(self.tmp / f"{name}.npy", a, allow_pickle=False)
             checks[name] = digest(a)
-        del self.kv  # close the memory map before renaming
+        del self.kv, self.scales  # close the memory maps before renaming
         meta = {**self.meta, "checksums": checks, "created": time.time()}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         self.lock.release()
@@ -258,7 +315,7 @@ class Writer:
 
     def abort(self) -> None:
         if hasattr(self, "kv"):
-            del self.kv
+            del self.kv, self.scales
         self.lock.release()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -273,8 +330,13 @@ def open_entry(path: Path) -> Entry | None:
         kv = np.load(path / "kv.npy", mmap_mode="r", allow_pickle=False)
         if kv.shape != (L, 2, H, N, B, D) or str(kv.dtype) != meta["kv_dtype"]:
             return None
-        expected = kv.offset + kv.size * kv.itemsize
-        if (path / "kv.npy").stat().st_size != expected:
+        scales = None
+        if meta["kv_dtype"] == "int8":
+            scales = np.load(path / "scales.npy", mmap_mode="r", allow_pickle=False)
+            if scales.shape != (L, 2, H, N, D) or scales.dtype != np.float16 or not _complete(path / "scales.npy",
+                                                                                              scales):
+                return None
+        if not _complete(path / "kv.npy", kv):
             return None
         small = {}
         for name in SMALL:
@@ -285,9 +347,14 @@ def open_entry(path: Path) -> Entry | None:
         if small["reps"].shape != (L, H, N, R, D) or small["ids"].shape != (meta["n_tokens"],) \
                 or small["block_sums"].shape != (L, 2, N):
             return None
-        return Entry(path=path, meta=meta, kv=kv, **small, hold=Hold(path))
+        return Entry(path=path, meta=meta, kv=kv, scales=scales, **small, hold=Hold(path))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None
+
+
+def _complete(file: Path, a: np.memmap) -> bool:
+    """Whether the .npy file holding the memory map `a` is exactly as long as its header says."""
+    return file.stat().st_size == a.offset + a.size * a.itemsize
 
 
 def remove(path: Path) -> None:
