@@ -12,6 +12,21 @@ Reports (medians of --runs where repeated):
 
 --dtype is the CLI's (mixed: on the CPU float32 reading and, where this CPU is faster so,
 float16 answering); transformers always runs in float32.
+
+    python benchmarks/bench_ask.py --vs-llama-cpp [--dtypes float32,mixed,bfloat16] [--runs 3]
+
+times llama.cpp instead, side by side with ours for each --dtypes, each in a process of
+its own (its peak RSS is its own): prompt tokens/s at --prompts (0.5k, 2k, 8k tokens of
+the same text; ours: reading it into an empty store) and decode tokens/s (32 tokens after
+the 0.5k prompt; ours: answer steps on the cached reading), medians of --runs, the same
+threads, ratios to llama.cpp. llama.cpp runs the GGUF file the default model is converted
+from, through llama-cpp-python, which is not a dependency. Build it once, outside the
+project's environment, and point the benchmark at it:
+
+    pip install --no-deps --target ~/.cache/landmark/llama-cpp llama-cpp-python   # compiles llama.cpp
+    python benchmarks/bench_ask.py --vs-llama-cpp --llama-cpp-path ~/.cache/landmark/llama-cpp
+
+Without it that part is skipped with a message.
 """
 
 from __future__ import annotations
@@ -19,10 +34,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
 from landmark_cli.model.device import resolve_dtypes  # noqa: E402
-from landmark_cli.model.loading import load_model, resolve_dir  # noqa: E402
+from landmark_cli.model.loading import default_gguf, load_model, resolve_dir  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
 from landmark_cli.retrieval.session import Session  # noqa: E402
@@ -78,6 +95,113 @@ def decode_rate(eng: Engine, entry, suffix: list[int]) -> float:
     return NEW_TOKENS / (time.perf_counter() - t0)
 
 
+def peak_rss_mib() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """The first n tokens of the benchmark's text (both systems tokenize it alike: the same vocabulary)."""
+    return tokenizer(first_tokens(tokenizer, corpus(), n), add_special_tokens=False)["input_ids"][:n]
+
+
+def worker_llama_cpp(args) -> dict:
+    """llama.cpp on the default model's GGUF: prompt tokens/s per length, decode tokens/s."""
+    from llama_cpp import Llama
+
+    lengths = [parse_length(x) for x in args.prompts.split(",")]
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(default_gguf()), n_ctx=max(lengths) + 2 * NEW_TOKENS, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, verbose=False)
+    tok = load_model("default").tokenizer
+    out: dict = {"system": "llama.cpp", "threads": threads, "prompt_tok_s": {}}
+    for n in lengths:
+        ids, times = prompt_ids(tok, n), []
+        for _ in range(args.runs):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            times.append(time.perf_counter() - t0)
+        out["prompt_tok_s"][str(n)] = round(n / statistics.median(times), 1)
+    rates = []
+    for _ in range(args.runs):
+        gen = llm.generate(prompt_ids(tok, lengths[0]), temp=0.0, reset=True)
+        next(gen)  # the prompt, and the first token
+        t0 = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            next(gen)
+        rates.append(NEW_TOKENS / (time.perf_counter() - t0))
+    out["decode_tok_s"] = round(statistics.median(rates), 1)
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def worker_landmark(args) -> dict:
+    """Ours in --dtype: reading tokens/s per length (into an empty store), decode tokens/s."""
+    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
+    lm = load_model("default", reading, answer_dtype=answering)
+    lengths = [parse_length(x) for x in args.prompts.split(",")]
+    out: dict = {"system": f"landmark --dtype {args.dtype}", "runtime": lm.runtime(),
+                 "threads": torch.get_num_threads(), "prompt_tok_s": {}}
+    warm = prompt_ids(lm.tokenizer, 600)
+    with tempfile.TemporaryDirectory(prefix="landmark-bench-") as scratch:
+        Engine(lm, Settings(), root=Path(scratch) / "warm").read(warm)  # first-call costs
+        entry, eng = None, None
+        for n in lengths:
+            ids, times = prompt_ids(lm.tokenizer, n), []
+            for r in range(args.runs):
+                e = Engine(lm, Settings(), root=Path(scratch) / f"{n}-{r}")
+                t0 = time.perf_counter()
+                got, _ = e.read(ids)
+                times.append(time.perf_counter() - t0)
+                if n == lengths[0] and r == 0:
+                    entry, eng = got, e
+            out["prompt_tok_s"][str(n)] = round(n / statistics.median(times), 1)
+        assert entry is not None and eng is not None
+        suffix = prompt_ids(lm.tokenizer, 16)  # a short continuation of the cached reading, then 32 steps
+        out["decode_tok_s"] = round(statistics.median(decode_rate(eng, entry, suffix) for _ in range(args.runs)), 1)
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def side_by_side(args) -> None:
+    """llama.cpp and ours for each of --dtypes, each in a child process of this script."""
+    env = dict(os.environ)
+    if args.llama_cpp_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.llama_cpp_path).expanduser()),
+                                                          env.get("PYTHONPATH")]))
+    common = ["--prompts", args.prompts, "--runs", str(args.runs)]
+    rows = []
+    found = subprocess.run([sys.executable, "-c", "import llama_cpp"], env=env, capture_output=True).returncode == 0
+    if not found:
+        print("llama-cpp-python is not importable: llama.cpp skipped (see this script's docstring to build it)",
+              flush=True)
+    for worker, dtype in ([("llama_cpp", "-")] if found else []) + [("landmark", d) for d in args.dtypes.split(",")]:
+        cmd = [sys.executable, __file__, "--worker", worker, "--dtype", dtype, *common]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{worker} {dtype} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0] if found else None
+    lengths = list(rows[0]["prompt_tok_s"])
+    head = ["system"] + [f"prompt {int(n):,} tok/s" for n in lengths] + ["decode tok/s", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def cell(value: float, ref: float | None) -> str:
+        return f"{value:,.0f}" + (f" ({value / ref:.2f}x)" if ref else "")
+
+    for r in rows:
+        ref = base if base is not None and r is not base else None
+        cells = [cell(r["prompt_tok_s"][n], ref["prompt_tok_s"][n] if ref else None) for n in lengths]
+        cells += [cell(r["decode_tok_s"], ref["decode_tok_s"] if ref else None), f"{r['peak_rss_mib']:,}"]
+        lines.append(f"| {r.get('runtime', r['system'])} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + (f"\n\n{platform.processor() or platform.machine()}, {rows[0]['threads']} threads, "
+                                f"torch {torch.__version__}; medians of {args.runs} runs; in brackets: ratio to "
+                                "llama.cpp (higher is faster).")
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "table": table}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--short", default="4k")
@@ -85,8 +209,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="auto | mixed | float32 | bfloat16 | float16 (landmark's)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--vs-llama-cpp", action="store_true", help="llama.cpp side by side (see the docstring)")
+    ap.add_argument("--llama-cpp-path", default=None, help="where llama-cpp-python is installed (--target)")
+    ap.add_argument("--dtypes", default="float32,mixed,bfloat16", help="ours, beside llama.cpp")
+    ap.add_argument("--prompts", default="0.5k,2k,8k", help="prompt lengths beside llama.cpp")
+    ap.add_argument("--worker", choices=["llama_cpp", "landmark"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.worker:
+        print(json.dumps((worker_llama_cpp if args.worker == "llama_cpp" else worker_landmark)(args)))
+        return
+    if args.vs_llama_cpp:
+        side_by_side(args)
+        return
     reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
     lm = load_model("default", reading, answer_dtype=answering)
     tok = lm.tokenizer

@@ -67,9 +67,9 @@ def main() -> None:
         store.Entry.verify = checked  # type: ignore[method-assign]
         L, _, H, N, B, D = entry.kv.shape
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    block_bytes = H * B * D * entry.kv.itemsize
+    block_bytes = H * B * D * entry.kv.itemsize + (0 if entry.scales is None else H * D * entry.scales.itemsize)
     result = {
-        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "kv_dtype": entry.meta["kv_dtype"],
         "document_tokens": len(prompt.ids), "runs": args.runs, "answer_tokens": NEW_TOKENS,
         "answer_s_checked": round(on, 3), "answer_s_unchecked": round(off, 3), "ratio": round(on / off, 3),
         "blocks_checked": blocks_checked, "blocks_in_entry": L * 2 * N,
