@@ -539,11 +539,12 @@ def cache_list(as_json: Annotated[bool, typer.Option("--json", help="print one J
         print(json.dumps({"entries": [c.as_json() for c in listed], "bytes": sum(c.bytes for c in listed)}))
         return
     table = Table(title=f"{_cache_root()}: {len(listed)} entries, {_size(sum(c.bytes for c in listed))}")
-    for column in ("document", "model", "tokens", "size", "last used", "state"):
+    for column in ("document", "model", "tokens", "KV", "size", "last used", "state"):
         table.add_column(column)
     for c in listed:
         state = "damaged" if not c.intact else "in use" if c.in_use else "ok"
-        table.add_row(c.source or "?", c.model or "?", f"{c.tokens:,}" if c.tokens else "?", _size(c.bytes),
+        table.add_row(c.source or "?", c.model or "?", f"{c.tokens:,}" if c.tokens else "?",
+                      str(c.settings.get("kv_dtype", "?")), _size(c.bytes),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used)), state)
     out.print(table)
 
