@@ -23,7 +23,7 @@ threads, ratios to llama.cpp. llama.cpp runs the GGUF file the default model is 
 from, through llama-cpp-python, which is not a dependency. Build it once, outside the
 project's environment, and point the benchmark at it:
 
-    pip install --no-deps --target ~/.cache/landmark/llama-cpp llama-cpp-python   # compiles llama.cpp
+    pip install --no-deps --target ~/.cache/landmark/llama-cpp llama-cpp-python diskcache  # compiles llama.cpp
     python benchmarks/bench_ask.py --vs-llama-cpp --llama-cpp-path ~/.cache/landmark/llama-cpp
 
 Without it that part is skipped with a message.
@@ -107,12 +107,13 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def worker_llama_cpp(args) -> dict:
     """llama.cpp on the default model's GGUF: prompt tokens/s per length, decode tokens/s."""
     from llama_cpp import Llama
+    from transformers import AutoTokenizer
 
     lengths = [parse_length(x) for x in args.prompts.split(",")]
     threads = torch.get_num_threads()
     llm = Llama(model_path=str(default_gguf()), n_ctx=max(lengths) + 2 * NEW_TOKENS, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, verbose=False)
-    tok = load_model("default").tokenizer
+    tok = AutoTokenizer.from_pretrained(resolve_dir("default"))  # the tokenizer alone: RSS is llama.cpp's
     out: dict = {"system": "llama.cpp", "threads": threads, "prompt_tok_s": {}}
     for n in lengths:
         ids, times = prompt_ids(tok, n), []
