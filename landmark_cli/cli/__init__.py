@@ -91,7 +91,7 @@ PassagesOpt = Annotated[Optional[PassagesChoice], typer.Option("--passages", hel
 KVDtypeOpt = Annotated[Optional[KVDtypeChoice], typer.Option("--kv-dtype", help="how the cache keeps keys and "
                                                              "values: int8 (a float16 scale per block, head and "
                                                              "channel; about half the bytes of float16), float16 or "
-                                                             "float32 (default: float16)", show_default=False)]
+                                                             "float32 (default: int8)", show_default=False)]
 OrderOpt = Annotated[OrderChoice, typer.Option("--order", help="shared selection: the retrieved passages best last "
                                                "(nearest the question) or in document order")]
 

@@ -46,7 +46,7 @@ class Reading:
     window: int = 1024  # local window before each step (rounded down to whole blocks)
     chunk: int = 512  # document tokens per reading step (rounded down to whole blocks)
     rep: Rep = "mean"  # block representative
-    kv_dtype: KVDtype = "float16"  # KV store precision on disk
+    kv_dtype: KVDtype = "int8"  # how the store keeps keys and values (storage/kvformat.py)
 
     def __post_init__(self):
         if self.block < 1 or (self.top_k or 0) < 0 or self.sink < 0 or self.window < 0:
