@@ -11,16 +11,16 @@ Layout of an entry `LANDMARK_HOME/store/<key>/`:
     block_sums.npy  [layers, 2, n_blocks] uint64 checksum of each block's keys (0) and values (1),
                     their scales included
 
-`kv.npy` (and `scales.npy`) are memory-mapped, so reading one block touches only its bytes. An entry is
-built in `<key>.tmp-*` and renamed into place when complete; its writer holds the lock
-file inside that directory, so a directory whose lock is free belongs to a writer that
-is gone (a crash, a kill) and the next engine on the store removes it. `open_entry`
-checks the format version, the shapes and sizes of every file and the checksums of the
-small arrays; anything wrong means "no valid entry" and the caller rebuilds it. The
-keys and values are checked block by block as they are used (`Entry.verify`): a block
-whose checksum does not match, or that holds a value that is not finite, raises
-`DamagedEntry`, so nothing is ever computed from damaged data and the cost of checking
-stays proportional to what a question reads.
+`kv.npy` and `scales.npy` are memory-mapped, so reading one block touches only its
+bytes. An entry is built in `<key>.tmp-*` and renamed into place when complete; its
+writer holds the lock file inside that directory, so a directory whose lock is free
+belongs to a writer that is gone (a crash, a kill) and the next engine on the store
+removes it. `open_entry` checks the format version, the shapes and sizes of every file
+and the checksums of the small arrays; anything wrong means "no valid entry" and the
+caller rebuilds it. The keys and values are checked block by block as they are used
+(`Entry.verify`): a block whose checksum does not match, or that holds a value that is
+not finite, raises `DamagedEntry`, so nothing is ever computed from damaged data and
+the cost of checking stays proportional to what a question reads.
 """
 
 from __future__ import annotations
