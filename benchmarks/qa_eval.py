@@ -10,7 +10,8 @@ model (at most --max-tokens tokens):
 
   landmark variants  `landmark ask` (a folder: `ask DIR`) with one set of answer-time settings
                      (VARIANTS); the document is read once, with the default reading settings
-                     and the KV format --kv-dtype (recorded as "<variant>+<format>" unless float16);
+                     and the KV format --kv-dtype (recorded as "<variant>+<format>" unless float16),
+                     the model in --dtype (default float32; "+<dtype>" added to the name otherwise);
   truncate           full attention over the start of the document that fits the model's context;
   rag                the 5 chunks of about 120 words whose all-MiniLM-L6-v2 embeddings are
                      nearest the question's, in document order, read with full attention;
@@ -48,6 +49,7 @@ from landmark_cli.bench import passkey  # noqa: E402
 from landmark_cli.bench.passkey_run import full_capacity, full_settings, machine  # noqa: E402
 from landmark_cli.documents import find_documents, load_document  # noqa: E402
 from landmark_cli.index import Indexer  # noqa: E402
+from landmark_cli.model.device import resolve_dtypes  # noqa: E402
 from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.paths import home  # noqa: E402
 from landmark_cli.prompts import ask_prompt, document_tokens  # noqa: E402
@@ -206,6 +208,7 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
                 for variant in systems:
                     system = variant if variant not in VARIANTS or args.kv_dtype == "float16" else \
                         f"{variant}+{args.kv_dtype}"
+                    system += "" if args.dtype == "float32" else f"+{args.dtype}"
                     if (case.name, q.text, system) in done or (system == "full" and case.suite == "prose"
                                                                 and case.tokens != shortest):
                         continue  # done, or the prose ceiling, which is the shortest document's
@@ -300,6 +303,8 @@ def main():
     ap.add_argument("--halves", default="tune,held", help="which questions: tune, held or both")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--kv-dtype", default=Reading().kv_dtype, help="the store's KV format for the variants")
+    ap.add_argument("--dtype", default="float32",
+                    help="the model's --dtype, e.g. mixed (recorded as \"<system>+<dtype>\" unless float32)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/qa_eval_cpu.jsonl")
     ap.add_argument("--data", type=Path, default=None, help="where the texts go (default: LANDMARK_HOME/qa-eval)")
     ap.add_argument("--report", action="store_true", help="only print the table of the results file")
@@ -307,7 +312,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model("default")
+    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
+    lm = load_model("default", reading, answer_dtype=answering)
     if not args.report:
         args.data = args.data or home() / "qa-eval"
         args.scratch = args.data / "full-attention-store"

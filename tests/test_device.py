@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def test_resolution():
     assert resolve_device("cpu") == CPU
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
-    assert resolve_dtypes("auto", CPU) == (torch.float32, torch.float32)
+    assert resolve_dtypes("auto", CPU) == resolve_dtypes("mixed", CPU)
     assert resolve_dtypes("mixed", CPU)[0] == torch.float32  # reading: exact
     assert resolve_dtypes("mixed", CPU)[1] in (torch.float32, torch.float16)  # answering: measured
     assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16)
@@ -145,11 +145,19 @@ def test_the_cpu_answer_dtype_is_measured_once_and_kept(monkeypatch, landmark_ho
 
 def test_reading_and_answering_in_two_dtypes(tiny_dir, tmp_path):
     """--dtype mixed on a CPU that answers faster in float16: documents are read by the
-    float32 weights (the same store as reading in float32 alone), answers come from a
-    float16 copy."""
+    float32 weights (the same store as reading in float32 alone), answers come from float16
+    copies of the matrices, sharing the embeddings and norms, with float32 activations and
+    logits close to the reader's."""
     split = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)
-    assert split.reading_model.dtype == torch.float32 and split.model.dtype == torch.float16
+    reader, answer = split.reading_model, split.model
+    assert reader.matrix_dtype == torch.float32 and answer.matrix_dtype == torch.float16
+    assert answer.dtype == torch.float32 and answer.w is reader.w
     assert "float32 reading, float16 answering" in split.runtime()
+    x = torch.randint(0, answer.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact, got = reader.forward(x), answer.forward(x)
+    assert got.dtype == torch.float32
+    assert 0 < (got - exact).abs().max().item() < 1e-2 * exact.abs().max().item()
     ids = list(range(3, 203))
     settings = Settings(Reading(block=8, top_k=3, sink=8, window=16, chunk=32, kv_dtype="float32"))
     a, _ = Engine(split, settings, root=tmp_path / "a").read(ids)

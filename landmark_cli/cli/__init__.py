@@ -125,15 +125,17 @@ def _progress() -> Progress:
                     console=err, transient=True, disable=not err.is_terminal)
 
 
-def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = "auto"):
-    """Load --model on --device in --dtype, with --kernels; returns (LoadedModel, seconds)."""
+def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = "auto", answers: bool = True):
+    """Load --model on --device in --dtype, with --kernels; returns (LoadedModel, seconds).
+    answers=False: the command only reads documents, so no answering copy of the weights."""
     from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtypes
     from landmark_cli.model.loading import load_model
 
     where = resolve_device(device)
     (reading, answering), kernels = resolve_dtypes(dtype, where), check_kernels(kernels, where)
     t0 = time.perf_counter()
-    lm = load_model(model, reading, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"), answer_dtype=answering)
+    lm = load_model(model, reading, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"),
+                    answer_dtype=answering if answers else None)
     lm.kernels = kernels
     return lm, time.perf_counter() - t0
 
@@ -316,7 +318,7 @@ def index(
 
     settings = _settings(top_k, block_size, window, sink, chunk, rep, landmarks=landmarks, kv_dtype=kv_dtype)
     find_documents(folder)  # a missing folder fails before the model loads
-    lm, _ = _load(model, device, dtype, kernels)
+    lm, _ = _load(model, device, dtype, kernels, answers=False)
     if status:
         states = Indexer(lm, settings).status(folder)
         if as_json:

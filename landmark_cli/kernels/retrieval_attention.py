@@ -70,9 +70,8 @@ def rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, device=None)
 
 
 def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin,
-                                  ret_pos0, *, sm_scale=None, landmark_keys=None, rotated=None):
-    """Plain torch version (the CPU path); same arguments as retrieval_attention.
-    rotated: rotated_blocks(...) of these arguments, when the caller keeps them across steps."""
+                                  ret_pos0, *, sm_scale=None, landmark_keys=None):
+    """Plain torch version (the CPU path); same arguments as retrieval_attention."""
     hq, t, d = q.shape
     hkv, n_dense, _ = k_dense.shape
     kb, bsz = block_idx.shape[1], k_store.shape[2]
@@ -80,7 +79,7 @@ def retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_i
     dev = q.device
     qf = q.float().reshape(hkv, hq // hkv * t, d)  # [Hkv, G*T, D], rows (g, t)
 
-    k_ret, v_ret = rotated or rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, dev)
+    k_ret, v_ret = rotated_blocks(k_store, v_store, block_idx, cos, sin, ret_pos0, dev)
     visible = torch.arange(n_dense, device=dev)[None, :] <= (n_dense - t + torch.arange(t, device=dev))[:, None]
 
     if landmark_keys is None and t > DECODE_ROWS:  # one softmax over [retrieved, dense]: PyTorch's fused attention
@@ -370,7 +369,7 @@ def _retrieval_triton(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin
 
 
 def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, sin, ret_pos0,
-                        *, sm_scale=None, landmark_keys=None, impl="auto", rotated=None):
+                        *, sm_scale=None, landmark_keys=None, impl="auto"):
     """Attention of T queries over dense context + retrieved store blocks (module docstring).
 
     q: [Hq, T, D] (RoPE'd); k_dense, v_dense: [Hkv, L, D], L >= T, keys RoPE'd;
@@ -379,8 +378,6 @@ def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, s
     each row equal: the kernel reads the first halves); landmark_keys: optional [Hkv, N, D]
     pre-RoPE landmark keys (grouped softmax). Returns [Hq, T, D] in q.dtype.
     impl: "auto" (Triton when every tensor is on CUDA and triton imports), "torch", "triton".
-    rotated: for the torch path, rotated_blocks(...) kept by a caller whose selection does
-    not change between steps (the kernel reads the blocks in place and ignores it).
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
@@ -396,7 +393,7 @@ def retrieval_attention(q, k_dense, v_dense, k_store, v_store, block_idx, cos, s
                                                    and d & (d - 1) == 0)):
         return retrieval_attention_reference(q, k_dense, v_dense, k_store, v_store, block_idx,
                                              cos, sin, ret_pos0, sm_scale=scale,
-                                             landmark_keys=landmark_keys, rotated=rotated)
+                                             landmark_keys=landmark_keys)
     if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     if not all(x.device == q.device for x in tensors):

@@ -50,20 +50,18 @@ def resolve_device(spec: str | None) -> torch.device:
 
 
 def resolve_dtypes(spec: str | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """--dtype -> the weights' and activations' dtype (reading, answering). A named dtype is
-    used for both. auto: bfloat16 on a GPU (float16 where the GPU has no bfloat16), float32
-    on the CPU. mixed (the CPU): float32 for reading (compute-bound: exact and, without
-    native float16 arithmetic, the fastest) and, for answering (memory-bound: every token
-    streams all the weights), float16 where this CPU multiplies a float16 matrix by a
-    vector clearly faster than a float32 one (`cpu_answer_dtype`), else float32. mixed is
-    not auto: float16 changed one answer of the end-to-end folder test."""
+    """--dtype -> the weights' dtype for (reading, answering). A named dtype is used for
+    both, activations included. auto: bfloat16 on a GPU (float16 where the GPU has no
+    bfloat16); on the CPU the same as mixed. mixed (the CPU): float32 for reading
+    (compute-bound: exact and, without native float16 arithmetic, the fastest) and, for
+    answering (memory-bound: every token streams all the matrices), float16 matrices with
+    float32 activations (loading.load_model) where this CPU multiplies a float16 matrix by
+    a vector clearly faster than a float32 one (`cpu_answer_dtype`), else float32."""
     spec = (spec or "auto").strip().lower()
     if spec in ("auto", "mixed") and device.type == "cuda":
         half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return half, half
-    if spec == "auto":
-        return torch.float32, torch.float32
-    if spec == "mixed":
+    if spec in ("auto", "mixed"):
         return torch.float32, cpu_answer_dtype()
     if spec not in DTYPES:
         raise LandmarkError(f"unknown dtype {spec!r}", f"use --dtype auto | mixed | {' | '.join(DTYPES)}")

@@ -113,6 +113,14 @@ class Rope:
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T; a matrix kept in another dtype than the activations (`Llama.with_matrices`)
+    multiplies them cast to its dtype and gives its result back in theirs."""
+    if x.dtype == w.dtype:
+        return x @ w.T
+    return (x.to(w.dtype) @ w.T).to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -143,6 +151,24 @@ class Llama:
             return self
         return Llama(self.cfg, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.state_dict().items()})
 
+    @property
+    def matrix_dtype(self) -> torch.dtype:
+        """The dtype of the projection matrices and the LM head (`dtype` unless `with_matrices`)."""
+        return self.lm_head.dtype
+
+    def with_matrices(self, dtype: torch.dtype) -> "Llama":
+        """This model with its projection matrices and LM head in `dtype` (new tensors) and
+        everything else shared with it: the embeddings, the norms and so the activations
+        (the residual stream, norms and attention) stay in this model's dtype. Decoding
+        streams every matrix once per token, so their bytes set its speed; the activations
+        are a few thousand numbers and keep their precision."""
+        m = Llama.__new__(Llama)
+        m.cfg, m.dtype, m.device, m.rope, m.w = self.cfg, self.dtype, self.device, self.rope, self.w
+        m.lm_head = self.lm_head.to(dtype)
+        matrices = ("qkv", "o", "gate_up", "down")
+        m.layers = [{k: v.to(dtype) if k in matrices else v for k, v in L.items()} for L in self.layers]
+        return m
+
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
@@ -166,7 +192,7 @@ class Llama:
         """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied.
         (A leading batch dimension passes through: [Bt, T, dim] -> [Bt, H, T, D] etc.)"""
         c, L = self.cfg, self.layers[i]
-        h = rms_norm(x, L["attn_norm"], c.norm_eps) @ L["qkv"].T
+        h = linear(rms_norm(x, L["attn_norm"], c.norm_eps), L["qkv"])
         q, k, v = h.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
         q = q.unflatten(-1, (c.n_heads, c.head_dim)).transpose(-3, -2)  # [H, T, D]
         k = k.unflatten(-1, (c.n_kv_heads, c.head_dim)).transpose(-3, -2)  # [Hkv, T, D]
@@ -176,13 +202,13 @@ class Llama:
     def finish(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """residual stream x [T, dim] + attention output attn [H, T, D] -> next hidden [T, dim]"""
         c, L = self.cfg, self.layers[i]
-        x = x + attn.transpose(-3, -2).flatten(-2) @ L["o"].T
-        gate, up = (rms_norm(x, L["mlp_norm"], c.norm_eps) @ L["gate_up"].T).chunk(2, -1)
-        return x + (F.silu(gate) * up) @ L["down"].T
+        x = x + linear(attn.transpose(-3, -2).flatten(-2), L["o"])
+        gate, up = linear(rms_norm(x, L["mlp_norm"], c.norm_eps), L["gate_up"]).chunk(2, -1)
+        return x + linear(F.silu(gate) * up, L["down"])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """hidden [T, dim] -> logits [T, vocab] (callers pass only the positions they read)."""
-        return rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps) @ self.lm_head.T
+        return linear(rms_norm(x, self.w["model.norm.weight"], self.cfg.norm_eps), self.lm_head)
 
     def forward(self, ids: torch.Tensor, is_landmark: torch.Tensor | None = None, local_layers: int = 0,
                 local_blocks: int = 1) -> torch.Tensor:

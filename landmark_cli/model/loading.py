@@ -54,10 +54,13 @@ class LoadedModel:
     def runtime(self) -> str:
         """Where and how the model runs, e.g. "cuda:0, bfloat16, kernels auto" or
         "cpu, float32 reading, float16 answering, kernels auto"."""
-        name = str(self.model.dtype).removeprefix("torch.")
-        if self.reader is not None and self.reader.dtype != self.model.dtype:
-            name = f"{str(self.reader.dtype).removeprefix('torch.')} reading, {name} answering"
-        return f"{self.model.device}, {name}, kernels {self.kernels}"
+        return f"{self.model.device}, {self.dtypes()}, kernels {self.kernels}"
+
+    def dtypes(self) -> str:
+        """The weights' dtype, e.g. "float32", or "float32 reading, float16 answering"."""
+        answer = str(self.model.matrix_dtype).removeprefix("torch.")
+        read = str(self.reading_model.matrix_dtype).removeprefix("torch.")
+        return answer if read == answer else f"{read} reading, {answer} answering"
 
     @property
     def is_chat(self) -> bool:
@@ -185,10 +188,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     tokenizer and HF config. The safetensors files are memory-mapped and read one tensor at
     a time straight onto the device: no second copy of the model in RAM.
 
-    answer_dtype: answer in another dtype than documents are read in (the CPU's `--dtype
-    auto`): a second copy of the weights in that dtype answers, the first reads. When the
-    two copies would take more than half the machine's memory, the model is kept once,
-    in answer_dtype, for both."""
+    answer_dtype: answer with matrices in another dtype than documents are read in (the
+    CPU's `--dtype mixed`): a second copy of the projection matrices and the LM head in
+    that dtype answers (`Llama.with_matrices`: the embeddings, norms and activations stay
+    in `dtype`), the first model reads. When the two copies would take more than half the
+    machine's memory, the model is kept once, wholly in answer_dtype, for both."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -223,12 +227,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     if answer_dtype is not None and answer_dtype != dtype:
         both = sum(w.numel() for w in model.parameters()) * (dtype.itemsize + answer_dtype.itemsize)
         if device.type != "cpu" or both <= psutil.virtual_memory().total // 2:
-            reader = model
-        model = model.to(dtype=answer_dtype)
-    name = str(model.dtype).removeprefix("torch.")
-    if reader is not None:
-        name = f"{str(reader.dtype).removeprefix('torch.')} reading, {name} answering"
-    progress(f"Loaded {d.name} ({name}, {device}) in {time.perf_counter() - t0:.1f}s")
+            reader, model = model, model.with_matrices(answer_dtype)  # the answer's activations stay in dtype
+        else:
+            model = model.to(dtype=answer_dtype)
     extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
-    return LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra), model=model,
-                       tokenizer=tok, hf_config=cfg, landmark=lm_spec, reader=reader)
+    loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra), model=model,
+                         tokenizer=tok, hf_config=cfg, landmark=lm_spec, reader=reader)
+    progress(f"Loaded {d.name} ({loaded.dtypes()}, {device}) in {time.perf_counter() - t0:.1f}s")
+    return loaded

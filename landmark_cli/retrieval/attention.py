@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.retrieval_attention import gather_blocks, retrieval_attention
@@ -23,22 +24,53 @@ from landmark_cli.retrieval.selection import LocalLayers, Selection
 
 
 class DenseKV:
-    """Per layer, keys (RoPE'd) and values at positions [0, capacity): [layers, 2, Hkv, capacity, D].
-    `length` is how many positions hold tokens; `write` fills the next ones."""
+    """Per layer, keys (RoPE'd) and values at positions [0, capacity): [layers, 2, Hkv, reserved + capacity, D].
+    `length` is how many positions hold tokens; `write` fills the next ones.
+
+    `reserved` slots in front of position 0 take a session's fixed retrieved blocks
+    (`place`), so that from then on each step attends to one contiguous buffer (`joined`)
+    instead of gathering, concatenating and scoring the two parts apart."""
 
     def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        self.kv = torch.empty(layers, 2, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                 device: torch.device | str = "cpu", reserved: int = 0):
+        self.kv = torch.empty(layers, 2, kv_heads, reserved + capacity, head_dim, dtype=dtype, device=device)
+        self.reserved = reserved
         self.length = 0
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [Hkv, T, D] at positions [start, start + T) of `layer`; return that
-        layer's keys and values [Hkv, start + T, D] (views)."""
-        end = start + k.shape[1]
-        self.kv[layer, 0, :, start:end] = k
-        self.kv[layer, 1, :, start:end] = v
-        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+        layer's keys and values [Hkv, start + T, D] (views, the reserved slots not included)."""
+        r, end = self.reserved, start + k.shape[1]
+        self.kv[layer, 0, :, r + start:r + end] = k
+        self.kv[layer, 1, :, r + start:r + end] = v
+        return self.kv[layer, 0, :, r:r + end], self.kv[layer, 1, :, r:r + end]
 
+    def place(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill the reserved slots of `layer` with k, v [Hkv, reserved, D] (keys RoPE'd)."""
+        self.kv[layer, 0, :, :self.reserved] = k
+        self.kv[layer, 1, :, :self.reserved] = v
+
+    def joined(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reserved slots and positions [0, end) of `layer`: keys, values [Hkv, reserved + end, D] (views)."""
+        return self.kv[layer, 0, :, :self.reserved + end], self.kv[layer, 1, :, :self.reserved + end]
+
+
+def dense_dtype(model) -> torch.dtype:
+    """The dtype of a session's dense keys and values: float32 on the CPU, whose fused
+    attention has no fast half-precision path (the queries are cast to it); the model's
+    own dtype elsewhere."""
+    return torch.float32 if model.device.type == "cpu" else model.dtype
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Queries q [H, T, D] (RoPE'd) over keys and values [Hkv, L, D] whose last T are the
+    queries' own (causal among them; every earlier key visible): PyTorch's fused
+    attention, grouped-query heads without copies. Returns [H, T, D] in q.dtype."""
+    t, n = q.shape[1], k.shape[1]
+    mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(n - t) if t > 1 else None
+    out = F.scaled_dot_product_attention(q.to(k.dtype)[None], k[None], v[None], attn_mask=mask,
+                                         enable_gqa=q.shape[0] != k.shape[0])[0]
+    return out.to(q.dtype)
 
 
 def grouped_attention(q, dense_k, dense_v, dense_flags, k_store, v_store, sel, cos, sin, local=False,
@@ -97,13 +129,11 @@ class FreeLandmarks:
     def selection(self, inner: Selection, first_dense: int, n_kv_heads: int) -> Selection:
         return inner
 
-    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0,
-               rotated=None) -> torch.Tensor:
+    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0) -> torch.Tensor:
         """q [H, T, D] RoPE'd over the blocks sel of the store, placed from ret_pos0 and
         rotated by the cos/sin tables, then the dense keys and values [Hkv, L, D]."""
         k_store, v_store, sel = stage(k_store, v_store, sel, q.device)
-        return retrieval_attention(q, keys, values, k_store, v_store, sel, cos, sin, ret_pos0, rotated=rotated,
-                                   impl=self.impl)
+        return retrieval_attention(q, keys, values, k_store, v_store, sel, cos, sin, ret_pos0, impl=self.impl)
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
@@ -141,8 +171,7 @@ class TrainedLandmarks(FreeLandmarks):
         return LocalLayers(inner, self.spec.local_layers,
                            local_selection(first_dense, n_kv_heads, self.spec.local_blocks))
 
-    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0,
-               rotated=None) -> torch.Tensor:
+    def attend(self, layer, q, keys, values, flags, k_store, v_store, sel, cos, sin, ret_pos0) -> torch.Tensor:
         k_store, v_store, sel = stage(k_store, v_store, sel, q.device)
         return grouped_attention(q, keys, values, flags, k_store, v_store, sel, cos, sin, local=self.local(layer),
                                  local_blocks=self.spec.local_blocks)

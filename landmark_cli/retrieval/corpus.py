@@ -29,7 +29,7 @@ import torch
 
 from landmark_cli.kernels.retrieval_attention import retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
-from landmark_cli.retrieval.attention import DenseKV
+from landmark_cli.retrieval.attention import DenseKV, dense_attention, dense_dtype
 from landmark_cli.retrieval.landmarks import block_scores, top_blocks, top_runs
 from landmark_cli.retrieval.selection import BandScores, Candidates
 from landmark_cli.retrieval.session import AnswerSession, scoring_layers
@@ -60,12 +60,12 @@ class CorpusSession(AnswerSession):
             if len(self.candidates) else None
         self.scoring_layers = scoring_layers(self.answering.band, c.n_layers)
         self.ret_cos, self.ret_sin = m.rope.tables(self.sink_end + self.k_per_layer * B)
-        self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim, m.dtype,
-                             m.device)
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, self.sink_end + self.k * B + capacity, c.head_dim,
+                             dense_dtype(m), m.device)
         cos, sin = m.rope.at(torch.arange(self.sink_end))
         entries[0].verify(slice(None), slice(None), range(self.sink_end // B))
         for layer in range(c.n_layers):
-            kv = self.stores[0][layer, :, :, :self.sink_end // B].to(m.device, m.dtype).flatten(2, 3)
+            kv = self.stores[0][layer, :, :, :self.sink_end // B].to(m.device, self.dense.kv.dtype).flatten(2, 3)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = self.sink_end
         self.chosen: torch.Tensor | None = None  # candidate numbers, once chosen
@@ -126,15 +126,16 @@ class CorpusSession(AnswerSession):
         for d, b, _ in pieces:
             self.entries[d].verify(slice(None), slice(None), b)
         cos, sin = m.rope.at(torch.arange(start, start + n))
+        dtype = self.dense.kv.dtype
         for layer in range(c.n_layers):
-            kv = torch.cat([self.stores[d][layer, :, :, b, :v].to(m.device, m.dtype) for d, b, v in pieces], 2)
+            kv = torch.cat([self.stores[d][layer, :, :, b, :v].to(m.device, dtype) for d, b, v in pieces], 2)
             self.dense.write(layer, start, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = start + n
 
     # ---- stepping ----------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, question: slice | None = None) -> torch.Tensor:
-        c, m = self.model.cfg, self.model
+        m = self.model
         x = m.embed(ids)
         if self.chosen is None:
             if len(self.candidates):
@@ -145,13 +146,9 @@ class CorpusSession(AnswerSession):
             x, self.text = torch.cat([m.embed(self.text), x]), None
         T, start = x.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(start, start + T))
-        none = torch.zeros(c.n_kv_heads, 0, dtype=torch.long, device=m.device)
-        empty = self.dense.kv.new_zeros(c.n_kv_heads, 0, self.reading.block, c.head_dim)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
-            return retrieval_attention(apply_rope(q, cos, sin), keys, values, empty, empty, none, cos, sin, 0,
-                                       impl=self.engine.landmarks.impl)
+            return dense_attention(apply_rope(q, cos, sin), *self.dense.write(layer, start, apply_rope(k, cos, sin), v))
 
         x = m.run_layers(x, attend)
         self.dense.length = start + T

@@ -16,7 +16,7 @@ from landmark_cli.errors import LandmarkError
 from landmark_cli.kernels.retrieval_attention import rotated_blocks
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.model.device import stage
-from landmark_cli.retrieval.attention import DenseKV
+from landmark_cli.retrieval.attention import DenseKV, dense_attention, dense_dtype
 from landmark_cli.retrieval.landmarks import is_landmark_position, top_runs
 from landmark_cli.retrieval.selection import BandScores, ByRepresentatives, Candidates, Fixed, Scoring, Selection
 from landmark_cli.storage import store
@@ -60,7 +60,9 @@ class Session(AnswerSession):
     With `select="shared"` the question is run twice: once with per-layer selection up to
     the last scoring layer, where the question's own tokens score every retrievable block
     by its best-matching key (BandScores) to choose one set of k blocks; then through all
-    layers with that set, which the answer keeps to its end. Mean-key landmarks rank a
+    layers with that set, which the answer keeps to its end: each layer's chosen blocks
+    are RoPE'd once into reserved slots of its dense buffer, and every later step is one
+    fused attention over that buffer (attention.dense_attention). Mean-key landmarks rank a
     fact planted in natural prose poorly; the exact block maximum at a few middle layers
     ranks it first. With `select="layer"` (and always with trained landmarks) every layer
     and step chooses its own blocks by their representatives, the paper's retrieval."""
@@ -103,19 +105,23 @@ class Session(AnswerSession):
         self.retrieved_per_step = self.sink_end + self.k * B + (n - win0)
         pos = torch.cat([torch.arange(self.sink_end), self.sink_end + self.k * B + torch.arange(n - win0)])
         cos, sin = m.rope.at(pos)
-        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim, m.dtype, m.device)
+        # the shared selection's blocks take reserved slots of the dense buffer once chosen
+        fixes = self.answering.select == "shared" and not self.rereads and self.landmarks.spec is None
+        self.dense = DenseKV(c.n_layers, c.n_kv_heads, capacity, c.head_dim,
+                             m.dtype if self.landmarks.spec is not None else dense_dtype(m), m.device,
+                             reserved=self.k * B if fixes else 0)
         nb = entry.kv.shape[3]
         entry.verify(slice(None), slice(None), np.r_[0:self.sink_end // B, win0 // B:nb])
+        dtype = self.dense.kv.dtype
         for layer in range(c.n_layers):
-            sink, win = (self.store[layer, :, :, b0:b1].to(m.device, m.dtype).flatten(2, 3)  # [2, Hkv, tokens, D]
+            sink, win = (self.store[layer, :, :, b0:b1].to(m.device, dtype).flatten(2, 3)  # [2, Hkv, tokens, D]
                          for b0, b1 in ((0, self.sink_end // B), (win0 // B, nb)))
             kv = torch.cat([sink, win[:, :, :n - win0]], 2)
             self.dense.write(layer, 0, apply_rope(kv[0], cos, sin), kv[1])
         self.dense.length = n_dense
         self.layer_scores: list[torch.Tensor] = []  # per retrieving layer [Hkv, blocks], the first step's
         self.chosen: torch.Tensor | None = None  # [Hkv, k] the shared selection, once made
-        # per layer: the chosen blocks where the model reads them (stage) and RoPE'd (rotated_blocks)
-        self.fixed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.placed: set[int] = set()  # the layers whose reserved slots hold the chosen blocks
         self.steps = 0
 
     def ranker(self, record: bool = False) -> ByRepresentatives:
@@ -136,19 +142,24 @@ class Session(AnswerSession):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.dense.write(layer, start, apply_rope(k, cos, sin), v)
             sel = selection.blocks(layer, q)
-            if not (sel is self.chosen and layer in self.fixed):  # the chosen blocks were checked when first staged
-                self.entry.verify(layer, slice(None), sel)
+            if self.dense.reserved and sel is self.chosen:  # the same blocks at every step: placed once
+                if layer not in self.placed:
+                    self._place(layer, sel, x.device)
+                return dense_attention(apply_rope(q, cos, sin), *self.dense.joined(layer, end))
+            self.entry.verify(layer, slice(None), sel)
             rc, rs = (self.local_cos, self.local_sin) if self.landmarks.local(layer) else (self.ret_cos, self.ret_sin)
-            k_store, v_store, idx, rotated = self.store[layer, 0], self.store[layer, 1], sel, None
-            if self.chosen is not None and sel is self.chosen:  # the same blocks at every step: stage and rotate once
-                if layer not in self.fixed:
-                    ks, vs, ix = stage(k_store, v_store, sel, x.device)
-                    self.fixed[layer] = ks, vs, ix, rotated_blocks(ks, vs, ix, rc, rs, self.sink_end, x.device)
-                k_store, v_store, idx, rotated = self.fixed[layer]
             return self.landmarks.attend(layer, apply_rope(q, cos, sin), keys, values, self.dense_flags[:end],
-                                         k_store, v_store, idx, rc, rs, self.sink_end, rotated=rotated)
+                                         self.store[layer, 0], self.store[layer, 1], sel, rc, rs, self.sink_end)
 
         return self.model.run_layers(x, attend, layers)
+
+    def _place(self, layer: int, sel: torch.Tensor, device: torch.device) -> None:
+        """Check the chosen blocks sel [Hkv, k] of `layer`, then put them, RoPE'd at positions
+        [sink_end, sink_end + k*B), in that layer's reserved slots of the dense buffer."""
+        self.entry.verify(layer, slice(None), sel)
+        ks, vs, ix = stage(self.store[layer, 0], self.store[layer, 1], sel, device)
+        self.dense.place(layer, *rotated_blocks(ks, vs, ix, self.ret_cos, self.ret_sin, self.sink_end, device))
+        self.placed.add(layer)
 
     def _choose(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, question: slice) -> None:
         """The shared selection: run the question up to the last scoring layer, where its

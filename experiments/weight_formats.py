@@ -1,11 +1,13 @@
-"""Do int8 weights answer like float32 on the CPU, and how fast is one token?
+"""Do int8 or int4 weights answer like float32 on the CPU, and how fast is one token?
 
-    python experiments/int8_weights.py [--tokens 1024] [--threads 2] [--modes int8-dynamic,float16]
+    python experiments/weight_formats.py [--tokens 1024] [--threads 2] [--modes int8-dynamic,float16]
 
 Weights per mode: `int8-dynamic` (PyTorch's fbgemm dynamic quantization: int8 weights
 with a scale per output channel, each call's activations quantized to 8 bits on the fly,
 int8 products), `int8-weight` (`_weight_int8pack_mm`: int8 weights, float activations),
-`float16`, `bfloat16`. Every matrix is converted, the LM head included (the embedding
+`int4` (4-bit weights in groups of 32 with a scale and offset each, as the default
+model's GGUF stores them, through `_weight_int4pack_mm_for_cpu`, which multiplies in
+bfloat16), `float16`, `bfloat16`. Every matrix is converted, the LM head included (the embedding
 stays float32: it is a lookup). Reports, for each mode beside float32:
 
 - top-token agreement, teacher-forced one token at a time (as answers are generated)
@@ -57,6 +59,29 @@ class Int8Weight:
         return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), self.q, self.scales)
 
 
+class Int4:
+    """x @ w.T with 4-bit weights in groups of 32 along the input (a scale and an offset per
+    group, as GGUF's Q4_1 stores them), through PyTorch's packed int4 CPU kernel, which
+    multiplies in bfloat16: activations are rounded to bfloat16 on the way in."""
+
+    GROUP = 32
+
+    def __init__(self, w: torch.Tensor):
+        w = w.float()
+        n, k = w.shape
+        g = w.view(n, k // self.GROUP, self.GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # the kernel computes (q - 8) * scale + zero
+        self.scales = torch.stack([scale.t(), (lo + 8 * scale).t()], -1).to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.GROUP,
+                                                         self.scales).float()
+
+
 class Cast:
     def __init__(self, w: torch.Tensor, dtype: torch.dtype):
         self.w, self.dtype = w.to(dtype).contiguous(), dtype
@@ -84,6 +109,8 @@ def linears(model: Llama, mode: str) -> dict:
             return Int8Dynamic(w)
         if mode == "int8-weight":
             return Int8Weight(w)
+        if mode == "int4":
+            return Int4(w)
         return Cast(w, getattr(torch, mode))
     return {"layers": [{k: make(L[k]) for k in ("qkv", "o", "gate_up", "down")} for L in model.layers],
             "head": make(model.lm_head)}
