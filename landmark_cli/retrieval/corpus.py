@@ -102,7 +102,7 @@ class CorpusSession(AnswerSession):
             return retrieval_attention(apply_rope(q, cos, sin), keys, values, kv[0], kv[1], idx,
                                        self.ret_cos, self.ret_sin, self.sink_end, impl=self.engine.landmarks.impl)
 
-        m.run_layers(x, attend, self.scoring_layers.stop)
+        self.engine.runner(T).run_layers(x, attend, self.scoring_layers.stop)
         votes = self.votes = band.votes()
         chosen = top_runs(votes, self.k, FOLLOW, group=self.candidates.doc, lead=LEAD)
         # documents in the order of their best block, the best one last (nearest the question)
@@ -150,6 +150,6 @@ class CorpusSession(AnswerSession):
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return dense_attention(apply_rope(q, cos, sin), *self.dense.write(layer, start, apply_rope(k, cos, sin), v))
 
-        x = m.run_layers(x, attend)
+        x = self.engine.runner(T).run_layers(x, attend)
         self.dense.length = start + T
         return m.logits(x[-1:])[0]

@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 
 from landmark_cli.errors import LandmarkError, StoreError
 from landmark_cli.kernels.rope import apply_rope
+from landmark_cli.model.llama import Llama
 from landmark_cli.model.loading import LoadedModel
 from landmark_cli.paths import home
 from landmark_cli.retrieval.attention import landmark_kind
@@ -77,6 +78,15 @@ class Engine:
         if self.reading.span() > limit:
             raise LandmarkError(f"sink + top_k*block + window + chunk = {self.reading.span()} tokens exceeds the "
                                 f"model's context of {limit} tokens", "lower --top-k, --window or --chunk")
+
+    def runner(self, tokens: int) -> Llama:
+        """The weights a step of `tokens` tokens runs on: an answer step (one token, which
+        streams every matrix once) on the answering copy; a question (several tokens: more
+        arithmetic per byte) on the reading one, whose float32 arithmetic is exact and, on
+        CPUs without float16 math, the faster. Both keep their activations in one dtype."""
+        if tokens > 1 and self.reader.dtype == self.model.dtype:
+            return self.reader
+        return self.model
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
         """The token stream the store holds for ids: with trained landmarks, a <landmark>

@@ -151,7 +151,7 @@ class Session(AnswerSession):
             return self.landmarks.attend(layer, apply_rope(q, cos, sin), keys, values, self.dense_flags[:end],
                                          self.store[layer, 0], self.store[layer, 1], sel, rc, rs, self.sink_end)
 
-        return self.model.run_layers(x, attend, layers)
+        return self.engine.runner(x.shape[0]).run_layers(x, attend, layers)
 
     def _place(self, layer: int, sel: torch.Tensor, device: torch.device) -> None:
         """Check the chosen blocks sel [Hkv, k] of `layer`, then put them, RoPE'd at positions
