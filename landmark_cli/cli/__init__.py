@@ -31,9 +31,9 @@ SinkOpt = Annotated[int, typer.Option("--sink", help="initial tokens always atte
 ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per reading step")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: auto (a CUDA GPU when there is "
                                         "one, else the CPU) | cpu | cuda | cuda:N")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights and activations: auto (float32 on the CPU, "
-                                       "bfloat16 on a GPU) | mixed (CPU: float32 reading, float16 answering "
-                                       "where faster) | float32 | bfloat16 | float16")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights: auto (bfloat16 on a GPU, mixed on the CPU) | "
+                                       "mixed (CPU: float32 reading, float16 matrices with float32 activations "
+                                       "answering, where faster) | float32 | bfloat16 | float16")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="attention: auto (the Triton kernels on a GPU) | "
                                          "torch | triton")]
 
