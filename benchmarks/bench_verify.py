@@ -1,9 +1,9 @@
 """What checking the store's block checksums costs a question on a cached document.
 
-    python benchmarks/bench_verify.py [--tokens 32k] [--runs 5] [--json out.json]
+    python benchmarks/bench_verify.py [--tokens 32k] [--runs 5] [--dtype auto] [--json out.json]
 
 Reads a document of --tokens tokens (the example history and essays) with the default
-model once, then times `ask`'s answering part (question + 32 answer tokens) on the
+model (in the CLI's --dtype) once, then times `ask`'s answering part (question + 32 answer tokens) on the
 cached entry, alternating runs with the block checks on (as shipped: every block the
 question reads is checked once, on a freshly opened entry) and off (Entry.verify made a
 no-op). Prints the medians, their ratio and the bytes checked.
@@ -29,6 +29,7 @@ from bench_ask import QUESTION, corpus, first_tokens  # noqa: E402
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
 from landmark_cli.bench.passkey_run import machine  # noqa: E402
+from landmark_cli.model.device import resolve_dtypes  # noqa: E402
 from landmark_cli.model.loading import load_model  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
@@ -41,9 +42,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="32k")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dtype", default="auto", help="the CLI's --dtype")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    lm = load_model("default")
+    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
+    lm = load_model("default", reading, answer_dtype=answering)
     n = parse_length(args.tokens)
     prompt = ask_prompt(lm.tokenizer, first_tokens(lm.tokenizer, corpus(), n), QUESTION)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +72,8 @@ def main() -> None:
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     block_bytes = H * B * D * entry.kv.itemsize + (0 if entry.scales is None else H * D * entry.scales.itemsize)
     result = {
-        "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "kv_dtype": entry.meta["kv_dtype"],
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "runtime": lm.runtime(),
+        "kv_dtype": entry.meta["kv_dtype"],
         "document_tokens": len(prompt.ids), "runs": args.runs, "answer_tokens": NEW_TOKENS,
         "answer_s_checked": round(on, 3), "answer_s_unchecked": round(off, 3), "ratio": round(on / off, 3),
         "blocks_checked": blocks_checked, "blocks_in_entry": L * 2 * N,
