@@ -51,8 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
-from landmark_cli.model.device import resolve_dtypes  # noqa: E402
-from landmark_cli.model.loading import default_gguf, load_model, resolve_dir  # noqa: E402
+from landmark_cli.model.loading import default_gguf, load_in, resolve_dir  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
 from landmark_cli.retrieval.session import Session  # noqa: E402
@@ -138,8 +137,7 @@ def worker_llama_cpp(args) -> dict:
 
 def worker_landmark(args) -> dict:
     """Ours in --dtype: reading tokens/s per length (into an empty store), decode tokens/s."""
-    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
-    lm = load_model("default", reading, answer_dtype=answering)
+    lm = load_in("default", args.dtype)
     lengths = [parse_length(x) for x in args.prompts.split(",")]
     out: dict = {"system": f"landmark --dtype {args.dtype}", "runtime": lm.runtime(),
                  "threads": torch.get_num_threads(), "prompt_tok_s": {}}
@@ -223,8 +221,7 @@ def main() -> None:
     if args.vs_llama_cpp:
         side_by_side(args)
         return
-    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
-    lm = load_model("default", reading, answer_dtype=answering)
+    lm = load_in("default", args.dtype)
     tok = lm.tokenizer
     settings = Settings()
     roots: list[Path] = []  # scratch stores, removed at the end

@@ -29,8 +29,7 @@ from bench_ask import QUESTION, corpus, first_tokens  # noqa: E402
 
 from landmark_cli.bench.passkey import parse_length  # noqa: E402
 from landmark_cli.bench.passkey_run import machine  # noqa: E402
-from landmark_cli.model.device import resolve_dtypes  # noqa: E402
-from landmark_cli.model.loading import load_model  # noqa: E402
+from landmark_cli.model.loading import load_in  # noqa: E402
 from landmark_cli.prompts import ask_prompt  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
 from landmark_cli.storage import store  # noqa: E402
@@ -45,8 +44,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="the CLI's --dtype")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
-    lm = load_model("default", reading, answer_dtype=answering)
+    lm = load_in("default", args.dtype)
     n = parse_length(args.tokens)
     prompt = ask_prompt(lm.tokenizer, first_tokens(lm.tokenizer, corpus(), n), QUESTION)
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,8 +49,7 @@ from landmark_cli.bench import passkey  # noqa: E402
 from landmark_cli.bench.passkey_run import full_capacity, full_settings, machine  # noqa: E402
 from landmark_cli.documents import find_documents, load_document  # noqa: E402
 from landmark_cli.index import Indexer  # noqa: E402
-from landmark_cli.model.device import resolve_dtypes  # noqa: E402
-from landmark_cli.model.loading import load_model  # noqa: E402
+from landmark_cli.model.loading import load_in  # noqa: E402
 from landmark_cli.paths import home  # noqa: E402
 from landmark_cli.prompts import ask_prompt, document_tokens  # noqa: E402
 from landmark_cli.retrieval.engine import Engine  # noqa: E402
@@ -312,8 +311,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    reading, answering = resolve_dtypes(args.dtype, torch.device("cpu"))
-    lm = load_model("default", reading, answer_dtype=answering)
+    lm = load_in("default", args.dtype)
     if not args.report:
         args.data = args.data or home() / "qa-eval"
         args.scratch = args.data / "full-attention-store"

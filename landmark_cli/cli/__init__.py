@@ -128,14 +128,13 @@ def _progress() -> Progress:
 def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = "auto", answers: bool = True):
     """Load --model on --device in --dtype, with --kernels; returns (LoadedModel, seconds).
     answers=False: the command only reads documents, so no answering copy of the weights."""
-    from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtypes
-    from landmark_cli.model.loading import load_model
+    from landmark_cli.model.device import check_kernels, resolve_device
+    from landmark_cli.model.loading import load_in
 
     where = resolve_device(device)
-    (reading, answering), kernels = resolve_dtypes(dtype, where), check_kernels(kernels, where)
+    kernels = check_kernels(kernels, where)
     t0 = time.perf_counter()
-    lm = load_model(model, reading, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"),
-                    answer_dtype=answering if answers else None)
+    lm = load_in(model, dtype, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"), answers=answers)
     lm.kernels = kernels
     return lm, time.perf_counter() - t0
 

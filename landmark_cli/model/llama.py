@@ -11,6 +11,7 @@ baseline and `landmark finetune`.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -162,8 +163,7 @@ class Llama:
         (the residual stream, norms and attention) stay in this model's dtype. Decoding
         streams every matrix once per token, so their bytes set its speed; the activations
         are a few thousand numbers and keep their precision."""
-        m = Llama.__new__(Llama)
-        m.cfg, m.dtype, m.device, m.rope, m.w = self.cfg, self.dtype, self.device, self.rope, self.w
+        m = copy.copy(self)
         m.lm_head = self.lm_head.to(dtype)
         matrices = ("qkv", "o", "gate_up", "down")
         m.layers = [{k: v.to(dtype) if k in matrices else v for k, v in L.items()} for L in self.layers]

@@ -182,6 +182,17 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
     return out
 
 
+def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
+            progress=lambda s: None, answers: bool = True) -> LoadedModel:
+    """Load --model SPEC in the CLI's --dtype (device.resolve_dtypes: on the CPU's auto, a
+    float32 reader and float16 answering matrices). answers=False: only documents are read,
+    so no answering copy of the weights."""
+    from landmark_cli.model.device import resolve_dtypes
+
+    reading, answering = resolve_dtypes(dtype, torch.device(device))
+    return load_model(spec, reading, device, progress, answer_dtype=answering if answers else None)
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                progress=lambda s: None, answer_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load --model SPEC: our Llama over its weights (on `device`, in `dtype`), plus its

@@ -84,9 +84,7 @@ class Engine:
         streams every matrix once) on the answering copy; a question (several tokens: more
         arithmetic per byte) on the reading one, whose float32 arithmetic is exact and, on
         CPUs without float16 math, the faster. Both keep their activations in one dtype."""
-        if tokens > 1 and self.reader.dtype == self.model.dtype:
-            return self.reader
-        return self.model
+        return self.reader if tokens > 1 else self.model
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
         """The token stream the store holds for ids: with trained landmarks, a <landmark>
