@@ -123,6 +123,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm as transformers computes it: normalised in float32, cast back to x's
+    dtype, then scaled by w. In float32 PyTorch's fused F.rms_norm gives the same numbers
+    in one operation instead of six."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 

@@ -34,6 +34,9 @@ class DenseKV:
     def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", reserved: int = 0):
         self.kv = torch.empty(layers, 2, kv_heads, reserved + capacity, head_dim, dtype=dtype, device=device)
+        # per layer, its keys and values [Hkv, reserved + capacity, D]: views made once, since
+        # a decode step slices each layer's buffer a few times
+        self.keys, self.values = list(self.kv[:, 0].unbind()), list(self.kv[:, 1].unbind())
         self.reserved = reserved
         self.length = 0
 
@@ -41,18 +44,19 @@ class DenseKV:
         """Store k, v [Hkv, T, D] at positions [start, start + T) of `layer`; return that
         layer's keys and values [Hkv, start + T, D] (views, the reserved slots not included)."""
         r, end = self.reserved, start + k.shape[1]
-        self.kv[layer, 0, :, r + start:r + end] = k
-        self.kv[layer, 1, :, r + start:r + end] = v
-        return self.kv[layer, 0, :, r:r + end], self.kv[layer, 1, :, r:r + end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, r + start:r + end] = k
+        values[:, r + start:r + end] = v
+        return keys[:, r:r + end], values[:, r:r + end]
 
     def place(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Fill the reserved slots of `layer` with k, v [Hkv, reserved, D] (keys RoPE'd)."""
-        self.kv[layer, 0, :, :self.reserved] = k
-        self.kv[layer, 1, :, :self.reserved] = v
+        self.keys[layer][:, :self.reserved] = k
+        self.values[layer][:, :self.reserved] = v
 
     def joined(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reserved slots and positions [0, end) of `layer`: keys, values [Hkv, reserved + end, D] (views)."""
-        return self.kv[layer, 0, :, :self.reserved + end], self.kv[layer, 1, :, :self.reserved + end]
+        return self.keys[layer][:, :self.reserved + end], self.values[layer][:, :self.reserved + end]
 
 
 def dense_dtype(model) -> torch.dtype:
