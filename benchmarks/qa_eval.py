@@ -68,6 +68,11 @@ VARIANTS = {  # answer-time settings under test (the reading is the same for all
     "w128-lead1": Answering(window=128, top_k=8, lead=1, follow=1, passages="cached"),
     "w256-text": Answering(window=256, top_k=8, lead=0, follow=1, passages="text"),
     "w0-k16-runs": Answering(window=0, top_k=16, lead=1, follow=2, passages="cached"),
+    # fewer passages, fewer distractors: the best block is ranked first for most questions
+    # (experiments/selection_ranks.py)
+    "w0-k4-runs": Answering(window=0, top_k=4, lead=1, follow=2, passages="cached"),
+    "w0-k8-runs": Answering(window=0, top_k=8, lead=1, follow=2, passages="cached"),
+    "w0-k12-runs": Answering(window=0, top_k=12, lead=1, follow=2, passages="cached"),
     "w0-k16-runs-text": Answering(window=0, top_k=16, lead=1, follow=2, passages="text"),
     "w256-k16-runs-text": Answering(window=256, top_k=16, lead=1, follow=2, passages="text"),
 }
