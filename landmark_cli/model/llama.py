@@ -140,11 +140,15 @@ class Llama:
     (qkv, gate_up) and kept only fused: `w` holds the embeddings, the final norm and the
     LM head, `state_dict()` gives the Hugging Face names back."""
 
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], take: bool = False):
+        """take: `weights` is handed over, and each layer's tensors leave it as they are
+        fused, so that a model being loaded is never held twice (the fused copies beside
+        the separate ones); otherwise the caller's dict is left as it was."""
         self.cfg = cfg
         self.dtype = weights["model.embed_tokens.weight"].dtype
         self.device = weights["model.embed_tokens.weight"].device
         self.rope = Rope(cfg, self.device)
+        weights = weights if take else dict(weights)
         self.layers = [self._layer(weights, i) for i in range(cfg.n_layers)]
         self.w = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
         lm = weights.get("lm_head.weight")
@@ -155,7 +159,8 @@ class Llama:
         device = torch.device(device) if device is not None else self.device
         if device == self.device and dtype in (None, self.dtype):
             return self
-        return Llama(self.cfg, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.state_dict().items()})
+        return Llama(self.cfg, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.state_dict().items()},
+                     take=True)
 
     @property
     def matrix_dtype(self) -> torch.dtype:
@@ -176,17 +181,18 @@ class Llama:
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors, fused (qkv, gate_up), taken out of w."""
         p = f"model.layers.{i}."
-        qkv = torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                         w[p + "self_attn.v_proj.weight"]])
-        gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        qkv = torch.cat([w.pop(p + "self_attn.q_proj.weight"), w.pop(p + "self_attn.k_proj.weight"),
+                         w.pop(p + "self_attn.v_proj.weight")])
+        gate_up = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
         return {
-            "attn_norm": w[p + "input_layernorm.weight"],
+            "attn_norm": w.pop(p + "input_layernorm.weight"),
             "qkv": qkv,
-            "o": w[p + "self_attn.o_proj.weight"],
-            "mlp_norm": w[p + "post_attention_layernorm.weight"],
+            "o": w.pop(p + "self_attn.o_proj.weight"),
+            "mlp_norm": w.pop(p + "post_attention_layernorm.weight"),
             "gate_up": gate_up,
-            "down": w[p + "mlp.down_proj.weight"],
+            "down": w.pop(p + "mlp.down_proj.weight"),
         }
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -197,7 +197,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
                progress=lambda s: None, answer_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load --model SPEC: our Llama over its weights (on `device`, in `dtype`), plus its
     tokenizer and HF config. The safetensors files are memory-mapped and read one tensor at
-    a time straight onto the device: no second copy of the model in RAM.
+    a time straight onto the device, and each layer's tensors are fused as they are handed
+    to the model: no second copy of the model in RAM.
 
     answer_dtype: answer with matrices in another dtype than documents are read in (the
     CPU's `--dtype mixed`): a second copy of the projection matrices and the LM head in
@@ -233,7 +234,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
                 weights[name] = st.get_tensor(name).to(dtype)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    model = Llama(LlamaConfig.from_hf(cfg), weights)
+    model = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
     reader = None
     if answer_dtype is not None and answer_dtype != dtype:
         both = sum(w.numel() for w in model.parameters()) * (dtype.itemsize + answer_dtype.itemsize)

@@ -119,7 +119,7 @@ def load_base(model_dir: Path, block_size: int, context: int, local_layers: int 
         mem_id = add_landmark_tokens(tok, weights)
     spec = LandmarkSpec(mem_id, block_size, context, local_layers, local_blocks)
     cfg.vocab_size = len(tok)
-    lm = Llama(LlamaConfig.from_hf(cfg), weights)
+    lm = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
     if local_layers > lm.cfg.n_layers:
         raise LandmarkError(f"--local-layers {local_layers}: {model_dir} has only {lm.cfg.n_layers} layers")
     return lm, tok, landmark_config(cfg.to_dict(), spec, len(tok)), spec
