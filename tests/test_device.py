@@ -165,3 +165,42 @@ def test_reading_and_answering_in_two_dtypes(tiny_dir, tmp_path):
     assert np.array_equal(np.asarray(a.kv), np.asarray(b.kv))
     answer = Engine(split, settings, root=tmp_path / "a").answer(a, [5, 6, 7], max_new_tokens=3)
     assert answer.tokens
+
+
+def test_converted_weights_are_kept_once_and_used_as_converted(tiny_dir, landmark_home):
+    """A float32 checkpoint used in bfloat16, and the CPU's float16 answering matrices, are
+    converted on the first load and read from LANDMARK_HOME/models/converted afterwards,
+    with the same numbers; a damaged converted file is removed and converted again."""
+    kept = landmark_home / "models" / "converted"
+    first = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    files = sorted(kept.glob("*.safetensors"))
+    assert len(files) == 1 and "bfloat16" in files[0].name
+    again = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    assert again.model.dtype == torch.bfloat16
+    for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    split = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)
+    matrices = next(kept.glob("*-float32-float16-matrices-*.safetensors"))
+    split_again = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)
+    for name, t in split.model.matrices().items():
+        assert t.dtype == torch.float16 and torch.equal(t, split_again.model.matrices()[name])
+    assert load_model(str(tiny_dir)).model is not None  # float32 as stored: nothing converted
+    assert len(list(kept.glob("*.safetensors"))) == 2
+    matrices.write_bytes(matrices.read_bytes()[:100])  # truncated: unreadable
+    repaired = load_model(str(tiny_dir), dtype=torch.float32, answer_dtype=torch.float16)
+    assert matrices.stat().st_size > 100
+    for name, t in split.model.matrices().items():
+        assert torch.equal(t, repaired.model.matrices()[name])
+
+
+def test_weights_that_cannot_be_kept_are_still_used(tiny_dir, landmark_home, monkeypatch):
+    """A full disk (or a read-only LANDMARK_HOME) does not stop a converted model from running."""
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    lm = load_model(str(tiny_dir), dtype=torch.bfloat16)
+    assert lm.model.dtype == torch.bfloat16
+    assert not list((landmark_home / "models" / "converted").glob("*"))

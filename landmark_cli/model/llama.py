@@ -132,6 +132,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+MATRICES = ("qkv", "o", "gate_up", "down")  # a layer's projection matrices (fused)
+
+
 class Llama:
     """Weights (a flat HF-named state dict) plus the forward pieces. Batch size 1.
 
@@ -167,17 +170,28 @@ class Llama:
         """The dtype of the projection matrices and the LM head (`dtype` unless `with_matrices`)."""
         return self.lm_head.dtype
 
-    def with_matrices(self, dtype: torch.dtype) -> "Llama":
+    def with_matrices(self, dtype: torch.dtype, given: dict[str, torch.Tensor] | None = None) -> "Llama":
         """This model with its projection matrices and LM head in `dtype` (new tensors) and
         everything else shared with it: the embeddings, the norms and so the activations
         (the residual stream, norms and attention) stay in this model's dtype. Decoding
         streams every matrix once per token, so their bytes set its speed; the activations
-        are a few thousand numbers and keep their precision."""
+        are a few thousand numbers and keep their precision.
+
+        given: those matrices already in `dtype`, as `matrices()` names them (a copy kept
+        on disk), used as they are instead of converted."""
+        def convert(name: str, t: torch.Tensor) -> torch.Tensor:
+            return given[name] if given is not None else t.to(dtype)
+
         m = copy.copy(self)
-        m.lm_head = self.lm_head.to(dtype)
-        matrices = ("qkv", "o", "gate_up", "down")
-        m.layers = [{k: v.to(dtype) if k in matrices else v for k, v in L.items()} for L in self.layers]
+        m.lm_head = convert("lm_head", self.lm_head)
+        m.layers = [{k: convert(f"layers.{i}.{k}", v) if k in MATRICES else v for k, v in L.items()}
+                    for i, L in enumerate(self.layers)]
         return m
+
+    def matrices(self) -> dict[str, torch.Tensor]:
+        """The projection matrices and the LM head, by name (what `with_matrices` converts)."""
+        out = {f"layers.{i}.{k}": L[k] for i, L in enumerate(self.layers) for k in MATRICES}
+        return {**out, "lm_head": self.lm_head}
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

@@ -2,6 +2,9 @@
 
 GGUF files (the default model among them) are dequantised once by transformers and
 cached as safetensors under LANDMARK_HOME/models, so later runs load in about a second.
+Weights used in another dtype than their files hold (a float32 checkpoint in bfloat16;
+the CPU's float16 answering matrices) are converted once too, and kept in
+LANDMARK_HOME/models/converted.
 Nothing here reaches the network: every load is `local_files_only`.
 """
 
@@ -182,6 +185,76 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
     return out
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def converted(fp: str, files: list[Path], what: str) -> Path:
+    """Where weights converted from `files` (fingerprint fp) are kept: LANDMARK_HOME/models/converted,
+    under a name that also changes with the files' sizes and modification times."""
+    h = hashlib.sha256(fp.encode())
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return home() / "models" / "converted" / f"{h.hexdigest()[:16]}-{what}-v{CONVERT_VERSION}.safetensors"
+
+
+def _read_file(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The tensors of a converted-weights file (memory-mapped), or None when there is none
+    or it cannot be read (a truncated or damaged file is removed, to be converted again)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as st:
+            return {name: st.get_tensor(name) for name in st.keys()}
+    except Exception:  # safetensors raises several types for a damaged file
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Save converted weights atomically (a new name, then renamed over): a file at `path` is
+    whole. Where they cannot be saved (a full disk, a read-only LANDMARK_HOME) the model
+    still runs: it is converted again at the next load."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in `dtype` on `device`, each read from its memory map. When
+    the files hold another dtype, the converted weights are written once under
+    LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load)."""
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as st:
+        stored = next((st.get_slice(n).get_dtype() for n in st.keys()), "")
+    same = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == dtype
+    path = converted(fp, files, _name(dtype))
+    weights = None if same else _read_file(path, device)
+    if weights is not None:
+        return weights
+    weights = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as st:
+            for name in st.keys():
+                weights[name] = st.get_tensor(name).to(dtype)
+    if not same:
+        _write_file(weights, path)
+    return weights
+
+
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
             progress=lambda s: None, answers: bool = True) -> LoadedModel:
     """Load --model SPEC in the CLI's --dtype (device.resolve_dtypes: on the CPU's auto, a
@@ -205,7 +278,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     that dtype answers (`Llama.with_matrices`: the embeddings, norms and activations stay
     in `dtype`), the first model reads. When the two copies would take more than half the
     machine's memory, the model is kept once, wholly in answer_dtype, for both."""
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
@@ -227,11 +299,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
                              "the config and tokenizer come from different checkpoints")
     t0 = time.perf_counter()
     device = torch.device(device)
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as st:
-            for name in st.keys():
-                weights[name] = st.get_tensor(name).to(dtype)
+    extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
+    fp = fingerprint(files + extra)
+    weights = read_weights(files, fp, dtype, device)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
     model = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
@@ -239,11 +309,15 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     if answer_dtype is not None and answer_dtype != dtype:
         both = sum(w.numel() for w in model.parameters()) * (dtype.itemsize + answer_dtype.itemsize)
         if device.type != "cpu" or both <= psutil.virtual_memory().total // 2:
-            reader, model = model, model.with_matrices(answer_dtype)  # the answer's activations stay in dtype
+            # the answer's activations stay in dtype; its matrices are converted once and kept on disk
+            path = converted(fp, files, f"{_name(dtype)}-{_name(answer_dtype)}-matrices")
+            given = _read_file(path, device)
+            reader, model = model, model.with_matrices(answer_dtype, given)
+            if given is None:
+                _write_file(model.matrices(), path)
         else:
             model = model.to(dtype=answer_dtype)
-    extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
-    loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fingerprint(files + extra), model=model,
+    loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fp, model=model,
                          tokenizer=tok, hf_config=cfg, landmark=lm_spec, reader=reader)
     progress(f"Loaded {d.name} ({loaded.dtypes()}, {device}) in {time.perf_counter() - t0:.1f}s")
     return loaded
