@@ -10,8 +10,9 @@ Reports (medians of --runs where repeated):
   - answer tokens/s while generating, beside transformers' own `generate`;
   - peak RSS and KV bytes on disk per token.
 
---dtype is the CLI's (mixed: on the CPU float32 reading and, where this CPU is faster so,
-float16 answering); transformers always runs in float32.
+--dtype is the CLI's (mixed, the CPU's auto: float32 activations, the matrices in
+bfloat16 for reading and float16 for answering where this CPU is faster so); transformers
+always runs in float32.
 
     python benchmarks/bench_ask.py --vs-llama-cpp [--dtypes float32,mixed,bfloat16] [--runs 3]
 

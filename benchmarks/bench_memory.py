@@ -155,12 +155,16 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             rows.append(run_one(model, doc, dtype))
             print(json.dumps(rows[-1]), flush=True)
-    by_arith = {"float32": 4 * total, "bfloat16": 2 * total, "float16": 2 * total, "mixed": 4 * total + 2 * matrices}
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}
     lines = ["| --dtype | runs as | weights by arithmetic | peak anonymous memory | peak RSS (mapped file too) "
              "| load (first, converting) |", "|---|---|---|---|---|---|"]
     for r in rows:
-        kind = "mixed" if "float16 answering" in r["runtime"] else r["runtime"].split(", ")[1]
-        lines.append(f"| {r['dtype']} | {r['runtime']} | {by_arith.get(kind, 0) / 2**30:.1f} GiB | "
+        kinds = r["runtime"].split(", ")[1:-1]  # e.g. ["bfloat16"] or ["bfloat16 reading", "float16 answering"]
+        if len(kinds) == 1:
+            weights = size[kinds[0]] * total
+        else:  # float32 embeddings and norms, one copy of the matrices per dtype
+            weights = 4 * (total - matrices) + matrices * sum(size[k.split()[0]] for k in kinds)
+        lines.append(f"| {r['dtype']} | {r['runtime']} | {weights / 2**30:.1f} GiB | "
                      f"{r['peak_anon_mib'] / 1024:.1f} GiB | {r['peak_rss_mib'] / 1024:.1f} GiB | "
                      f"{r['timings']['load_s']:.1f} s ({r['first_load_s']:.1f} s) |")
     table = "\n".join(lines) + (f"\n\n{platform.machine()}, {os.cpu_count()} CPUs, "

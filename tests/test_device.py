@@ -24,9 +24,10 @@ def test_resolution():
     assert resolve_device("cpu") == CPU
     assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else CPU)
     assert resolve_dtypes("auto", CPU) == resolve_dtypes("mixed", CPU)
-    assert resolve_dtypes("mixed", CPU)[0] == torch.float32  # reading: exact
-    assert resolve_dtypes("mixed", CPU)[1] in (torch.float32, torch.float16)  # answering: measured
-    assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16)
+    assert resolve_dtypes("mixed", CPU).dtype == torch.float32  # activations: float32
+    assert resolve_dtypes("mixed", CPU).read in (torch.float32, torch.bfloat16)  # measured
+    assert resolve_dtypes("mixed", CPU).answer in (torch.float32, torch.float16)  # measured
+    assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16, torch.bfloat16)
     assert check_kernels("torch", CPU) == "torch"
     for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtypes("half", CPU),
                 lambda: check_kernels("cuda", CPU), lambda: check_kernels("triton", CPU)):
@@ -129,18 +130,20 @@ def test_a_store_read_in_one_dtype_answers_in_another(tiny_dir, tmp_path):
     assert full.answer(full.read(ids)[0], [5, 6, 7], max_new_tokens=2).tokens
 
 
-def test_the_cpu_answer_dtype_is_measured_once_and_kept(monkeypatch, landmark_home):
+def test_the_cpu_matrix_dtypes_are_measured_once_and_kept(monkeypatch, landmark_home):
     calls = []
 
-    def fake(dtype, n=4096, runs=9):
+    def fake(dtype, rows, n=4096, runs=9):
         calls.append(dtype)
-        return {torch.float32: 10.0, torch.float16: 2.0}[dtype]
+        one_row = {torch.float32: 10.0, torch.float16: 2.0}
+        chunk = {torch.float32: 10.0, torch.bfloat16: 9.0}  # not clearly faster: float32 reads
+        return (one_row if rows == 1 else chunk)[dtype]
 
-    monkeypatch.setattr(device, "_gemv_ms", fake)
-    assert device.cpu_answer_dtype() == torch.float16 and len(calls) == 2
-    assert device.cpu_answer_dtype() == torch.float16 and len(calls) == 2  # kept in LANDMARK_HOME
+    monkeypatch.setattr(device, "_matmul_ms", fake)
+    assert device.cpu_matrix_dtypes() == (torch.float32, torch.float16) and len(calls) == 4
+    assert device.cpu_matrix_dtypes() == (torch.float32, torch.float16) and len(calls) == 4  # kept
     kept = json.loads((landmark_home / device.CPU_DTYPE_FILE).read_text())
-    assert [v["answer"] for v in kept.values()] == ["float16"]
+    assert [(v["read"], v["answer"]) for v in kept.values()] == [("float32", "float16")]
 
 
 def test_reading_and_answering_in_two_dtypes(tiny_dir, tmp_path):
@@ -204,3 +207,24 @@ def test_weights_that_cannot_be_kept_are_still_used(tiny_dir, landmark_home, mon
     lm = load_model(str(tiny_dir), dtype=torch.bfloat16)
     assert lm.model.dtype == torch.bfloat16
     assert not list((landmark_home / "models" / "converted").glob("*"))
+
+
+def test_reading_and_answering_matrices_in_their_own_dtypes(tiny_dir):
+    """The CPU's mixed precision on a CPU with bfloat16 arithmetic: float32 activations
+    throughout, bfloat16 matrices for reading, float16 matrices for answering, the
+    embeddings and norms shared, and no float32 copy of the matrices kept."""
+    lm = load_model(str(tiny_dir), dtype=torch.float32, read_dtype=torch.bfloat16, answer_dtype=torch.float16)
+    reader, answer = lm.reading_model, lm.model
+    assert (reader.matrix_dtype, answer.matrix_dtype) == (torch.bfloat16, torch.float16)
+    assert reader.dtype == answer.dtype == torch.float32 and reader.w is answer.w
+    assert "bfloat16 reading, float16 answering" in lm.runtime()
+    exact = load_model(str(tiny_dir)).model
+    x = torch.randint(0, answer.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = exact.forward(x)
+        for m in (reader, answer):
+            got = m.forward(x)
+            assert got.dtype == torch.float32
+            assert 0 < (got - want).abs().max().item() < 3e-2 * want.abs().max().item()
+    only_reading = load_model(str(tiny_dir), dtype=torch.float32, read_dtype=torch.bfloat16)
+    assert only_reading.reader is None and only_reading.model.matrix_dtype == torch.bfloat16

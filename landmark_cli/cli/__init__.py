@@ -32,8 +32,8 @@ ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per read
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: auto (a CUDA GPU when there is "
                                         "one, else the CPU) | cpu | cuda | cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights: auto (bfloat16 on a GPU, mixed on the CPU) | "
-                                       "mixed (CPU: float32 reading, float16 matrices with float32 activations "
-                                       "answering, where faster) | float32 | bfloat16 | float16")]
+                                       "mixed (CPU: float32 activations; the matrices in bfloat16 for reading and "
+                                       "float16 for answering, each where faster) | float32 | bfloat16 | float16")]
 KernelsOpt = Annotated[str, typer.Option("--kernels", help="attention: auto (the Triton kernels on a GPU) | "
                                          "torch | triton")]
 

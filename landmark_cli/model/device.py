@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -49,34 +50,46 @@ def resolve_device(spec: str | None) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-def resolve_dtypes(spec: str | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """--dtype -> the weights' dtype for (reading, answering). A named dtype is used for
-    both, activations included. auto: bfloat16 on a GPU (float16 where the GPU has no
-    bfloat16); on the CPU the same as mixed. mixed (the CPU): float32 for reading
-    (compute-bound: exact and, without native float16 arithmetic, the fastest) and, for
-    answering (memory-bound: every token streams all the matrices), float16 matrices with
-    float32 activations (loading.load_model) where this CPU multiplies a float16 matrix by
-    a vector clearly faster than a float32 one (`cpu_answer_dtype`), else float32."""
+class Precision(NamedTuple):
+    """--dtype, resolved: the activations' dtype (and the weights', unless named below),
+    and the dtype of the projection matrices and the LM head for reading documents and for
+    answering."""
+
+    dtype: torch.dtype
+    read: torch.dtype
+    answer: torch.dtype
+
+
+def resolve_dtypes(spec: str | None, device: torch.device) -> Precision:
+    """--dtype -> Precision. A named dtype is used throughout, activations included. auto:
+    bfloat16 on a GPU (float16 where the GPU has no bfloat16); on the CPU the same as
+    mixed. mixed (the CPU): float32 activations everywhere (the residual stream, norms,
+    attention, logits), with the matrices in the dtype this CPU multiplies fastest
+    (`cpu_matrix_dtypes`): for reading, which is compute-bound, bfloat16 where the CPU has
+    bfloat16 arithmetic, else float32; for answering, which is memory-bound (every token
+    streams all the matrices), float16 where it halves the time, else float32."""
     spec = (spec or "auto").strip().lower()
     if spec in ("auto", "mixed") and device.type == "cuda":
         half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return half, half
+        return Precision(half, half, half)
     if spec in ("auto", "mixed"):
-        return torch.float32, cpu_answer_dtype()
+        return Precision(torch.float32, *cpu_matrix_dtypes())
     if spec not in DTYPES:
         raise LandmarkError(f"unknown dtype {spec!r}", f"use --dtype auto | mixed | {' | '.join(DTYPES)}")
-    return DTYPES[spec], DTYPES[spec]
+    return Precision(DTYPES[spec], DTYPES[spec], DTYPES[spec])
 
 
 CPU_DTYPE_FILE = "cpu-dtype.json"
-MIN_GAIN = 1.3  # float16 answers only where it is clearly faster
+MIN_GAIN = 1.3  # a half-precision format is used only where it is clearly faster
 
 
-def cpu_answer_dtype() -> torch.dtype:
-    """float16 or float32, whichever multiplies a 4096 x 4096 matrix (64 MiB in float32:
-    more than the caches, like a model's weights) by a vector faster on this CPU with this
-    torch's threads; measured once (about a second) and kept in LANDMARK_HOME, keyed by the
-    processor, torch's version and the thread count."""
+def cpu_matrix_dtypes() -> tuple[torch.dtype, torch.dtype]:
+    """(reading, answering) matrix dtypes for the CPU's mixed precision, whichever is faster
+    on this CPU with this torch's threads: reading a 256-row chunk through a 2048 x 2048
+    matrix in bfloat16 or float32, answering one row through a 4096 x 4096 matrix (64 MiB
+    in float32: more than the caches, like a model's weights) in float16 or float32.
+    Measured once (about a second) and kept in LANDMARK_HOME, keyed by the processor,
+    torch's version and the thread count."""
     key = f"{platform.machine()} {_cpu_name()} torch {torch.__version__} threads {torch.get_num_threads()}"
     path = home() / CPU_DTYPE_FILE
     try:
@@ -85,10 +98,12 @@ def cpu_answer_dtype() -> torch.dtype:
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if key not in known:
-        times = {name: _gemv_ms(DTYPES[name]) for name in ("float32", "float16")}
-        known[key] = {"ms": times, "answer": "float16" if times["float32"] > MIN_GAIN * times["float16"]
-                      else "float32"}
+    if not isinstance(known.get(key), dict) or not {"read", "answer"} <= set(known[key]):
+        rows = {name: _matmul_ms(DTYPES[name], rows=1) for name in ("float32", "float16")}
+        chunk = {name: _matmul_ms(DTYPES[name], rows=256, n=2048, runs=5) for name in ("float32", "bfloat16")}
+        known[key] = {"ms": rows, "chunk_ms": chunk,
+                      "read": "bfloat16" if chunk["float32"] > MIN_GAIN * chunk["bfloat16"] else "float32",
+                      "answer": "float16" if rows["float32"] > MIN_GAIN * rows["float16"] else "float32"}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -96,7 +111,7 @@ def cpu_answer_dtype() -> torch.dtype:
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: measure again next time
-    return DTYPES[known[key]["answer"]]
+    return DTYPES[known[key]["read"]], DTYPES[known[key]["answer"]]
 
 
 def _cpu_name() -> str:
@@ -110,9 +125,10 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _gemv_ms(dtype: torch.dtype, n: int = 4096, runs: int = 9) -> float:
+def _matmul_ms(dtype: torch.dtype, rows: int, n: int = 4096, runs: int = 9) -> float:
+    """Median milliseconds of [rows, n] @ [n, n] in `dtype` (after two warm-up runs)."""
     w = torch.randn(n, n).to(dtype)
-    x = torch.randn(1, n).to(dtype)
+    x = torch.randn(rows, n).to(dtype)
     times = []
     for i in range(runs + 2):
         t0 = time.perf_counter()

@@ -3,8 +3,8 @@
 GGUF files (the default model among them) are dequantised once by transformers and
 cached as safetensors under LANDMARK_HOME/models, so later runs load in about a second.
 Weights used in another dtype than their files hold (a float32 checkpoint in bfloat16;
-the CPU's float16 answering matrices) are converted once too, and kept in
-LANDMARK_HOME/models/converted.
+the CPU's bfloat16 reading and float16 answering matrices) are converted once too, and
+kept in LANDMARK_HOME/models/converted.
 Nothing here reaches the network: every load is `local_files_only`.
 """
 
@@ -257,27 +257,28 @@ def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.d
 
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
             progress=lambda s: None, answers: bool = True) -> LoadedModel:
-    """Load --model SPEC in the CLI's --dtype (device.resolve_dtypes: on the CPU's auto, a
-    float32 reader and float16 answering matrices). answers=False: only documents are read,
-    so no answering copy of the weights."""
+    """Load --model SPEC in the CLI's --dtype (device.resolve_dtypes: on the CPU's auto,
+    float32 activations with the matrices in the dtypes this CPU reads and answers fastest
+    in). answers=False: only documents are read, so no answering copy of the matrices."""
     from landmark_cli.model.device import resolve_dtypes
 
-    reading, answering = resolve_dtypes(dtype, torch.device(device))
-    return load_model(spec, reading, device, progress, answer_dtype=answering if answers else None)
+    p = resolve_dtypes(dtype, torch.device(device))
+    return load_model(spec, p.dtype, device, progress, answer_dtype=p.answer if answers else None, read_dtype=p.read)
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               progress=lambda s: None, answer_dtype: torch.dtype | None = None) -> LoadedModel:
+               progress=lambda s: None, answer_dtype: torch.dtype | None = None,
+               read_dtype: torch.dtype | None = None) -> LoadedModel:
     """Load --model SPEC: our Llama over its weights (on `device`, in `dtype`), plus its
     tokenizer and HF config. The safetensors files are memory-mapped and read one tensor at
     a time straight onto the device, and each layer's tensors are fused as they are handed
     to the model: no second copy of the model in RAM.
 
-    answer_dtype: answer with matrices in another dtype than documents are read in (the
-    CPU's `--dtype mixed`): a second copy of the projection matrices and the LM head in
-    that dtype answers (`Llama.with_matrices`: the embeddings, norms and activations stay
-    in `dtype`), the first model reads. When the two copies would take more than half the
-    machine's memory, the model is kept once, wholly in answer_dtype, for both."""
+    read_dtype, answer_dtype (the CPU's `--dtype mixed`): read documents, and answer, with
+    the projection matrices and the LM head in these dtypes (`Llama.with_matrices`: the
+    embeddings, norms and activations stay in `dtype`); each copy is converted once and
+    kept on disk. When the copies would take more than half the machine's memory, the
+    model is kept once, wholly in answer_dtype (or read_dtype), for both."""
     from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
@@ -304,20 +305,30 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     weights = read_weights(files, fp, dtype, device)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    model = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
-    reader = None
-    if answer_dtype is not None and answer_dtype != dtype:
-        both = sum(w.numel() for w in model.parameters()) * (dtype.itemsize + answer_dtype.itemsize)
-        if device.type != "cpu" or both <= psutil.virtual_memory().total // 2:
-            # the answer's activations stay in dtype; its matrices are converted once and kept on disk
-            path = converted(fp, files, f"{_name(dtype)}-{_name(answer_dtype)}-matrices")
-            given = _read_file(path, device)
-            reader, model = model, model.with_matrices(answer_dtype, given)
-            if given is None:
-                _write_file(model.matrices(), path)
-        else:
-            model = model.to(dtype=answer_dtype)
-    loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fp, model=model,
-                         tokenizer=tok, hf_config=cfg, landmark=lm_spec, reader=reader)
+    base = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
+
+    def matrices_in(dt: torch.dtype) -> Llama:
+        """base with its matrices in dt, converted once and kept on disk."""
+        if dt == dtype:
+            return base
+        path = converted(fp, files, f"{_name(dtype)}-{_name(dt)}-matrices")
+        given = _read_file(path, device)
+        m = base.with_matrices(dt, given)
+        if given is None:
+            _write_file(m.matrices(), path)
+        return m
+
+    read_dtype = read_dtype or dtype
+    copies = {read_dtype, answer_dtype or read_dtype}
+    n_matrices = sum(t.numel() for t in base.matrices().values())
+    need = (sum(w.numel() for w in base.parameters()) - n_matrices) * dtype.itemsize + \
+        n_matrices * sum(d.itemsize for d in copies)
+    if device.type != "cpu" or copies == {dtype} or need <= psutil.virtual_memory().total // 2:
+        reader = matrices_in(read_dtype)
+        model = reader if answer_dtype is None else matrices_in(answer_dtype)
+    else:
+        reader = model = base.to(dtype=answer_dtype or read_dtype)
+    loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fp, model=model, tokenizer=tok, hf_config=cfg,
+                         landmark=lm_spec, reader=None if reader is model else reader)
     progress(f"Loaded {d.name} ({loaded.dtypes()}, {device}) in {time.perf_counter() - t0:.1f}s")
     return loaded
