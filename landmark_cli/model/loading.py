@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -232,27 +233,35 @@ def _write_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
+def kept(path: Path, device: torch.device, convert: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Converted weights: read from `path` where they were kept, else `convert()`ed now and
+    kept there for the next load."""
+    tensors = _read_file(path, device)
+    if tensors is None:
+        tensors = convert()
+        _write_file(tensors, path)
+    return tensors
+
+
 def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in `dtype` on `device`, each read from its memory map. When
-    the files hold another dtype, the converted weights are written once under
+    the files hold another dtype, the converted weights are kept under
     LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load)."""
     from safetensors import safe_open
 
+    def read() -> dict[str, torch.Tensor]:
+        weights = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device=str(device)) as st:
+                for name in st.keys():
+                    weights[name] = st.get_tensor(name).to(dtype)
+        return weights
+
     with safe_open(str(files[0]), framework="pt") as st:
         stored = next((st.get_slice(n).get_dtype() for n in st.keys()), "")
-    same = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == dtype
-    path = converted(fp, files, _name(dtype))
-    weights = None if same else _read_file(path, device)
-    if weights is not None:
-        return weights
-    weights = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as st:
-            for name in st.keys():
-                weights[name] = st.get_tensor(name).to(dtype)
-    if not same:
-        _write_file(weights, path)
-    return weights
+    if {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == dtype:
+        return read()
+    return kept(converted(fp, files, _name(dtype)), device, read)
 
 
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
@@ -312,11 +321,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         if dt == dtype:
             return base
         path = converted(fp, files, f"{_name(dtype)}-{_name(dt)}-matrices")
-        given = _read_file(path, device)
-        m = base.with_matrices(dt, given)
-        if given is None:
-            _write_file(m.matrices(), path)
-        return m
+        return base.with_matrices(dt, kept(path, device, lambda: base.with_matrices(dt).matrices()))
 
     read_dtype = read_dtype or dtype
     copies = {read_dtype, answer_dtype or read_dtype}
