@@ -82,8 +82,8 @@ class Engine:
     def runner(self, tokens: int) -> Llama:
         """The weights a step of `tokens` tokens runs on: an answer step (one token, which
         streams every matrix once) on the answering copy; a question (several tokens: more
-        arithmetic per byte) on the reading one, whose float32 arithmetic is exact and, on
-        CPUs without float16 math, the faster. Both keep their activations in one dtype."""
+        arithmetic per byte) on the reading one, whose matrices are in the dtype this device
+        does arithmetic fastest in (float16 has no fast CPU path for more than one row)."""
         return self.reader if tokens > 1 else self.model
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
