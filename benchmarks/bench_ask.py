@@ -139,8 +139,9 @@ def worker_llama_cpp(args) -> dict:
 def worker_landmark(args) -> dict:
     """Ours in --dtype: reading tokens/s per length (into an empty store), decode tokens/s."""
     lm = load_in("default", args.dtype)
+    lm.kernels = args.kernels
     lengths = [parse_length(x) for x in args.prompts.split(",")]
-    out: dict = {"system": f"landmark --dtype {args.dtype}", "runtime": lm.runtime(),
+    out: dict = {"system": f"landmark --dtype {args.dtype} --kernels {args.kernels}", "runtime": lm.runtime(),
                  "threads": torch.get_num_threads(), "prompt_tok_s": {}}
     warm = prompt_ids(lm.tokenizer, 600)
     with tempfile.TemporaryDirectory(prefix="landmark-bench-") as scratch:
@@ -175,8 +176,9 @@ def side_by_side(args) -> None:
     if not found:
         print("llama-cpp-python is not importable: llama.cpp skipped (see this script's docstring to build it)",
               flush=True)
-    for worker, dtype in ([("llama_cpp", "-")] if found else []) + [("landmark", d) for d in args.dtypes.split(",")]:
-        cmd = [sys.executable, __file__, "--worker", worker, "--dtype", dtype, *common]
+    ours = [("landmark", d, k) for d in args.dtypes.split(",") for k in args.kernels.split(",")]
+    for worker, dtype, kernels in ([("llama_cpp", "-", "-")] if found else []) + ours:
+        cmd = [sys.executable, __file__, "--worker", worker, "--dtype", dtype, "--kernels", kernels, *common]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{worker} {dtype} failed:\n{done.stderr[-2000:]}")
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--vs-llama-cpp", action="store_true", help="llama.cpp side by side (see the docstring)")
     ap.add_argument("--llama-cpp-path", default=None, help="where llama-cpp-python is installed (--target)")
     ap.add_argument("--dtypes", default="float32,mixed,bfloat16", help="ours, beside llama.cpp")
+    ap.add_argument("--kernels", default="auto", help="ours: auto (the native answer step where it builds) | "
+                    "torch; a list beside llama.cpp (each with every --dtypes)")
     ap.add_argument("--prompts", default="0.5k,2k,8k", help="prompt lengths beside llama.cpp")
     ap.add_argument("--worker", choices=["llama_cpp", "landmark"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,6 +227,7 @@ def main() -> None:
         side_by_side(args)
         return
     lm = load_in("default", args.dtype)
+    lm.kernels = args.kernels
     tok = lm.tokenizer
     settings = Settings()
     roots: list[Path] = []  # scratch stores, removed at the end

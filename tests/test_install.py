@@ -91,6 +91,7 @@ def test_the_wheel_installs_landmark_cli_and_nothing_else(wheel):
     dist_info = f"landmark-{importlib.metadata.version('landmark')}.dist-info"
     assert {n.split("/")[0] for n in names} == {"landmark_cli", dist_info}
     assert "landmark_cli/kernels/retrieval_attention.py" in names
+    assert "landmark_cli/kernels/cpu_step.c" in names  # the native answer step is built from it
     assert f"{dist_info}/licenses/LICENSE" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 

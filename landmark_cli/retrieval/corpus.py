@@ -29,7 +29,7 @@ import torch
 
 from landmark_cli.kernels.retrieval_attention import retrieval_attention
 from landmark_cli.kernels.rope import apply_rope
-from landmark_cli.retrieval.attention import DenseKV, dense_attention, dense_dtype
+from landmark_cli.retrieval.attention import DenseKV, dense_dtype
 from landmark_cli.retrieval.landmarks import block_scores, top_blocks, top_runs
 from landmark_cli.retrieval.selection import BandScores, Candidates
 from landmark_cli.retrieval.session import AnswerSession, scoring_layers
@@ -146,10 +146,6 @@ class CorpusSession(AnswerSession):
             x, self.text = torch.cat([m.embed(self.text), x]), None
         T, start = x.shape[0], self.dense.length
         cos, sin = m.rope.at(torch.arange(start, start + T))
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return dense_attention(apply_rope(q, cos, sin), *self.dense.write(layer, start, apply_rope(k, cos, sin), v))
-
-        x = self.engine.runner(T).run_layers(x, attend)
+        logits = self.engine.dense_step(x, self.dense, start, cos, sin)
         self.dense.length = start + T
-        return m.logits(x[-1:])[0]
+        return logits

@@ -25,11 +25,12 @@ import torch
 from filelock import FileLock, Timeout
 
 from landmark_cli.errors import LandmarkError, StoreError
+from landmark_cli.kernels import cpu_step
 from landmark_cli.kernels.rope import apply_rope
 from landmark_cli.model.llama import Llama
 from landmark_cli.model.loading import LoadedModel
 from landmark_cli.paths import home
-from landmark_cli.retrieval.attention import landmark_kind
+from landmark_cli.retrieval.attention import DenseKV, dense_attention, landmark_kind
 from landmark_cli.retrieval.landmarks import N_REPS, block_reps, is_landmark_position
 from landmark_cli.retrieval.selection import ByRepresentatives
 from landmark_cli.retrieval.settings import Answering, Settings, effective_settings
@@ -72,6 +73,8 @@ class Engine:
         self.model = loaded.model  # answers
         self.reader = loaded.reading_model  # reads documents (another dtype on the CPU's --dtype auto)
         self.landmarks = landmark_kind(self.spec, loaded.kernels)
+        # answer tokens over a dense buffer in one native call on the CPU (--kernels torch: never)
+        self.native = cpu_step.for_model(self.model) if self.spec is None and loaded.kernels != "torch" else None
         self.root = Path(root) if root else home() / "store"
         store.sweep_temporaries(self.root)  # what a killed reader left behind
         limit = self.spec.train_context if self.spec else self.model.cfg.context
@@ -85,6 +88,22 @@ class Engine:
         arithmetic per byte) on the reading one, whose matrices are in the dtype this device
         does arithmetic fastest in (float16 has no fast CPU path for more than one row)."""
         return self.reader if tokens > 1 else self.model
+
+    def dense_step(self, x: torch.Tensor, dense: DenseKV, start: int, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:
+        """Hidden states x [T, dim] at positions [start, start + T) of `dense` (RoPE rows
+        cos/sin [T, D]), attending to that buffer alone (its reserved slots included):
+        returns the logits after the last token [vocab]. One token runs as one native call
+        where the CPU step is built (cpu_step), otherwise through the layer loop."""
+        T = x.shape[0]
+        if T == 1 and self.native is not None:
+            return self.native.logits(x[0], dense.kv, dense.reserved + start, cos[0], sin[0])
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            dense.write(layer, start, apply_rope(k, cos, sin), v)
+            return dense_attention(apply_rope(q, cos, sin), *dense.joined(layer, start + T))
+
+        return self.model.logits(self.runner(T).run_layers(x, attend)[-1:])[0]
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
         """The token stream the store holds for ids: with trained landmarks, a <landmark>

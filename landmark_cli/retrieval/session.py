@@ -183,10 +183,13 @@ class Session(AnswerSession):
         x = m.embed(ids)
         if self.answering.select == "shared" and self.chosen is None:
             self._choose(x, cos, sin, question or slice(None))
+        logits = None
         if self.rereads and self.steps == 0:
             x = self._reread(ids)
+        elif self._dense_only():
+            logits = self.engine.dense_step(x, self.dense, start, cos, sin)
         elif self.chosen is not None:
-            x = self._run(x, cos, sin, start, Fixed(self.chosen[:, :0] if self.rereads else self.chosen))
+            x = self._run(x, cos, sin, start, Fixed(self.chosen))
         else:
             ranker = self.ranker(record=self.steps == 0)
             x = self._run(x, cos, sin, start, self.per_layer(ranker))
@@ -194,7 +197,17 @@ class Session(AnswerSession):
                 self.layer_scores = ranker.scores
                 self.votes = torch.stack(ranker.scores).mean((0, 1)).cpu()
         self.dense.length, self.next_pos, self.steps = self.dense.length + T, self.next_pos + T, self.steps + 1
-        return self.landmarks.mask_logits(m.logits(x[-1:])[0])
+        return self.landmarks.mask_logits(m.logits(x[-1:])[0] if logits is None else logits)
+
+    def _dense_only(self) -> bool:
+        """Whether a step attends to the dense buffer alone: once the shared selection's
+        blocks sit in every layer's reserved slots (or there are none), or, with the passages
+        read as text, after that first step."""
+        if self.chosen is None:
+            return False
+        if self.rereads:
+            return self.steps > 0
+        return self.chosen.shape[1] == 0 or len(self.placed) == self.model.cfg.n_layers
 
     def _reread(self, ids: torch.Tensor) -> torch.Tensor:
         """passages="text": the chosen blocks' tokens (in the chosen order) and the window's,

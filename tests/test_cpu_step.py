@@ -1,0 +1,96 @@
+"""The native answer step (landmark_cli/kernels/cpu_step.c) against PyTorch's layer loop."""
+
+import dataclasses
+import platform
+
+import pytest
+import torch
+
+from landmark_cli.kernels import cpu_step
+from landmark_cli.model.loading import load_model
+from landmark_cli.retrieval.engine import Engine
+from landmark_cli.retrieval.session import Session
+from landmark_cli.retrieval.settings import Answering, Reading, Settings
+
+# where it must build: this project's machines and CI (x86-64 with a C compiler)
+BUILDS = platform.machine().lower() in ("x86_64", "amd64") and cpu_step.compiler() is not None
+needs_build = pytest.mark.skipif(not BUILDS, reason="the native step is built on x86-64 with a C compiler")
+SETTINGS = Settings(Reading(block=8, top_k=4, sink=8, window=16, chunk=32), Answering(top_k=4))
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _answer(lm, kernels, root, tokens=None, steps=8):
+    """Logits of a question and `steps` answer tokens (teacher-forced on `tokens` when
+    given, else greedy) over a 160-token document; and the engine."""
+    lm = dataclasses.replace(lm, kernels=kernels)
+    ids = _ids(190, lm.model.cfg.vocab_size)
+    eng = Engine(lm, SETTINGS, root=root)
+    entry, _ = eng.read(ids[:160])
+    sess = Session(eng, entry, capacity=64)
+    out = [sess.step(torch.tensor(ids[160:]))]
+    for i in range(steps):
+        tok = tokens[i] if tokens is not None else int(out[-1].argmax())
+        out.append(sess.step(torch.tensor([tok])))
+    return torch.stack(out), eng
+
+
+@needs_build
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_native_answers_like_the_layer_loop(tiny_dir, tmp_path, dtype, tol):
+    """Answer steps with the matrices in each dtype the step reads: the same logits as the
+    PyTorch path to that dtype's rounding (PyTorch rounds the activations to the matrices'
+    dtype first, the native step keeps them in float32), the same top token."""
+    lm = load_model(str(tiny_dir), answer_dtype=None if dtype == torch.float32 else dtype)
+    ref, eng_ref = _answer(lm, "torch", tmp_path / "a")
+    tokens = ref[:-1].argmax(-1).tolist()
+    got, eng = _answer(lm, "auto", tmp_path / "b", tokens=tokens[:8])
+    assert eng_ref.native is None and eng.native is not None
+    scale = ref.abs().max()
+    assert ((got - ref).abs().max() / scale).item() < tol
+    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+@needs_build
+def test_the_avx2_build_matches_this_cpus(tiny, tmp_path):
+    """The AVX2 + F16C path (laptops without AVX-512), built for haswell, runs here too
+    and gives the same logits as this CPU's build."""
+    ref, eng = _answer(tiny, "auto", tmp_path / "a")
+    lib = cpu_step.library("haswell")
+    assert lib is not None
+    eng2 = Engine(tiny, SETTINGS, root=tmp_path / "a")
+    eng2.native = cpu_step.CpuStep(lib, tiny.model)
+    ids = _ids(190, tiny.model.cfg.vocab_size)
+    entry = eng2.lookup(ids[:160])
+    sess = Session(eng2, entry, capacity=64)
+    got = [sess.step(torch.tensor(ids[160:]))]
+    for i in range(8):
+        got.append(sess.step(ref[i].argmax().view(1)))
+    assert (torch.stack(got) - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_without_a_compiler_the_layer_loop_answers(tiny, tmp_path, monkeypatch, landmark_home):
+    """No C compiler: the engine answers through PyTorch, the same tokens, and the failed
+    build is remembered instead of tried on every run."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    ref, _ = _answer(tiny, "torch", tmp_path / "a")
+    got, eng = _answer(tiny, "auto", tmp_path / "b")
+    assert eng.native is None
+    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert list((landmark_home / "native").glob("*.failed")) and not list((landmark_home / "native").glob("*.so"))
+
+
+@needs_build
+def test_a_damaged_library_is_built_again(landmark_home):
+    """A library file that does not load (a damaged disk, a copied home) is removed: this
+    run answers through PyTorch, the next builds it again. (An instruction set no other
+    test loads: a library this process has mapped must not be overwritten under it.)"""
+    path = cpu_step.library_path(cpu_step.compiler(), "x86-64-v3")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")
+    assert cpu_step.library("x86-64-v3") is None and not path.exists()
+    cpu_step._loaded.clear()
+    assert cpu_step.library("x86-64-v3") is not None and path.exists()
