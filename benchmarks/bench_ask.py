@@ -14,9 +14,11 @@ Reports (medians of --runs where repeated):
 bfloat16 for reading and float16 for answering where this CPU is faster so); transformers
 always runs in float32.
 
-    python benchmarks/bench_ask.py --vs-llama-cpp [--dtypes float32,mixed,bfloat16] [--runs 3]
+    python benchmarks/bench_ask.py --vs-llama-cpp [--dtypes float32,mixed,bfloat16] [--kernels auto,torch]
+                                  [--runs 3]
 
-times llama.cpp instead, side by side with ours for each --dtypes, each in a process of
+times llama.cpp instead, side by side with ours for each --dtypes and --kernels (auto: the
+native answer step, kernels/cpu_step.c; torch: PyTorch's layer loop), each in a process of
 its own (its peak RSS is its own): prompt tokens/s at --prompts (0.5k, 2k, 8k tokens of
 the same text; ours: reading it into an empty store) and decode tokens/s (32 tokens after
 the 0.5k prompt; ours: answer steps on the cached reading), medians of --runs, the same
@@ -138,8 +140,7 @@ def worker_llama_cpp(args) -> dict:
 
 def worker_landmark(args) -> dict:
     """Ours in --dtype: reading tokens/s per length (into an empty store), decode tokens/s."""
-    lm = load_in("default", args.dtype)
-    lm.kernels = args.kernels
+    lm = load_in("default", args.dtype, kernels=args.kernels)
     lengths = [parse_length(x) for x in args.prompts.split(",")]
     out: dict = {"system": f"landmark --dtype {args.dtype} --kernels {args.kernels}", "runtime": lm.runtime(),
                  "threads": torch.get_num_threads(), "prompt_tok_s": {}}
@@ -226,8 +227,7 @@ def main() -> None:
     if args.vs_llama_cpp:
         side_by_side(args)
         return
-    lm = load_in("default", args.dtype)
-    lm.kernels = args.kernels
+    lm = load_in("default", args.dtype, kernels=args.kernels)
     tok = lm.tokenizer
     settings = Settings()
     roots: list[Path] = []  # scratch stores, removed at the end

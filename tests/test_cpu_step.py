@@ -1,5 +1,6 @@
 """The native answer step (landmark_cli/kernels/cpu_step.c) against PyTorch's layer loop."""
 
+import copy
 import dataclasses
 import platform
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 from landmark_cli.kernels import cpu_step
+from landmark_cli.model import blocks
+from landmark_cli.model.device import resolve_dtypes
+from landmark_cli.model.llama import MATRICES
 from landmark_cli.model.loading import load_model
 from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.session import Session
@@ -37,14 +41,33 @@ def _answer(lm, kernels, root, tokens=None, steps=8):
     return torch.stack(out), eng
 
 
+def _as_if_from_gguf(lm):
+    """lm with its layer matrices rounded to q4_1 groups and its embedding / LM head to
+    q8_0 groups (what a model converted from a GGUF file holds), answering from them packed."""
+    m = lm.model
+    exact = copy.copy(m)
+    exact.layers = [{k: blocks.unpack(blocks.pack_q4_1(v), v.shape[1]) if k in MATRICES else v for k, v in L.items()}
+                    for L in m.layers]
+    exact.w = {**m.w, "model.embed_tokens.weight": blocks.unpack(blocks.pack_q8_0(m.lm_head), m.cfg.dim)}
+    exact.lm_head = exact.w["model.embed_tokens.weight"]
+    return dataclasses.replace(lm, model=exact.with_matrices(blocks.PACKED), reader=exact)
+
+
 @needs_build
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2),
+                                        (blocks.PACKED, 1e-5)])
 def test_native_answers_like_the_layer_loop(tiny_dir, tmp_path, dtype, tol):
-    """Answer steps with the matrices in each dtype the step reads: the same logits as the
-    PyTorch path to that dtype's rounding (PyTorch rounds the activations to the matrices'
-    dtype first, the native step keeps them in float32), the same top token."""
-    lm = load_model(str(tiny_dir), answer_dtype=None if dtype == torch.float32 else dtype)
-    ref, eng_ref = _answer(lm, "torch", tmp_path / "a")
+    """Answer steps with the matrices in each format the step reads: the same logits as the
+    PyTorch path to that format's rounding (PyTorch rounds the activations to the
+    matrices' dtype first, the native step keeps them in float32; packed groups hold the
+    weights exactly), the same top token."""
+    if dtype == blocks.PACKED:
+        lm = _as_if_from_gguf(load_model(str(tiny_dir)))
+        assert set(lm.model.matrix_formats()[:-1]) == {"q4_1"} and lm.model.matrix_formats()[-1] == "q8_0"
+        ref_lm = dataclasses.replace(lm, model=lm.reader, reader=None)  # the same weights in float32
+    else:
+        lm = ref_lm = load_model(str(tiny_dir), answer_dtype=None if dtype == torch.float32 else dtype)
+    ref, eng_ref = _answer(ref_lm, "torch", tmp_path / "a")
     tokens = ref[:-1].argmax(-1).tolist()
     got, eng = _answer(lm, "auto", tmp_path / "b", tokens=tokens[:8])
     assert eng_ref.native is None and eng.native is not None
@@ -94,3 +117,34 @@ def test_a_damaged_library_is_built_again(landmark_home):
     assert cpu_step.library("x86-64-v3") is None and not path.exists()
     cpu_step._loaded.clear()
     assert cpu_step.library("x86-64-v3") is not None and path.exists()
+
+
+def test_packed_groups_give_their_weights_back():
+    """q8_0 and q4_1 round each group of 32 to its own scale (and offset); `exact` packs a
+    matrix only in a format that gives every weight back bit for bit, the smallest first."""
+    w = torch.randn(6, 96) * torch.logspace(-3, 2, 96)  # groups of very different magnitude
+    w[2, 32:64] = 0.0
+    g = w.reshape(6, 3, 32)
+    steps = {"q8_0": g.abs().amax(-1, keepdim=True) / 127,
+             "q4_1": (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15}
+    for pack, size, name in ((blocks.pack_q8_0, 34, "q8_0"), (blocks.pack_q4_1, 20, "q4_1")):
+        p = pack(w)
+        assert p.dtype == blocks.PACKED and p.shape == (6, 3 * size)
+        back = blocks.unpack(p, 96)
+        assert ((back - w).reshape(6, 3, 32).abs() <= steps[name] * 0.51 + 1e-12).all()  # half a step
+        assert (back[2, 32:64] == 0).all()
+    assert blocks.exact(w) is None and blocks.convert(w, blocks.PACKED).dtype == torch.float16
+    for pack, name in ((blocks.pack_q4_1, "q4_1"), (blocks.pack_q8_0, "q8_0")):
+        held = blocks.unpack(pack(w), 96)  # weights a GGUF file held in this format
+        p = blocks.exact(held)
+        assert p is not None and blocks.format_of(p, 96) == name and torch.equal(blocks.unpack(p, 96), held)
+
+
+def test_auto_answers_packed_only_through_the_native_step(monkeypatch, tmp_path):
+    cpu = torch.device("cpu")
+    if BUILDS:
+        assert resolve_dtypes("auto", cpu).answer == blocks.PACKED
+    assert resolve_dtypes("auto", cpu, kernels="torch").answer != blocks.PACKED
+    assert resolve_dtypes("float32", cpu).answer == torch.float32
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert resolve_dtypes("auto", cpu).answer != blocks.PACKED

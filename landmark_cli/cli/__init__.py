@@ -32,10 +32,12 @@ ChunkOpt = Annotated[int, typer.Option("--chunk", help="document tokens per read
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: auto (a CUDA GPU when there is "
                                         "one, else the CPU) | cpu | cuda | cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="weights: auto (bfloat16 on a GPU, mixed on the CPU) | "
-                                       "mixed (CPU: float32 activations; the matrices in bfloat16 for reading and "
-                                       "float16 for answering, each where faster) | float32 | bfloat16 | float16")]
-KernelsOpt = Annotated[str, typer.Option("--kernels", help="attention: auto (the Triton kernels on a GPU) | "
-                                         "torch | triton")]
+                                       "mixed (CPU: float32 activations; the matrices in bfloat16 for reading where "
+                                       "faster, and for answering a GGUF model's own 4- and 8-bit groups, else "
+                                       "float16) | float32 | bfloat16 | float16")]
+KernelsOpt = Annotated[str, typer.Option("--kernels", help="auto (the Triton kernels on a GPU; on the CPU, "
+                                         "answer steps in one native call where a C compiler builds it) | torch | "
+                                         "triton")]
 
 
 class RepChoice(str, Enum):
@@ -134,8 +136,8 @@ def _load(model: str, device: str = "auto", dtype: str = "auto", kernels: str = 
     where = resolve_device(device)
     kernels = check_kernels(kernels, where)
     t0 = time.perf_counter()
-    lm = load_in(model, dtype, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"), answers=answers)
-    lm.kernels = kernels
+    lm = load_in(model, dtype, where, progress=lambda s: err.print(f"[dim]{s}[/dim]"), answers=answers,
+                 kernels=kernels)
     return lm, time.perf_counter() - t0
 
 

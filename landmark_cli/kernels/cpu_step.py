@@ -5,7 +5,8 @@ runs a layer as some twenty operations, each with its own dispatch and, for the
 matrix-vector products, a half-precision copy of the activations; for a small model the
 calls cost as much as the arithmetic. `CpuStep` runs the step (every layer, the final
 norm, the LM head) in one call of a C function that streams each matrix once, in its own
-dtype (float32, float16 or bfloat16), with float32 activations and attention.
+dtype (float32, float16, bfloat16, or packed in groups as GGUF files pack them:
+model/blocks.py), with float32 activations and attention.
 
 The library is built with the system C compiler for this machine (`-march=native`:
 AVX-512, or AVX2 with F16C and FMA) and kept under LANDMARK_HOME/native, named by a hash
@@ -30,7 +31,7 @@ import torch
 from landmark_cli.paths import home
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
-WTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cpu_step.c's W_F32, W_F16, W_BF16
+WTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "q8_0": 3, "q4_1": 4}  # cpu_step.c's W_F32 .. W_Q4_1
 LAYER_TENSORS = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")  # cpu_step.c's P_* order
 # compiled with fast math (vectorised exp), linked without it: a shared library linked
 # with -ffast-math would switch the whole process's denormals to zero when loaded
@@ -43,7 +44,7 @@ class Shape(ctypes.Structure):
     """cpu_step.c's Shape: the model's dimensions, the threads, the dense buffer's strides."""
     _fields_ = [("dim", ctypes.c_int32), ("n_layers", ctypes.c_int32), ("n_heads", ctypes.c_int32),
                 ("n_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("ffn_dim", ctypes.c_int32),
-                ("vocab", ctypes.c_int32), ("wtype", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("vocab", ctypes.c_int32), ("eps", ctypes.c_float),
                 ("threads", ctypes.c_int32), ("layer_stride", ctypes.c_int64), ("value_stride", ctypes.c_int64),
                 ("head_stride", ctypes.c_int64)]
 
@@ -115,7 +116,7 @@ def library(march: str = "native") -> ctypes.CDLL | None:
                 path.unlink(missing_ok=True)
         if lib is not None:
             lib.landmark_cpu_step.restype = None
-            lib.landmark_cpu_step.argtypes = [ctypes.POINTER(Shape)] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [
+            lib.landmark_cpu_step.argtypes = [ctypes.POINTER(Shape)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [
                 ctypes.c_void_p] * 4
         _loaded[key] = lib
     return _loaded[key]
@@ -129,10 +130,11 @@ class CpuStep:
         c = model.cfg
         self.model, self.fn = model, lib.landmark_cpu_step
         self.shape = Shape(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                           head_dim=c.head_dim, ffn_dim=c.ffn_dim, vocab=c.vocab_size,
-                           wtype=WTYPES[model.matrix_dtype], eps=c.norm_eps)
+                           head_dim=c.head_dim, ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps)
         ptrs = [L[name].data_ptr() for L in model.layers for name in LAYER_TENSORS]
         self.layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        types = [WTYPES[f] for f in model.matrix_formats()]  # in cpu_step.c's T_* order, then the LM head
+        self.wtypes = (ctypes.c_int32 * len(types))(*types)
         self.final_norm = model.w["model.norm.weight"]
         self.scratch = torch.empty(0)
 
@@ -142,15 +144,16 @@ class CpuStep:
         [layers, 2, Hkv, slots, D] (float32), where the token's key and value are written at
         `slot` and slots [0, slot] are attended to. Returns the next token's logits [vocab]."""
         c, s = self.model.cfg, self.shape
-        need = c.dim + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.n_heads * (slot + 1)
+        s.threads = torch.get_num_threads()
+        need = c.dim + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.n_heads * (slot + 1) + \
+            s.threads * c.n_heads * (c.head_dim + 2)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(2 * need)
-        s.threads = torch.get_num_threads()
         s.layer_stride, s.value_stride, s.head_stride = kv.stride(0), kv.stride(1), kv.stride(2)
         x = x.to(torch.float32, copy=True).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         out = torch.empty(c.vocab_size)
-        self.fn(ctypes.byref(s), self.layers, self.final_norm.data_ptr(), self.model.lm_head.data_ptr(),
+        self.fn(ctypes.byref(s), self.layers, self.wtypes, self.final_norm.data_ptr(), self.model.lm_head.data_ptr(),
                 x.data_ptr(), kv.data_ptr(), slot, cos.data_ptr(), sin.data_ptr(), self.scratch.data_ptr(),
                 out.data_ptr())
         return out
@@ -158,17 +161,15 @@ class CpuStep:
 
 def for_model(model) -> CpuStep | None:
     """The native step for `model` where it can run: on the CPU, float32 activations and
-    norms, contiguous matrices in one dtype it reads, and a compiler that builds it here."""
+    norms, contiguous matrices in formats it reads, and a compiler that builds it here."""
     c = model.cfg
-    if model.device.type != "cpu" or model.dtype != torch.float32 or model.matrix_dtype not in WTYPES:
+    if model.device.type != "cpu" or model.dtype != torch.float32 or c.n_heads % c.n_kv_heads or c.head_dim % 2:
         return None
     tensors = [L[name] for L in model.layers for name in LAYER_TENSORS] + [model.lm_head, model.w["model.norm.weight"]]
     norms = [L[n] for L in model.layers for n in ("attn_norm", "mlp_norm")] + [model.w["model.norm.weight"]]
     if not all(t.is_contiguous() for t in tensors) or any(t.dtype != torch.float32 for t in norms):
         return None
-    if any(L[n].dtype != model.matrix_dtype for L in model.layers for n in ("qkv", "o", "gate_up", "down")):
-        return None
-    if c.n_heads % c.n_kv_heads or c.head_dim % 2:
+    if any(f not in WTYPES for f in model.matrix_formats()):
         return None
     lib = library()
     return CpuStep(lib, model) if lib is not None else None

@@ -60,23 +60,37 @@ class Precision(NamedTuple):
     answer: torch.dtype
 
 
-def resolve_dtypes(spec: str | None, device: torch.device) -> Precision:
+def resolve_dtypes(spec: str | None, device: torch.device, kernels: str = "auto") -> Precision:
     """--dtype -> Precision. A named dtype is used throughout, activations included. auto:
     bfloat16 on a GPU (float16 where the GPU has no bfloat16); on the CPU the same as
     mixed. mixed (the CPU): float32 activations everywhere (the residual stream, norms,
     attention, logits), with the matrices in the dtype this CPU multiplies fastest
     (`cpu_matrix_dtypes`): for reading, which is compute-bound, bfloat16 where the CPU has
     bfloat16 arithmetic, else float32; for answering, which is memory-bound (every token
-    streams all the matrices), float16 where it halves the time, else float32."""
+    streams all the matrices), the packed form the native answer step reads where it
+    runs (`packed_answers`: a GGUF model's own 4- and 8-bit groups, else float16), else
+    float16 where PyTorch multiplies it faster, else float32."""
     spec = (spec or "auto").strip().lower()
     if spec in ("auto", "mixed") and device.type == "cuda":
         half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Precision(half, half, half)
     if spec in ("auto", "mixed"):
-        return Precision(torch.float32, *cpu_matrix_dtypes())
+        read, answer = cpu_matrix_dtypes()
+        return Precision(torch.float32, read, packed_answers(kernels) or answer)
     if spec not in DTYPES:
         raise LandmarkError(f"unknown dtype {spec!r}", f"use --dtype auto | mixed | {' | '.join(DTYPES)}")
     return Precision(DTYPES[spec], DTYPES[spec], DTYPES[spec])
+
+
+def packed_answers(kernels: str) -> torch.dtype | None:
+    """blocks.PACKED where answer steps run natively (kernels/cpu_step.py builds here and
+    --kernels is not torch), else None. The native step streams each matrix in the
+    smallest form that holds its weights exactly: a model converted from a GGUF file
+    answers from its 4- and 8-bit groups, any other from float16 (model/blocks.py)."""
+    from landmark_cli.kernels import cpu_step
+    from landmark_cli.model.blocks import PACKED
+
+    return PACKED if kernels != "torch" and cpu_step.library() is not None else None
 
 
 CPU_DTYPE_FILE = "cpu-dtype.json"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from landmark_cli.kernels.landmark_attention import landmark_attention
 from landmark_cli.kernels.rope import apply_rope
+from landmark_cli.model import blocks
 
 
 @dataclass
@@ -116,7 +117,10 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T; a matrix kept in another dtype than the activations (`Llama.with_matrices`)
-    multiplies them cast to its dtype and gives its result back in theirs."""
+    multiplies them cast to its dtype and gives its result back in theirs; a packed one
+    (model/blocks.py) is unpacked to theirs first (the native answer step reads it packed)."""
+    if w.dtype == blocks.PACKED:
+        return x @ blocks.unpack(w, x.shape[-1], x.dtype).T
     if x.dtype == w.dtype:
         return x @ w.T
     return (x.to(w.dtype) @ w.T).to(x.dtype)
@@ -180,13 +184,21 @@ class Llama:
         given: those matrices already in `dtype`, as `matrices()` names them (a copy kept
         on disk), used as they are instead of converted."""
         def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-            return given[name] if given is not None else t.to(dtype)
+            return given[name] if given is not None else blocks.convert(t, dtype)
 
         m = copy.copy(self)
         m.lm_head = convert("lm_head", self.lm_head)
         m.layers = [{k: convert(f"layers.{i}.{k}", v) if k in MATRICES else v for k, v in L.items()}
                     for i, L in enumerate(self.layers)]
         return m
+
+    def matrix_formats(self) -> list[str]:
+        """The format of each layer's MATRICES in turn, then the LM head's: a dtype's name, or
+        a packed format (model/blocks.py)."""
+        c = self.cfg
+        cols = {"qkv": c.dim, "o": c.n_heads * c.head_dim, "gate_up": c.dim, "down": c.ffn_dim}
+        return [blocks.format_name(L[k], cols[k]) for L in self.layers for k in MATRICES] + [
+            blocks.format_name(self.lm_head, c.dim)]
 
     def matrices(self) -> dict[str, torch.Tensor]:
         """The projection matrices and the LM head, by name (what `with_matrices` converts)."""

@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from landmark_cli.errors import ModelError
+from landmark_cli.model import blocks
 from landmark_cli.model.checkpoint import LandmarkSpec, landmark_id, read_config
 from landmark_cli.model.llama import Llama, LlamaConfig
 from landmark_cli.paths import home
@@ -62,8 +63,7 @@ class LoadedModel:
 
     def dtypes(self) -> str:
         """The weights' dtype, e.g. "float32", or "float32 reading, float16 answering"."""
-        answer = str(self.model.matrix_dtype).removeprefix("torch.")
-        read = str(self.reading_model.matrix_dtype).removeprefix("torch.")
+        answer, read = (" + ".join(sorted(set(m.matrix_formats()))) for m in (self.model, self.reading_model))
         return answer if read == answer else f"{read} reading, {answer} answering"
 
     @property
@@ -187,7 +187,7 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
 
 
 def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return "packed" if dtype == blocks.PACKED else str(dtype).removeprefix("torch.")
 
 
 def converted(fp: str, files: list[Path], what: str) -> Path:
@@ -265,14 +265,17 @@ def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.d
 
 
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
-            progress=lambda s: None, answers: bool = True) -> LoadedModel:
+            progress=lambda s: None, answers: bool = True, kernels: str = "auto") -> LoadedModel:
     """Load --model SPEC in the CLI's --dtype (device.resolve_dtypes: on the CPU's auto,
     float32 activations with the matrices in the dtypes this CPU reads and answers fastest
-    in). answers=False: only documents are read, so no answering copy of the matrices."""
+    in). answers=False: only documents are read, so no answering copy of the matrices.
+    kernels: --kernels (device.check_kernels), which the answering copy's form depends on."""
     from landmark_cli.model.device import resolve_dtypes
 
-    p = resolve_dtypes(dtype, torch.device(device))
-    return load_model(spec, p.dtype, device, progress, answer_dtype=p.answer if answers else None, read_dtype=p.read)
+    p = resolve_dtypes(dtype, torch.device(device), kernels)
+    lm = load_model(spec, p.dtype, device, progress, answer_dtype=p.answer if answers else None, read_dtype=p.read)
+    lm.kernels = kernels
+    return lm
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
