@@ -10,6 +10,7 @@ from tiny import make_tiny_landmark_model
 
 from landmark_cli.errors import LandmarkError
 from landmark_cli.model import device
+from landmark_cli.model.blocks import PACKED
 from landmark_cli.model.device import check_kernels, resolve_device, resolve_dtypes, stage
 from landmark_cli.model.loading import load_model
 from landmark_cli.retrieval.engine import Engine
@@ -26,7 +27,9 @@ def test_resolution():
     assert resolve_dtypes("auto", CPU) == resolve_dtypes("mixed", CPU)
     assert resolve_dtypes("mixed", CPU).dtype == torch.float32  # activations: float32
     assert resolve_dtypes("mixed", CPU).read in (torch.float32, torch.bfloat16)  # measured
-    assert resolve_dtypes("mixed", CPU).answer in (torch.float32, torch.float16)  # measured
+    # packed where the native answer step runs, else measured
+    assert resolve_dtypes("mixed", CPU).answer in (torch.float32, torch.float16, PACKED)
+    assert resolve_dtypes("mixed", CPU, kernels="torch").answer in (torch.float32, torch.float16)
     assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16, torch.bfloat16)
     assert check_kernels("torch", CPU) == "torch"
     for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtypes("half", CPU),

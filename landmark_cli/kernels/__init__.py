@@ -5,6 +5,9 @@
                          read in place from the KV store (decode/answer)
     landmark_attention   landmark_attention: grouped-softmax causal attention, forward
                          and backward (training, trained-mode reading)
+    cpu_step             an answer token through the whole model in one native call on
+                         the CPU (cpu_step.c, compiled on first use; PyTorch where it
+                         cannot be built)
 
 They live inside `landmark_cli` because the top-level import name `kernels` belongs to
 Hugging Face's `kernels` distribution, which transformers requires. Import from the
