@@ -3,15 +3,17 @@
  * A decode step multiplies one row of activations by every matrix of the model once, so
  * its speed is the speed at which the matrices stream from memory. Run as PyTorch
  * operations, each layer is some twenty calls of a few microseconds to a few tens each;
- * here a layer is six matrix-vector products and a little arithmetic between them, and
+ * here a layer is four matrix-vector products and a little arithmetic between them, and
  * the whole step (every layer, the final norm and the LM head) runs in one OpenMP
- * parallel region: the threads split each product by rows and the attention by heads.
+ * parallel region: the threads split each product by rows, and the attention by
+ * key / value head and range of keys.
  *
  * Each matrix is row-major float32, float16, bfloat16, or packed in groups of 32 weights
  * as GGUF files pack them (q8_0, q4_1: landmark_cli/model/blocks.py), its own `wtype`
  * code below; weights are widened to float32 in registers, and activations, norms, RoPE,
- * attention and accumulation are float32. Keys and values live in the caller's dense buffer (float32, RoPE'd keys):
- * the step writes the new token's key and value at `slot` and attends to slots [0, slot].
+ * attention and accumulation are float32. Keys and values live in the caller's dense
+ * buffer (float32, keys RoPE'd): the step writes the new token's key and value at `slot`
+ * and attends to slots [0, slot].
  *
  * Built by landmark_cli/kernels/cpu_step.py with the system C compiler for the machine it
  * runs on (-march=native); x86-64 with AVX-512, or AVX2 with F16C and FMA.

@@ -144,6 +144,8 @@ class CpuStep:
         [layers, 2, Hkv, slots, D] (float32), where the token's key and value are written at
         `slot` and slots [0, slot] are attended to. Returns the next token's logits [vocab]."""
         c, s = self.model.cfg, self.shape
+        if kv.dtype != torch.float32 or not kv.is_contiguous() or slot >= kv.shape[3]:
+            raise ValueError("the native step needs a contiguous float32 buffer with room for the token")
         s.threads = torch.get_num_threads()
         need = c.dim + (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.n_heads * (slot + 1) + \
             s.threads * c.n_heads * (c.head_dim + 2)

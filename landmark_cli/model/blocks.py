@@ -80,15 +80,22 @@ def unpack(p: torch.Tensor, cols: int, dtype: torch.dtype = torch.float32) -> to
 
 
 def exact(w: torch.Tensor) -> torch.Tensor | None:
-    """w packed in the smallest format that gives every weight back exactly, or None."""
+    """w packed in the smallest format that gives every weight back exactly, or None. A
+    format is tried on a few rows first: weights that were never packed (a float
+    checkpoint) fail there, without packing the whole matrix."""
     if w.dim() != 2 or w.shape[1] % GROUP or not w.is_floating_point():
         return None
-    ref = w.float()
     for pack in PACKERS.values():
+        if not _holds(pack, w[:8]):
+            continue
         p = pack(w)
-        if torch.equal(unpack(p, w.shape[1]), ref):
+        if torch.equal(unpack(p, w.shape[1]), w.float()):
             return p
     return None
+
+
+def _holds(pack, w: torch.Tensor) -> bool:
+    return torch.equal(unpack(pack(w), w.shape[1]), w.float())
 
 
 def convert(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
