@@ -264,6 +264,22 @@ typedef struct {
 enum { P_ATTN_NORM, P_QKV, P_O, P_MLP_NORM, P_GATE_UP, P_DOWN, P_COUNT };
 enum { T_QKV, T_O, T_GATE_UP, T_DOWN, T_COUNT };
 
+/* The logits [vocab] of the hidden state x [dim]: the final norm into h [dim], then the
+ * LM head (inside a parallel region). */
+static void head(const Shape *sh, int wtype, const float *final_norm, const void *lm_head, const float *x, float *h,
+                 float *logits) {
+#pragma omp single
+    rms_norm(x, final_norm, h, sh->dim, sh->eps);
+    gemv(lm_head, wtype, h, logits, sh->vocab, sh->dim, 0);
+}
+
+/* The logits [vocab] of a hidden state x [dim] (a question's last token); scratch: dim floats. */
+void landmark_cpu_logits(const Shape *sh, const int32_t *wtypes, const float *final_norm, const void *lm_head,
+                         const float *x, float *scratch, float *logits) {
+#pragma omp parallel num_threads(sh->threads)
+    head(sh, wtypes[(size_t)sh->n_layers * T_COUNT], final_norm, lm_head, x, scratch, logits);
+}
+
 /* x [dim]: the token's embedding, the residual stream in place (changed). kv: the dense
  * buffer; slot: where this token's key and value go, the number of earlier slots it
  * attends to. cos / sin [head_dim]: its RoPE row. scratch: at least
@@ -316,8 +332,6 @@ void landmark_cpu_step(const Shape *sh, const void *const *layers, const int32_t
             for (int i = 0; i < F; i++) act[i] = gu[i] / (1.f + expf(-gu[i])) * gu[F + i];
             gemv(p[P_DOWN], t[T_DOWN], act, x, dim, F, 1);
         }
-#pragma omp single
-        rms_norm(x, final_norm, h, dim, sh->eps);
-        gemv(lm_head, wtypes[(size_t)sh->n_layers * T_COUNT], h, logits, sh->vocab, dim, 0);
+        head(sh, wtypes[(size_t)sh->n_layers * T_COUNT], final_norm, lm_head, x, h, logits);
     }
 }

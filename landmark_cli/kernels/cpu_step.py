@@ -118,6 +118,8 @@ def library(march: str = "native") -> ctypes.CDLL | None:
             lib.landmark_cpu_step.restype = None
             lib.landmark_cpu_step.argtypes = [ctypes.POINTER(Shape)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [
                 ctypes.c_void_p] * 4
+            lib.landmark_cpu_logits.restype = None
+            lib.landmark_cpu_logits.argtypes = [ctypes.POINTER(Shape)] + [ctypes.c_void_p] * 6
         _loaded[key] = lib
     return _loaded[key]
 
@@ -128,7 +130,7 @@ class CpuStep:
 
     def __init__(self, lib: ctypes.CDLL, model):
         c = model.cfg
-        self.model, self.fn = model, lib.landmark_cpu_step
+        self.model, self.fn, self.head = model, lib.landmark_cpu_step, lib.landmark_cpu_logits
         self.shape = Shape(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
                            head_dim=c.head_dim, ffn_dim=c.ffn_dim, vocab=c.vocab_size, eps=c.norm_eps)
         ptrs = [L[name].data_ptr() for L in model.layers for name in LAYER_TENSORS]
@@ -158,6 +160,17 @@ class CpuStep:
         self.fn(ctypes.byref(s), self.layers, self.wtypes, self.final_norm.data_ptr(), self.model.lm_head.data_ptr(),
                 x.data_ptr(), kv.data_ptr(), slot, cos.data_ptr(), sin.data_ptr(), self.scratch.data_ptr(),
                 out.data_ptr())
+        return out
+
+    def logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits [vocab] of a hidden state x [dim]: the final norm and the LM head (a
+        question's last token, which the layer loop ran)."""
+        c, s = self.model.cfg, self.shape
+        s.threads = torch.get_num_threads()
+        x = x.to(torch.float32).contiguous()
+        h, out = torch.empty(c.dim), torch.empty(c.vocab_size)
+        self.head(ctypes.byref(s), self.wtypes, self.final_norm.data_ptr(), self.model.lm_head.data_ptr(),
+                  x.data_ptr(), h.data_ptr(), out.data_ptr())
         return out
 
 

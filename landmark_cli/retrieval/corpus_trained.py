@@ -114,4 +114,4 @@ class TrainedCorpusSession(AnswerSession):
         if start == 0 and self.layer_scores:
             self.votes = torch.stack(self.layer_scores).mean((0, 1)).cpu()
         self.dense.length = end
-        return self.landmarks.mask_logits(m.logits(x[-1:])[0])
+        return self.landmarks.mask_logits(self.engine.logits(x[-1]))

@@ -103,7 +103,14 @@ class Engine:
             dense.write(layer, start, apply_rope(k, cos, sin), v)
             return dense_attention(apply_rope(q, cos, sin), *dense.joined(layer, start + T))
 
-        return self.model.logits(self.runner(T).run_layers(x, attend)[-1:])[0]
+        return self.logits(self.runner(T).run_layers(x, attend)[-1])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next token's logits [vocab] from the last hidden state x [dim] (the answering
+        copy's LM head: natively where the CPU step is built, since that copy may be packed)."""
+        if self.native is not None:
+            return self.native.logits_of(x)
+        return self.model.logits(x[None])[0]
 
     def stream(self, ids: list[int], spans: np.ndarray | None = None):
         """The token stream the store holds for ids: with trained landmarks, a <landmark>

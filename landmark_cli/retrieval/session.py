@@ -197,7 +197,7 @@ class Session(AnswerSession):
                 self.layer_scores = ranker.scores
                 self.votes = torch.stack(ranker.scores).mean((0, 1)).cpu()
         self.dense.length, self.next_pos, self.steps = self.dense.length + T, self.next_pos + T, self.steps + 1
-        return self.landmarks.mask_logits(m.logits(x[-1:])[0] if logits is None else logits)
+        return self.landmarks.mask_logits(self.engine.logits(x[-1]) if logits is None else logits)
 
     def _dense_only(self) -> bool:
         """Whether a step attends to the dense buffer alone: once the shared selection's
