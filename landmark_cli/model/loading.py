@@ -3,7 +3,7 @@
 GGUF files (the default model among them) are dequantised once by transformers and
 cached as safetensors under LANDMARK_HOME/models, so later runs load in about a second.
 Weights used in another dtype than their files hold (a float32 checkpoint in bfloat16;
-the CPU's bfloat16 reading and float16 answering matrices) are converted once too, and
+the CPU's reading and answering copies of the matrices) are converted once too, and
 kept in LANDMARK_HOME/models/converted.
 Nothing here reaches the network: every load is `local_files_only`.
 """
