@@ -18,6 +18,7 @@ two agree to float32 rounding (tests/test_cpu_step.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -66,8 +67,10 @@ def _cpu_id() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
-def library_path(cc: str, march: str = "native") -> Path:
-    """Where the library for this source, compiler, CPU and -march is kept."""
+@functools.lru_cache(maxsize=None)
+def _build_key(cc: str, march: str) -> str:
+    """A hash of the source, the compiler (and its version), the CPU and the flags: worked
+    out once per process, since every engine looks the library up."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -76,7 +79,12 @@ def library_path(cc: str, march: str = "native") -> Path:
     for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), _cpu_id().encode(), " ".join(COMPILE).encode(),
                  march.encode()):
         h.update(hashlib.sha256(part).digest())
-    return home() / "native" / f"cpu_step-{h.hexdigest()[:16]}.so"
+    return h.hexdigest()[:16]
+
+
+def library_path(cc: str, march: str = "native") -> Path:
+    """Where the library for this source, compiler, CPU and -march is kept."""
+    return home() / "native" / f"cpu_step-{_build_key(cc, march)}.so"
 
 
 def build(path: Path, cc: str, march: str = "native") -> bool:
