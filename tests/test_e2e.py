@@ -1,6 +1,11 @@
-"""End-to-end on the real default model (SmolLM2-135M-Instruct) and real text. Slow: a few minutes."""
+"""End-to-end on the real default model (SmolLM2-135M-Instruct) and real text. Slow: a few minutes.
+
+The tests that answer run in the CLI's `--dtype auto`, or in LANDMARK_TEST_DTYPE when it is
+set (float32, bfloat16, float16, mixed): `LANDMARK_TEST_DTYPE=float16 pytest -m e2e`. The
+parity tests compare against float32 whatever it is."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -12,6 +17,7 @@ from landmark_cli.retrieval.engine import Engine
 from landmark_cli.retrieval.settings import Settings
 
 pytestmark = pytest.mark.e2e
+DTYPE = os.environ.get("LANDMARK_TEST_DTYPE", "auto")  # --dtype of the tests that answer
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +37,31 @@ def default_model(home):
         mp.undo()
 
 
-def test_passkey_at_four_times_the_context(default_model, tmp_path):
+@pytest.fixture(scope="module")
+def answering_model(home):
+    """The default model as `landmark ask --dtype DTYPE` loads it."""
+    from landmark_cli.model.loading import load_in
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LANDMARK_HOME", str(home))
+    try:
+        yield load_in("default", DTYPE)
+    finally:
+        mp.undo()
+
+
+def cli_args(*args) -> list[str]:
+    """argv of a `landmark` command that loads the model, in the tests' --dtype."""
+    return ["landmark", *map(str, args), "--dtype", DTYPE]
+
+
+def test_passkey_at_four_times_the_context(answering_model, tmp_path):
     """The paper's passkey prompt at 32k tokens (4x SmolLM2's 8k context) is answered correctly."""
-    case = passkey.build_for_tokens(default_model.tokenizer, 32 * 1024, seed=7)
-    p = raw_prompt(default_model.tokenizer, "", case.document, case.question)
-    assert len(p.ids) > 4 * default_model.model.cfg.context * 0.99
-    eng = Engine(default_model, Settings(), root=tmp_path)
+    lm = answering_model
+    case = passkey.build_for_tokens(lm.tokenizer, 32 * 1024, seed=7)
+    p = raw_prompt(lm.tokenizer, "", case.document, case.question)
+    assert len(p.ids) > 4 * lm.model.cfg.context * 0.99
+    eng = Engine(lm, Settings(), root=tmp_path)
     entry, cached = eng.read(p.ids, p.spans)
     ans = eng.answer(entry, p.suffix, max_new_tokens=8)
     assert passkey.parse_answer(ans.text) == case.passkey, ans.text
@@ -49,8 +74,7 @@ def test_ask_pdf_cites_the_page_then_answers_from_cache(home, monkeypatch, capsy
     q = "In what year was the company's first steamer, the Marigold, launched?"
     results = []
     for _ in range(2):
-        monkeypatch.setattr(sys, "argv", ["landmark", "ask", "examples/lantern_bay.pdf", q, "--json",
-                                          "--max-tokens", "24"])
+        monkeypatch.setattr(sys, "argv", cli_args("ask", "examples/lantern_bay.pdf", q, "--json", "--max-tokens", 24))
         main()
         results.append(json.loads(capsys.readouterr().out))
     first, second = results
@@ -79,7 +103,7 @@ def test_folder_index_then_questions_across_documents(home, monkeypatch, capsys,
     lib = library.build(tmp_path_factory.mktemp("library"))
 
     def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["landmark", *map(str, args)])
+        monkeypatch.setattr(sys, "argv", cli_args(*args))
         main()
         return json.loads(capsys.readouterr().out)
 
@@ -190,8 +214,8 @@ def test_a_fact_planted_in_prose_beyond_the_context(default_model, home, monkeyp
     doc = tmp_path / "prose.txt"
     doc.write_text("".join(pieces) + body[prev:])
     monkeypatch.setenv("LANDMARK_HOME", str(home))
-    monkeypatch.setattr(sys, "argv", ["landmark", "ask", str(doc), "Where is the spare key to the boathouse hidden?",
-                                      "--json", "--max-tokens", "24"])
+    monkeypatch.setattr(sys, "argv", cli_args("ask", doc, "Where is the spare key to the boathouse hidden?", "--json",
+                                              "--max-tokens", 24))
     main()
     r = json.loads(capsys.readouterr().out)
     assert r["tokens"]["document"] > 8192
