@@ -1,9 +1,10 @@
 """The cases of benchmarks/qa_eval.py: real text a fresh machine can get offline, and questions
 written by reading it.
 
-  prose      eight short facts planted at spread depths in natural prose (the essays and the
+  prose      short facts planted at spread depths in natural prose (the essays and the
              company history of examples/, then the King James Bible from Debian's
-             bible-kjv packages), one document per length;
+             bible-kjv packages): four sets of eight, each set in its own document at each
+             length;
   technical  the Bash reference manual as Debian's bash-doc installs it (bash.pdf, 82k tokens),
              questions answered by one sentence of it;
   multi      questions whose answer needs two passages of examples/lantern_bay.md;
@@ -44,6 +45,7 @@ class Case:
     path: Path  # a document, or a folder (suite "folder")
     questions: list[Question]
     tokens: int = 0  # document length asked for (prose)
+    short: Path | None = None  # prose: the same facts in the short document full attention reads
 
 
 def halves(items: list[tuple]) -> list[Question]:
@@ -53,17 +55,78 @@ def halves(items: list[tuple]) -> list[Question]:
 
 
 # ---- prose: planted facts ---------------------------------------------------------------
-FACTS = NEEDLES + [  # (sentence planted, question, answer): the needle test's four, and four more
-    ("Dr. Halvorsen's favourite chess opening is the Catalan.",
-     "What is Dr. Halvorsen's favourite chess opening?", "catalan"),
-    ("The old mill by the river was painted bright yellow in 1962.",
-     "What colour was the old mill by the river painted in 1962?", "yellow"),
-    ("The password for the back room of the Elm Street library is juniper.",
-     "What is the password for the back room of the Elm Street library?", "juniper"),
-    ("Captain Ines Morrow named her sailing boat the Wren.", "What did Captain Ines Morrow name her sailing boat?",
-     "wren"),
+# Four sets of eight (sentence planted, question, answer). Each set is planted in its own copy of
+# the haystack, eight facts to a document as in the needle test, so that a length has 32
+# questions (16 a half) without crowding a document with facts.
+FACT_SETS = [
+    NEEDLES + [  # the needle test's four, and four more
+        ("Dr. Halvorsen's favourite chess opening is the Catalan.",
+         "What is Dr. Halvorsen's favourite chess opening?", "catalan"),
+        ("The old mill by the river was painted bright yellow in 1962.",
+         "What colour was the old mill by the river painted in 1962?", "yellow"),
+        ("The password for the back room of the Elm Street library is juniper.",
+         "What is the password for the back room of the Elm Street library?", "juniper"),
+        ("Captain Ines Morrow named her sailing boat the Wren.", "What did Captain Ines Morrow name her sailing boat?",
+         "wren"),
+    ],
+    [
+        ("Mrs. Abernathy keeps her pet tortoise in a copper bathtub.",
+         "Where does Mrs. Abernathy keep her pet tortoise?", "bathtub"),
+        ("The winning ticket in the Oakridge raffle was number 7382.",
+         "What was the number of the winning ticket in the Oakridge raffle?", "7382"),
+        ("The painter Lucia Varga's favourite flower is the foxglove.",
+         "What is the painter Lucia Varga's favourite flower?", "foxglove"),
+        ("Uncle Bertram's prize-winning pumpkin weighed 412 pounds.",
+         "How much did Uncle Bertram's prize-winning pumpkin weigh?", "412"),
+        ("The mayor of Little Dunmore rides to work on a donkey called Pepper.",
+         "What is the name of the donkey the mayor of Little Dunmore rides to work?", "pepper"),
+        ("Sister Agatha hid the convent's silver under the chapel organ.",
+         "Where did Sister Agatha hide the convent's silver?", "organ"),
+        ("The night train to Port Selwyn leaves from platform 14.",
+         "From which platform does the night train to Port Selwyn leave?", "14"),
+        ("The astronomer Felix Brandt named the comet he discovered Ondine.",
+         "What did the astronomer Felix Brandt name the comet he discovered?", "ondine"),
+    ],
+    [
+        ("The secret word for the Riverside chess club is pelican.",
+         "What is the secret word for the Riverside chess club?", "pelican"),
+        ("Grandfather Osei's pocket watch was made in Geneva in 1911.",
+         "In which city was Grandfather Osei's pocket watch made?", "geneva"),
+        ("The lost treasure of Captain Fairlie was buried beneath a fig tree.",
+         "Beneath what was the lost treasure of Captain Fairlie buried?", "fig"),
+        ("The combination of Mr. Voss's safe is 2958.", "What is the combination of Mr. Voss's safe?",
+         "2958"),
+        ("Nurse Pemberton's parrot can only say the word marmalade.",
+         "What is the only word Nurse Pemberton's parrot can say?", "marmalade"),
+        ("The Garrick family's caravan is painted sea green with orange wheels.",
+         "What colour are the wheels of the Garrick family's caravan?", "orange"),
+        ("The poet Amara Quist wrote all her poems in an old windmill.",
+         "Where did the poet Amara Quist write all her poems?", "windmill"),
+        ("The ferryman of Loch Arrin is paid one turnip for each crossing.",
+         "What is the ferryman of Loch Arrin paid for each crossing?", "turnip"),
+    ],
+    [
+        ("The guard dog at the Corrin Hill quarry is a mastiff named Thunder.",
+         "What is the name of the guard dog at the Corrin Hill quarry?", "thunder"),
+        ("Granny Loveday's famous jam is made from rhubarb and ginger.",
+         "What is Granny Loveday's famous jam made from besides ginger?", "rhubarb"),
+        ("The clock tower in Talbot Square stopped at 6:42 on the night of the storm.",
+         "At what time did the clock tower in Talbot Square stop on the night of the storm?", "6:42"),
+        ("Detective Marlowe Pike solved the Ellsworth case with a torn bus ticket.",
+         "What helped Detective Marlowe Pike solve the Ellsworth case?", "ticket"),
+        ("The first telephone in the town of Brackwater was installed in the barber's shop.",
+         "Where was the first telephone in the town of Brackwater installed?", "barber"),
+        ("Professor Lindgren's favourite instrument is the bassoon.",
+         "What is Professor Lindgren's favourite instrument?", "bassoon"),
+        ("The stolen painting from the Aldridge gallery was found in a laundry basket.",
+         "Where was the stolen painting from the Aldridge gallery found?", "laundry"),
+        ("The rowing club of Saint Brennan's college paints its boats purple.",
+         "What colour does the rowing club of Saint Brennan's college paint its boats?", "purple"),
+    ],
 ]
-DEPTHS = (0.08, 0.2, 0.32, 0.44, 0.56, 0.68, 0.8, 0.92)  # of FACTS, in order: both halves span the document
+FACTS = [fact for facts in FACT_SETS for fact in facts]
+DEPTHS = (0.08, 0.2, 0.32, 0.44, 0.56, 0.68, 0.8, 0.92)  # of a set, in order: both halves span the document
+SHORT_PROSE = 4096  # tokens of the prose suite's short version (full attention's ceiling)
 
 
 def debian_package(name: str, data: Path) -> Path:
@@ -107,30 +170,34 @@ def prose_haystack(data: Path) -> str:
     return haystack_text() + "\n\n" + bible_text(data)
 
 
-def plant_all(tokenizer, text: str, n_tokens: int) -> str:
-    """The first ~n_tokens of text with every fact of FACTS at a paragraph break near its depth."""
+def plant_all(tokenizer, text: str, n_tokens: int, facts: list[tuple[str, str, str]]) -> str:
+    """The first ~n_tokens of text with each fact at a paragraph break near its depth."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) < n_tokens:
         raise SystemExit(f"the prose haystack has only {len(enc['input_ids'])} tokens")
     body = text[:enc["offset_mapping"][n_tokens - 1][1]]
     cuts = [body.rfind("\n\n", 0, int(len(body) * d)) + 2 for d in DEPTHS]
     pieces, prev = [], 0
-    for (fact, _, _), cut in zip(FACTS, cuts, strict=True):
+    for (fact, _, _), cut in zip(facts, cuts, strict=True):
         pieces += [body[prev:cut], fact + "\n\n"]
         prev = cut
     return "".join(pieces) + body[prev:]
 
 
-def prose_cases(tokenizer, data: Path, lengths: list[int]) -> list[Case]:
-    questions = halves([(q, [a]) for _, q, a in FACTS])
-    haystack = prose_haystack(data)
-    cases = []
-    for n in lengths:
-        path = data / f"prose_{n // 1024}k.txt"
-        if not path.exists():
-            path.write_text(plant_all(tokenizer, haystack, n))
-        cases.append(Case("prose", f"prose {n // 1024}k", path, questions, tokens=n))
-    return cases
+def prose_document(tokenizer, data: Path, n_tokens: int, facts_set: int) -> Path:
+    """The haystack's first n_tokens with FACT_SETS[facts_set] planted (written once)."""
+    path = data / f"prose_{n_tokens // 1024}k{'' if facts_set == 0 else f'_{facts_set}'}.txt"
+    if not path.exists():
+        path.write_text(plant_all(tokenizer, prose_haystack(data), n_tokens, FACT_SETS[facts_set]))
+    return path
+
+
+def prose_cases(tokenizer, data: Path, lengths: list[int], sets: int = len(FACT_SETS)) -> list[Case]:
+    """One case per length and fact set; a length's sets share the case name (one row of the table)."""
+    return [Case("prose", f"prose {n // 1024}k", prose_document(tokenizer, data, n, i),
+                 halves([(q, [a]) for _, q, a in FACT_SETS[i]]), tokens=n,
+                 short=prose_document(tokenizer, data, SHORT_PROSE, i))
+            for n in lengths for i in range(sets)]
 
 
 # ---- technical: the Bash manual ---------------------------------------------------------

@@ -15,8 +15,9 @@ model (at most --max-tokens tokens):
   truncate           full attention over the start of the document that fits the model's context;
   rag                the 5 chunks of about 120 words whose all-MiniLM-L6-v2 embeddings are
                      nearest the question's, in document order, read with full attention;
-  full               full attention on a short version of the case: the 4k-token document (prose),
-                     or about 1,000 tokens around each passage that holds the answer.
+  full               full attention on a short version of the case: the 4k-token document with the
+                     same planted facts (prose), or about 1,000 tokens around each passage that
+                     holds the answer.
 
 An answer is right when it holds every expected key (whole words, any case). "Sources hold"
 says whether the cited sources (RAG: the chunks given to the model) hold every key: retrieval,
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from qa_cases import Case, Question, multi_cases, prose_cases, technical_cases  # noqa: E402
+from qa_cases import FACT_SETS, Case, Question, multi_cases, prose_cases, technical_cases  # noqa: E402
 
 from landmark_cli.ask import ask, ask_folder  # noqa: E402
 from landmark_cli.bench import passkey  # noqa: E402
@@ -171,10 +172,10 @@ class Rag:
         return "\n\n".join(parts[i] for i in best.tolist())
 
 
-def short_version(case: Case, q: Question, text: str, tokenizer, prose_short: str | None) -> str:
-    """The ceiling's input: the shortest prose document, or the passages around the evidence."""
-    if case.suite == "prose":
-        return prose_short
+def short_version(case: Case, q: Question, text: str) -> str:
+    """The ceiling's input: the short prose document with the same facts, or the passages around the evidence."""
+    if case.short is not None:
+        return case.short.read_text()
     width = SHORT_TOKENS * 4 // len(q.evidence or q.keys)  # characters each side, about 4 per token
     spans = []
     for ev in q.evidence or q.keys:
@@ -202,9 +203,7 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
     done = {record_key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
     full = FullAttention(lm, args.scratch)
     rag = Rag(args.data) if "rag" in systems else None
-    prose_short, shortest = None, min((c.tokens for c in cases if c.suite == "prose"), default=0)
-    if shortest:
-        prose_short = prose_cases(lm.tokenizer, args.data, [shortest])[0].path.read_text()
+    shortest = min((c.tokens for c in cases if c.suite == "prose"), default=0)
     with out.open("a") as f:
         for case in cases:
             text, doc = None, None
@@ -213,9 +212,9 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
                     system = variant if variant not in VARIANTS or args.kv_dtype == "float16" else \
                         f"{variant}+{args.kv_dtype}"
                     system += "" if args.dtype == "float32" else f"+{args.dtype}"
-                    if (case.name, q.text, system) in done or (system == "full" and case.suite == "prose"
+                    if (case.name, q.text, system) in done or (variant == "full" and case.suite == "prose"
                                                                 and case.tokens != shortest):
-                        continue  # done, or the prose ceiling, which is the shortest document's
+                        continue  # done, or the prose ceiling, which runs once (beside the shortest length)
                     t0 = time.perf_counter()
                     sources_hold = None
                     if variant in VARIANTS:
@@ -232,15 +231,14 @@ def run(args, lm, cases: list[Case], systems: list[str]) -> None:
                     else:
                         text = text or document_text(case)
                         tokens = None
-                        if system == "truncate":
+                        if variant == "truncate":
                             answer = full.answer(text, q.text, args.max_tokens)
-                        elif system == "rag":
+                        elif variant == "rag":
                             context = rag.context(text, q.text)
                             sources_hold = holds(q.keys, context)
                             answer = full.answer(context, q.text, args.max_tokens)
                         else:
-                            answer = full.answer(short_version(case, q, text, lm.tokenizer, prose_short), q.text,
-                                                 args.max_tokens)
+                            answer = full.answer(short_version(case, q, text), q.text, args.max_tokens)
                     rec = {"suite": case.suite, "case": case.name, "tokens": case.tokens or tokens, "half": q.half,
                            "question": q.text, "keys": list(q.keys), "system": system, "answer": answer,
                            "correct": all(matches(k, answer) for k in q.keys), "sources_hold": sources_hold,
@@ -266,8 +264,8 @@ def reading_progress(name: str):
 def report(results: Path, lm) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     present = list(dict.fromkeys(r["system"] for r in rows))
-    systems = [s for v in (*BASELINES[:2], *VARIANTS, BASELINES[2])  # each variant, then its other KV formats
-               for s in present if s == v or (v in VARIANTS and s.startswith(f"{v}+"))]
+    systems = [s for v in (*BASELINES[:2], *VARIANTS, BASELINES[2])  # each system, then its other formats
+               for s in present if s == v or s.startswith(f"{v}+")]
     default = effective_settings(lm, Settings())[0].answer
     named_default = next((n for n, a in VARIANTS.items() if effective_settings(lm, Settings(answer=a))[0].answer
                           == default), None)
@@ -303,6 +301,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="prose,technical,multi,folder")
     ap.add_argument("--lengths", default="4k,16k,32k,64k,128k", help="prose document lengths")
+    ap.add_argument("--prose-sets", type=int, default=len(FACT_SETS),
+                    help="how many of the prose suite's sets of eight planted facts (one document each)")
     ap.add_argument("--systems", default=",".join([*BASELINES, *VARIANTS]))
     ap.add_argument("--halves", default="tune,held", help="which questions: tune, held or both")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -324,7 +324,8 @@ def main():
         suites = args.suites.split(",")
         cases: list[Case] = []
         if "prose" in suites:
-            cases += prose_cases(lm.tokenizer, args.data, [passkey.parse_length(x) for x in args.lengths.split(",")])
+            cases += prose_cases(lm.tokenizer, args.data, [passkey.parse_length(x) for x in args.lengths.split(",")],
+                                 args.prose_sets)
         if "technical" in suites:
             cases += technical_cases(args.data)
         if {"multi", "folder"} & set(suites):

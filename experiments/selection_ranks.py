@@ -79,7 +79,7 @@ def collect(args) -> None:
         if name == "technical":
             cases += technical_cases(data)
         else:
-            cases += prose_cases(lm.tokenizer, data, [parse_length(name.split(":")[1])])
+            cases += prose_cases(lm.tokenizer, data, [parse_length(name.split(":")[1])], sets=1)
     arrays: dict[str, np.ndarray] = {}
     meta = []
     for case in cases:
