@@ -75,6 +75,8 @@ VARIANTS = {  # answer-time settings under test (the reading is the same for all
     "w0-k8-runs": Answering(window=0, top_k=8, lead=1, follow=2, passages="cached"),
     "w0-k12-runs": Answering(window=0, top_k=12, lead=1, follow=2, passages="cached"),
     "w0-k16-runs-text": Answering(window=0, top_k=16, lead=1, follow=2, passages="text"),
+    "w0-k8-runs-text": Answering(window=0, top_k=8, lead=1, follow=2, passages="text"),
+    "w0-k16-runs-doc": Answering(window=0, top_k=16, lead=1, follow=2, order="document", passages="cached"),
     "w256-k16-runs-text": Answering(window=256, top_k=16, lead=1, follow=2, passages="text"),
 }
 BASELINES = ("truncate", "rag", "full")
