@@ -29,12 +29,9 @@ def home(default_home):
 def default_model(home):
     from landmark_cli.model.loading import load_model
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LANDMARK_HOME", str(home))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDMARK_HOME", str(home))
         yield load_model("default")
-    finally:
-        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +39,9 @@ def answering_model(home):
     """The default model as `landmark ask --dtype DTYPE` loads it."""
     from landmark_cli.model.loading import load_in
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LANDMARK_HOME", str(home))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDMARK_HOME", str(home))
         yield load_in("default", DTYPE)
-    finally:
-        mp.undo()
 
 
 def cli_args(*args) -> list[str]:
