@@ -30,7 +30,8 @@ def test_resolution():
     # packed where the native answer step runs, else measured
     assert resolve_dtypes("mixed", CPU).answer in (torch.float32, torch.float16, PACKED)
     assert resolve_dtypes("mixed", CPU, kernels="torch").answer in (torch.float32, torch.float16)
-    assert resolve_dtypes("bfloat16", CPU) == (torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    # a named dtype on the CPU is the matrices' format; the activations stay float32
+    assert resolve_dtypes("bfloat16", CPU) == (torch.float32, torch.bfloat16, torch.bfloat16)
     assert check_kernels("torch", CPU) == "torch"
     for bad in (lambda: resolve_device("tpu"), lambda: resolve_device("gpu!"), lambda: resolve_dtypes("half", CPU),
                 lambda: check_kernels("cuda", CPU), lambda: check_kernels("triton", CPU)):
@@ -61,6 +62,35 @@ def test_bfloat16_on_the_cpu_end_to_end(capsys, monkeypatch, tmp_path, tiny_dir)
         assert code == 0, err
         r = json.loads(out)
         assert r["cached"] is cached and r["tokens"]["answer"] >= 1 and r["sources"]
+
+
+def test_a_named_dtype_on_the_cpu_keeps_the_checkpoint_and_float32_activations(tiny_dir, tmp_path, landmark_home):
+    """`--dtype bfloat16` on the CPU with a bfloat16 checkpoint: the matrices are the file's
+    (nothing converted, nothing widened to float32), the embeddings and norms float32, so
+    the forward runs in float32 between the matrices and matches a float32 model that
+    holds the same bfloat16-rounded matrices."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from landmark_cli.model.loading import load_in
+
+    half_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_dir, half_dir)
+    (f,) = half_dir.glob("*.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    lm = load_in(str(half_dir), "bfloat16", CPU)
+    m = lm.model
+    assert lm.reader is None and m.dtype == torch.float32 and m.matrix_dtype == torch.bfloat16
+    assert m.w["model.embed_tokens.weight"].dtype == torch.float32 and m.layers[0]["attn_norm"].dtype == torch.float32
+    assert lm.dtypes() == "bfloat16"
+    assert not (landmark_home / "models" / "converted").exists()  # read as stored
+    wide = load_model(str(half_dir), dtype=torch.float32).model  # the same numbers, widened
+    x = torch.arange(3, 43)
+    with torch.inference_mode():
+        want, got = wide.forward(x), m.forward(x)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 2e-2 * want.abs().max().item()
 
 
 def test_model_to_another_dtype_keeps_the_weights(tiny_dir):

@@ -61,7 +61,10 @@ class Precision(NamedTuple):
 
 
 def resolve_dtypes(spec: str | None, device: torch.device, kernels: str = "auto") -> Precision:
-    """--dtype -> Precision. A named dtype is used throughout, activations included. auto:
+    """--dtype -> Precision. A named dtype on a GPU is used throughout, activations
+    included; on the CPU it is the weight format of the projection matrices and the LM
+    head, for reading and answering alike, and the activations stay float32 (this CPU's
+    arithmetic between the matrices, the norms, attention and logits). auto:
     bfloat16 on a GPU (float16 where the GPU has no bfloat16); on the CPU the same as
     mixed. mixed (the CPU): float32 activations everywhere (the residual stream, norms,
     attention, logits), with the matrices in the dtype this CPU multiplies fastest
@@ -79,7 +82,8 @@ def resolve_dtypes(spec: str | None, device: torch.device, kernels: str = "auto"
         return Precision(torch.float32, read, packed_answers(kernels) or answer)
     if spec not in DTYPES:
         raise LandmarkError(f"unknown dtype {spec!r}", f"use --dtype auto | mixed | {' | '.join(DTYPES)}")
-    return Precision(DTYPES[spec], DTYPES[spec], DTYPES[spec])
+    named = DTYPES[spec]
+    return Precision(named if device.type == "cuda" else torch.float32, named, named)
 
 
 def packed_answers(kernels: str) -> torch.dtype | None:

@@ -157,9 +157,9 @@ class Llama:
         self.rope = Rope(cfg, self.device)
         weights = weights if take else dict(weights)
         self.layers = [self._layer(weights, i) for i in range(cfg.n_layers)]
-        self.w = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
-        lm = weights.get("lm_head.weight")
+        lm = weights.pop("lm_head.weight", None)
         self.lm_head = weights["model.embed_tokens.weight"] if lm is None or cfg.tie_embeddings else lm
+        self.w = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Llama":
         """This model with its weights on `device` and / or in `dtype` (itself if nothing changes)."""
@@ -190,6 +190,19 @@ class Llama:
         m.lm_head = convert("lm_head", self.lm_head)
         m.layers = [{k: convert(f"layers.{i}.{k}", v) if k in MATRICES else v for k, v in L.items()}
                     for i, L in enumerate(self.layers)]
+        return m
+
+    def with_activations(self, dtype: torch.dtype) -> "Llama":
+        """This model with its embeddings and norms, and so every activation, in `dtype`; the
+        projection matrices and the LM head stay as they are (shared). A named --dtype on
+        the CPU loads the weights in that dtype and keeps the arithmetic between the
+        matrices in float32 this way."""
+        if dtype == self.dtype:
+            return self
+        m = copy.copy(self)
+        m.dtype = dtype
+        m.w = {k: v.to(dtype) for k, v in self.w.items()}
+        m.layers = [{k: v if k in MATRICES else v.to(dtype) for k, v in L.items()} for L in self.layers]
         return m
 
     def matrix_formats(self) -> list[str]:

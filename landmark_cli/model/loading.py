@@ -290,7 +290,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     the projection matrices and the LM head in these dtypes (`Llama.with_matrices`: the
     embeddings, norms and activations stay in `dtype`); each copy is converted once and
     kept on disk. When the copies would take more than half the machine's memory, the
-    model is kept once, wholly in answer_dtype (or read_dtype), for both."""
+    matrices are kept once, in half precision, for both. With a single matrix dtype (a
+    named --dtype on the CPU) the weights are read in it and the embeddings and norms
+    converted to `dtype` (`Llama.with_activations`)."""
     from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
@@ -314,28 +316,33 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     device = torch.device(device)
     extra = [d / n for n in ("config.json", "tokenizer.json", "tokenizer.model") if (d / n).is_file()]
     fp = fingerprint(files + extra)
-    weights = read_weights(files, fp, dtype, device)
+    read_dtype = read_dtype or dtype
+    copies = {read_dtype, answer_dtype or read_dtype}
+    # with one float matrix dtype (a named --dtype on the CPU) the weights are read in it,
+    # so that a half-precision checkpoint is never widened; the embeddings and norms then
+    # take the activations' dtype
+    one = next(iter(copies)) if len(copies) == 1 else None
+    weights = read_weights(files, fp, one if one is not None and one != blocks.PACKED else dtype, device)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    base = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
+    base = Llama(LlamaConfig.from_hf(cfg), weights, take=True).with_activations(dtype)
 
     def matrices_in(dt: torch.dtype) -> Llama:
         """base with its matrices in dt, converted once and kept on disk."""
-        if dt == dtype:
+        if dt == base.matrix_dtype:
             return base
-        path = converted(fp, files, f"{_name(dtype)}-{_name(dt)}-matrices")
+        path = converted(fp, files, f"{_name(base.matrix_dtype)}-{_name(dt)}-matrices")
         return base.with_matrices(dt, kept(path, device, lambda: base.with_matrices(dt).matrices()))
 
-    read_dtype = read_dtype or dtype
-    copies = {read_dtype, answer_dtype or read_dtype}
     n_matrices = sum(t.numel() for t in base.matrices().values())
     need = (sum(w.numel() for w in base.parameters()) - n_matrices) * dtype.itemsize + \
         n_matrices * sum(d.itemsize for d in copies)
-    if device.type != "cpu" or copies == {dtype} or need <= psutil.virtual_memory().total // 2:
+    if device.type != "cpu" or len(copies) == 1 or need <= psutil.virtual_memory().total // 2:
         reader = matrices_in(read_dtype)
         model = reader if answer_dtype is None else matrices_in(answer_dtype)
-    else:
-        reader = model = base.to(dtype=answer_dtype or read_dtype)
+    else:  # one copy of the matrices, in the smaller half-precision dtype (packed groups answer only)
+        halves = [dt for dt in copies if dt.is_floating_point and dt.itemsize == 2] or [torch.float16]
+        reader = model = matrices_in(halves[0])
     loaded = LoadedModel(name=spec or DEFAULT_MODEL, fingerprint=fp, model=model, tokenizer=tok, hf_config=cfg,
                          landmark=lm_spec, reader=None if reader is model else reader)
     progress(f"Loaded {d.name} ({loaded.dtypes()}, {device}) in {time.perf_counter() - t0:.1f}s")
