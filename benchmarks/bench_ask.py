@@ -264,7 +264,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(resolve_dir("default"), dtype=torch.float32).eval()
+    gguf = default_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     short_ids = torch.tensor(entries["short"][1].ids)[None]
     with torch.inference_mode():
         hf_s, _ = timed(lambda: hf(short_ids, use_cache=False, logits_to_keep=1), args.runs)

@@ -130,11 +130,17 @@ def test_packed_groups_give_their_weights_back():
         back = blocks.unpack(p, 96)
         assert ((back - w).reshape(6, 3, 32).abs() <= steps[name] * 0.51 + 1e-12).all()  # half a step
         assert (back[2, 32:64] == 0).all()
-    assert blocks.exact(w) is None and blocks.convert(w, blocks.PACKED).dtype == torch.float16
+    assert blocks.exact(w) is None and blocks.convert(w, blocks.PACKED, 96).dtype == torch.float16
     for pack, name in ((blocks.pack_q4_1, "q4_1"), (blocks.pack_q8_0, "q8_0")):
         held = blocks.unpack(pack(w), 96)  # weights a GGUF file held in this format
         p = blocks.exact(held)
         assert p is not None and blocks.format_of(p, 96) == name and torch.equal(blocks.unpack(p, 96), held)
+        # packed weights convert without passing through floats of their own
+        assert blocks.convert(p, blocks.PACKED, 96) is p
+        assert torch.equal(blocks.convert(p, torch.bfloat16, 96), held.to(torch.bfloat16))
+    mixed = blocks.cat_rows([blocks.pack_q4_1(w), blocks.pack_q8_0(w[:2])], 96)  # formats differ: floats
+    assert mixed.dtype == torch.float32 and mixed.shape == (8, 96)
+    assert blocks.cat_rows([blocks.pack_q4_1(w), blocks.pack_q4_1(w[:2])], 96).dtype == blocks.PACKED
 
 
 def test_auto_answers_packed_only_through_the_native_step(monkeypatch, tmp_path):

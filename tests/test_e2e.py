@@ -117,13 +117,15 @@ def test_folder_index_then_questions_across_documents(home, monkeypatch, capsys,
 
 
 def test_forward_matches_transformers_on_the_default_model(default_model):
-    """Our compact forward vs transformers' forward on the converted default model (fp32)."""
+    """Our compact forward, on the weights read from the default model's GGUF file, vs
+    transformers' forward on the same file as transformers reads it (fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from landmark_cli.model.loading import resolve_dir
+    from landmark_cli.model.loading import default_gguf
 
-    ref = AutoModelForCausalLM.from_pretrained(resolve_dir("default"), dtype=torch.float32).eval()
+    gguf = default_gguf()
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = torch.tensor(default_model.tokenizer("The Lantern Bay Ferry Company was founded in")["input_ids"])
     with torch.inference_mode():
         diff = (default_model.model.forward(ids) - ref(ids[None]).logits[0]).abs().max().item()
@@ -154,8 +156,8 @@ def test_float16_answers_pick_the_float32_token(default_model):
 
 
 def test_the_default_model_answers_from_its_gguf_groups(default_model):
-    """The default model's weights came from a GGUF file (4-bit q4_1 layers, an 8-bit q8_0
-    embedding): packed again they are every weight exactly, in 36% of float16's bytes, and
+    """The default model's weights come from a GGUF file (4-bit q4_1 layers, an 8-bit q8_0
+    embedding): packed again from float32 they are every weight exactly, in 36% of float16's bytes, and
     the native step decoding 2,048 tokens of real text one at a time picks float32's top
     next token at >= 99% of positions."""
     import torch

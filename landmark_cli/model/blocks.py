@@ -6,12 +6,14 @@ Two of llama.cpp's layouts, one row of groups after another:
 - `q4_1`: per group, float16 d and m, and 32 4-bit codes q in 16 bytes (weight j in the
   low nibble of byte j, weight j + 16 in its high nibble): w = d * q + m (20 bytes).
 
-A model converted from a GGUF file holds weights that were stored this way: the default
-model's layer matrices are q4_1 groups and its embedding q8_0 groups, dequantized to
-float32 when it was converted. `exact` finds the format that holds a matrix *exactly*
-(every float32 weight comes back bit for bit), so answering from the packed form changes
-no weight while streaming a quarter (q4_1) or half (q8_0) of float16's bytes per token.
-A matrix no format holds exactly stays float16: no weight is ever rounded here.
+A GGUF model's tensors in these types are read packed, as its file holds them
+(model/gguf_weights.py): the default model's layer matrices are q4_1 groups and its
+embedding q8_0 groups. Float weights that were once stored this way (a checkpoint
+dequantized from such a file) are packed again by `exact`, which finds the format that
+holds a matrix *exactly* (every float32 weight comes back bit for bit). Either way
+answering from the packed form changes no weight while streaming a quarter (q4_1) or half
+(q8_0) of float16's bytes per token. A matrix no format holds exactly stays float16: no
+weight is ever rounded here.
 
 A packed matrix is one uint8 tensor [rows, groups * bytes per group] (`PACKED`), so it is
 fused, kept on disk and handed over like any other matrix; its row length tells its
@@ -98,12 +100,24 @@ def _holds(pack, w: torch.Tensor) -> bool:
     return torch.equal(unpack(pack(w), w.shape[1]), w.float())
 
 
-def convert(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype`; PACKED: packed where a format holds it exactly, else float16."""
+def convert(w: torch.Tensor, dtype: torch.dtype, cols: int) -> torch.Tensor:
+    """w (a matrix of `cols` columns, floats or packed) in `dtype`; PACKED: packed where a
+    format holds it exactly, else float16."""
+    if w.dtype == PACKED:
+        return w if dtype == PACKED else unpack(w, cols, dtype)
     if dtype != PACKED:
         return w.to(dtype)
     p = exact(w)
     return p if p is not None else w.to(torch.float16)
+
+
+def cat_rows(parts: list[torch.Tensor], cols: int) -> torch.Tensor:
+    """Matrices of `cols` columns stacked row-wise (a fused projection): packed rows stay
+    packed when every part has the same format and floats stay in their dtype; a mix is
+    unpacked to float32."""
+    if len({(p.dtype, p.shape[-1]) for p in parts}) == 1:
+        return torch.cat(parts)
+    return torch.cat([unpack(p, cols) if p.dtype == PACKED else p.float() for p in parts])
 
 
 def format_name(w: torch.Tensor, cols: int) -> str:

@@ -89,8 +89,8 @@ def resolve_dtypes(spec: str | None, device: torch.device, kernels: str = "auto"
 def packed_answers(kernels: str) -> torch.dtype | None:
     """blocks.PACKED where answer steps run natively (kernels/cpu_step.py builds here and
     --kernels is not torch), else None. The native step streams each matrix in the
-    smallest form that holds its weights exactly: a model converted from a GGUF file
-    answers from its 4- and 8-bit groups, any other from float16 (model/blocks.py)."""
+    smallest form that holds its weights exactly: a GGUF model answers from its file's
+    4- and 8-bit groups, any other from float16 (model/blocks.py)."""
     from landmark_cli.kernels import cpu_step
     from landmark_cli.model.blocks import PACKED
 

@@ -152,7 +152,8 @@ class Llama:
         fused, so that a model being loaded is never held twice (the fused copies beside
         the separate ones); otherwise the caller's dict is left as it was."""
         self.cfg = cfg
-        self.dtype = weights["model.embed_tokens.weight"].dtype
+        self.dtype = weights["model.norm.weight"].dtype  # the activations'
+
         self.device = weights["model.embed_tokens.weight"].device
         self.rope = Rope(cfg, self.device)
         weights = weights if take else dict(weights)
@@ -166,8 +167,8 @@ class Llama:
         device = torch.device(device) if device is not None else self.device
         if device == self.device and dtype in (None, self.dtype):
             return self
-        return Llama(self.cfg, {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.state_dict().items()},
-                     take=True)
+        return Llama(self.cfg, {k: v.to(device=device, dtype=v.dtype if dtype is None or v.dtype == blocks.PACKED
+                                       else dtype) for k, v in self.state_dict().items()}, take=True)
 
     @property
     def matrix_dtype(self) -> torch.dtype:
@@ -184,7 +185,7 @@ class Llama:
         given: those matrices already in `dtype`, as `matrices()` names them (a copy kept
         on disk), used as they are instead of converted."""
         def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-            return given[name] if given is not None else blocks.convert(t, dtype)
+            return given[name] if given is not None else blocks.convert(t, dtype, self.columns(name))
 
         m = copy.copy(self)
         m.lm_head = convert("lm_head", self.lm_head)
@@ -201,30 +202,31 @@ class Llama:
             return self
         m = copy.copy(self)
         m.dtype = dtype
-        m.w = {k: v.to(dtype) for k, v in self.w.items()}
+        m.w = {k: v if v.dtype == blocks.PACKED else v.to(dtype) for k, v in self.w.items()}
         m.layers = [{k: v if k in MATRICES else v.to(dtype) for k, v in L.items()} for L in self.layers]
         return m
+
+    def columns(self, name: str) -> int:
+        """The columns of a matrix named as `matrices()` names them (its input's size)."""
+        c = self.cfg
+        return {"o": c.n_heads * c.head_dim, "down": c.ffn_dim}.get(name.rsplit(".", 1)[-1], c.dim)
 
     def matrix_formats(self) -> list[str]:
         """The format of each layer's MATRICES in turn, then the LM head's: a dtype's name, or
         a packed format (model/blocks.py)."""
-        c = self.cfg
-        cols = {"qkv": c.dim, "o": c.n_heads * c.head_dim, "gate_up": c.dim, "down": c.ffn_dim}
-        return [blocks.format_name(L[k], cols[k]) for L in self.layers for k in MATRICES] + [
-            blocks.format_name(self.lm_head, c.dim)]
+        return [blocks.format_name(t, self.columns(name)) for name, t in self.matrices().items()]
 
     def matrices(self) -> dict[str, torch.Tensor]:
         """The projection matrices and the LM head, by name (what `with_matrices` converts)."""
         out = {f"layers.{i}.{k}": L[k] for i, L in enumerate(self.layers) for k in MATRICES}
         return {**out, "lm_head": self.lm_head}
 
-    @staticmethod
-    def _layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors, fused (qkv, gate_up), taken out of w."""
-        p = f"model.layers.{i}."
-        qkv = torch.cat([w.pop(p + "self_attn.q_proj.weight"), w.pop(p + "self_attn.k_proj.weight"),
-                         w.pop(p + "self_attn.v_proj.weight")])
-        gate_up = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+        p, dim = f"model.layers.{i}.", self.cfg.dim
+        qkv = blocks.cat_rows([w.pop(p + "self_attn.q_proj.weight"), w.pop(p + "self_attn.k_proj.weight"),
+                               w.pop(p + "self_attn.v_proj.weight")], dim)
+        gate_up = blocks.cat_rows([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")], dim)
         return {
             "attn_norm": w.pop(p + "input_layernorm.weight"),
             "qkv": qkv,
@@ -235,8 +237,12 @@ class Llama:
         }
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] (on any device) -> hidden [T, dim]"""
-        return F.embedding(ids.to(self.device), self.w["model.embed_tokens.weight"])
+        """ids [T] (on any device) -> hidden [T, dim]; rows of a packed table are unpacked as
+        they are looked up."""
+        table, ids = self.w["model.embed_tokens.weight"], ids.to(self.device)
+        if table.dtype == blocks.PACKED:
+            return blocks.unpack(table[ids.reshape(-1)], self.cfg.dim, self.dtype).reshape(*ids.shape, -1)
+        return F.embedding(ids, table)
 
     def qkv(self, i: int, x: torch.Tensor):
         """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied.

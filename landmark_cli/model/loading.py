@@ -1,7 +1,8 @@
 """Resolve `--model` (default | Hugging Face directory | .gguf file) to weights + tokenizer.
 
-GGUF files (the default model among them) are dequantised once by transformers and
-cached as safetensors under LANDMARK_HOME/models, so later runs load in about a second.
+A GGUF file (the default model among them) gets a directory under LANDMARK_HOME/models
+with its config and tokenizer as transformers reads them, and a link to the file, whose
+tensors are the weights (model/gguf_weights.py).
 Weights used in another dtype than their files hold (a float32 checkpoint in bfloat16;
 the CPU's reading and answering copies of the matrices) are converted once too, and
 kept in LANDMARK_HOME/models/converted.
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = {"llama", "mistral", "llama_with_landmark"}
-CONVERT_VERSION = 1  # bump when the GGUF -> safetensors conversion changes
+CONVERT_VERSION = 2  # bump when what is kept of a GGUF model, or a conversion, changes
+GGUF_LINK = "model.gguf"  # in a GGUF model's directory: the file itself
 
 
 @dataclass
@@ -122,17 +124,17 @@ def check_config(cfg, where: str) -> None:
 
 
 def _convert_gguf(gguf: Path, out: Path, progress) -> None:
-    """Dequantise a GGUF file with transformers and save it as a safetensors HF directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A directory for a GGUF model: its config and tokenizer in Hugging Face's files (read
+    by transformers) and `model.gguf`, a link to the file itself, whose tensors are the
+    weights (model/gguf_weights.py): they are never copied out into another format."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    progress(f"Converting {gguf.name} to safetensors (once; about 30 s)...")
+    progress(f"Reading the configuration and tokenizer of {gguf.name} (once; a few seconds)...")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         check_config(cfg, str(gguf))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32)
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types for unreadable GGUFs
@@ -141,13 +143,9 @@ def _convert_gguf(gguf: Path, out: Path, progress) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / GGUF_LINK).symlink_to(gguf.resolve())
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +153,11 @@ def _convert_gguf(gguf: Path, out: Path, progress) -> None:
 
 
 def weights_files(d: Path) -> list[Path]:
+    """The files that hold a model directory's weights: its safetensors files, or the GGUF
+    file a GGUF model's directory links to."""
     files = sorted(d.glob("*.safetensors"))
+    if not files and (d / GGUF_LINK).is_file():
+        return [d / GGUF_LINK]
     if not files:
         bins = list(d.glob("*.bin")) + list(d.glob("*.pt"))
         hint = "convert it to safetensors (pickled .bin weights are not loaded, for safety)" if bins else \
@@ -183,6 +185,12 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
     out = home() / "models" / f"{gguf.stem}-{fingerprint([gguf])}-v{CONVERT_VERSION}"
     if not (out / "config.json").is_file():
         _convert_gguf(gguf, out, progress)
+    link = out / GGUF_LINK
+    if not link.is_file() or link.resolve() != gguf.resolve():  # the same file, installed elsewhere now
+        tmp = out / f"{GGUF_LINK}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(gguf.resolve())
+        os.replace(tmp, link)
     return out
 
 
@@ -243,11 +251,21 @@ def kept(path: Path, device: torch.device, convert: Callable[[], dict[str, torch
     return tensors
 
 
-def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device,
+                 packed: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in `dtype` on `device`, each read from its memory map. When
     the files hold another dtype, the converted weights are kept under
-    LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load)."""
+    LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load).
+    A GGUF file's tensors are read this way too (model/gguf_weights.py); with `packed`,
+    those it holds in 4- or 8-bit groups stay packed (model/blocks.py)."""
     from safetensors import safe_open
+
+    if files[0].suffix == ".gguf":
+        from landmark_cli.model.gguf_weights import read_gguf
+
+        what = f"{_name(dtype)}{'-packed' if packed else ''}"
+        return kept(converted(fp, files, what), device,
+                    lambda: {k: v.to(device) for k, v in read_gguf(files[0], dtype, packed).items()})
 
     def read() -> dict[str, torch.Tensor]:
         weights = {}
@@ -322,16 +340,18 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     # so that a half-precision checkpoint is never widened; the embeddings and norms then
     # take the activations' dtype
     one = next(iter(copies)) if len(copies) == 1 else None
-    weights = read_weights(files, fp, one if one is not None and one != blocks.PACKED else dtype, device)
+    weights = read_weights(files, fp, one if one is not None and one != blocks.PACKED else dtype, device,
+                           packed=blocks.PACKED in copies)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
     base = Llama(LlamaConfig.from_hf(cfg), weights, take=True).with_activations(dtype)
 
     def matrices_in(dt: torch.dtype) -> Llama:
         """base with its matrices in dt, converted once and kept on disk."""
-        if dt == base.matrix_dtype:
+        held = {t.dtype for t in base.matrices().values()}
+        if held == {dt}:
             return base
-        path = converted(fp, files, f"{_name(base.matrix_dtype)}-{_name(dt)}-matrices")
+        path = converted(fp, files, f"{'+'.join(sorted(map(_name, held)))}-{_name(dt)}-matrices")
         return base.with_matrices(dt, kept(path, device, lambda: base.with_matrices(dt).matrices()))
 
     n_matrices = sum(t.numel() for t in base.matrices().values())

@@ -98,18 +98,18 @@ def load_base(model_dir: Path, block_size: int, context: int, local_layers: int 
     Returns (Llama in float32, tokenizer, config dict to save, LandmarkSpec)."""
     import logging
 
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from landmark_cli.model.loading import check_config, weights_files
+    from landmark_cli.model.loading import check_config, fingerprint, read_weights, weights_files
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cfg, spec = read_config(model_dir)
     check_config(cfg, str(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    weights: dict[str, torch.Tensor] = {}
-    for f in weights_files(model_dir):
-        weights.update({k: v.float() for k, v in load_file(f).items()})
+    files = weights_files(model_dir)
+    # trained in place: copies of the tensors, not views of the files' memory maps
+    weights = {k: v.clone() for k, v in read_weights(files, fingerprint(files), torch.float32,
+                                                       torch.device("cpu")).items()}
     mem_id = landmark_id(tok)
     if spec is not None and mem_id is not None:
         if spec.mem_freq != block_size:
