@@ -16,6 +16,7 @@ pairs a head's dimensions as (0, 1), (2, 3), ... where Hugging Face's pairs (i, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,11 @@ def rows_to_hf(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, half, 2).transpose(1, 2).reshape(rows)
 
 
-def read_gguf(path: Path, dtype: torch.dtype = torch.float32, packed: bool = False) -> dict[str, torch.Tensor]:
-    """The model's tensors from GGUF file `path`, by Hugging Face name, in `dtype`; with
-    `packed`, those the file holds in a packed format stay packed (uint8 rows, blocks.PACKED)."""
+def read_gguf(path: Path, cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+              packed: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors from GGUF file `path`, by Hugging Face name, as float32 tensors
+    passed through `cast`; with `packed`, those the file holds in a packed format stay
+    packed (uint8 rows, blocks.PACKED)."""
     from gguf import GGUFReader
 
     try:
@@ -80,8 +83,9 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fal
         proj = name.split(".")[-2]
         if proj in heads:
             w = w[rows_to_hf(w.shape[0], heads[proj])]
-        keep = packed and w.dtype == blocks.PACKED
-        out[name] = w if keep else blocks.unpack(w, cols, dtype) if w.dtype == blocks.PACKED else w.to(dtype)
+        if w.dtype == blocks.PACKED and not packed:
+            w = blocks.unpack(w, cols)
+        out[name] = w if w.dtype == blocks.PACKED else cast(w)
     return out
 
 

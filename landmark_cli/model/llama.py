@@ -137,6 +137,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 MATRICES = ("qkv", "o", "gate_up", "down")  # a layer's projection matrices (fused)
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 class Llama:
@@ -154,12 +155,12 @@ class Llama:
         self.cfg = cfg
         self.dtype = weights["model.norm.weight"].dtype  # the activations'
 
-        self.device = weights["model.embed_tokens.weight"].device
+        self.device = weights[EMBEDDINGS].device
         self.rope = Rope(cfg, self.device)
         weights = weights if take else dict(weights)
         self.layers = [self._layer(weights, i) for i in range(cfg.n_layers)]
         lm = weights.pop("lm_head.weight", None)
-        self.lm_head = weights["model.embed_tokens.weight"] if lm is None or cfg.tie_embeddings else lm
+        self.lm_head = weights[EMBEDDINGS] if lm is None or cfg.tie_embeddings else lm
         self.w = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Llama":
@@ -193,19 +194,6 @@ class Llama:
                     for i, L in enumerate(self.layers)]
         return m
 
-    def with_activations(self, dtype: torch.dtype) -> "Llama":
-        """This model with its embeddings and norms, and so every activation, in `dtype`; the
-        projection matrices and the LM head stay as they are (shared). A named --dtype on
-        the CPU loads the weights in that dtype and keeps the arithmetic between the
-        matrices in float32 this way."""
-        if dtype == self.dtype:
-            return self
-        m = copy.copy(self)
-        m.dtype = dtype
-        m.w = {k: v if v.dtype == blocks.PACKED else v.to(dtype) for k, v in self.w.items()}
-        m.layers = [{k: v if k in MATRICES else v.to(dtype) for k, v in L.items()} for L in self.layers]
-        return m
-
     def columns(self, name: str) -> int:
         """The columns of a matrix named as `matrices()` names them (its input's size)."""
         c = self.cfg
@@ -237,12 +225,12 @@ class Llama:
         }
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] (on any device) -> hidden [T, dim]; rows of a packed table are unpacked as
-        they are looked up."""
-        table, ids = self.w["model.embed_tokens.weight"], ids.to(self.device)
+        """ids [T] (on any device) -> hidden [T, dim] in the activations' dtype: a table kept in
+        another (a named --dtype on the CPU) or packed converts the rows it looks up."""
+        table, ids = self.w[EMBEDDINGS], ids.to(self.device)
         if table.dtype == blocks.PACKED:
             return blocks.unpack(table[ids.reshape(-1)], self.cfg.dim, self.dtype).reshape(*ids.shape, -1)
-        return F.embedding(ids, table)
+        return F.embedding(ids, table).to(self.dtype)
 
     def qkv(self, i: int, x: torch.Tensor):
         """hidden [T, dim] -> q [H, T, D], k [Hkv, T, D], v [Hkv, T, D]; no RoPE applied.
@@ -304,7 +292,7 @@ class Llama:
 
     def parameters(self) -> list[torch.Tensor]:
         """The tensors the forward reads (fused per layer), for training them in place."""
-        out = [self.w["model.embed_tokens.weight"], self.w["model.norm.weight"]]
+        out = [self.w[EMBEDDINGS], self.w["model.norm.weight"]]
         if self.lm_head is not out[0]:
             out.append(self.lm_head)
         return out + [t for L in self.layers for t in L.values()]
@@ -312,9 +300,9 @@ class Llama:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Hugging Face-named weights from the (possibly trained) fused tensors."""
         c = self.cfg
-        sd = {"model.embed_tokens.weight": self.w["model.embed_tokens.weight"],
+        sd = {EMBEDDINGS: self.w[EMBEDDINGS],
               "model.norm.weight": self.w["model.norm.weight"]}
-        if self.lm_head is not sd["model.embed_tokens.weight"]:
+        if self.lm_head is not sd[EMBEDDINGS]:
             sd["lm_head.weight"] = self.lm_head
         for i, L in enumerate(self.layers):
             p = f"model.layers.{i}."

@@ -252,34 +252,40 @@ def kept(path: Path, device: torch.device, convert: Callable[[], dict[str, torch
 
 
 def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device,
-                 packed: bool = False) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors in `dtype` on `device`, each read from its memory map. When
-    the files hold another dtype, the converted weights are kept under
+                 matrices: torch.dtype | None = None, packed: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors on `device`, each read from its memory map: the matrices
+    and the embedding table in `matrices` (default: dtype), the norms in `dtype`. When the
+    files hold another dtype, the converted weights are kept under
     LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load).
     A GGUF file's tensors are read this way too (model/gguf_weights.py); with `packed`,
     those it holds in 4- or 8-bit groups stay packed (model/blocks.py)."""
     from safetensors import safe_open
 
+    matrices = matrices or dtype
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(matrices if t.dim() == 2 else dtype)
+
+    what = _name(matrices) if matrices == dtype else f"{_name(matrices)}-{_name(dtype)}-norms"
     if files[0].suffix == ".gguf":
         from landmark_cli.model.gguf_weights import read_gguf
 
-        what = f"{_name(dtype)}{'-packed' if packed else ''}"
-        return kept(converted(fp, files, what), device,
-                    lambda: {k: v.to(device) for k, v in read_gguf(files[0], dtype, packed).items()})
+        return kept(converted(fp, files, what + ("-packed" if packed else "")), device,
+                    lambda: {k: v.to(device) for k, v in read_gguf(files[0], cast, packed).items()})
 
     def read() -> dict[str, torch.Tensor]:
         weights = {}
         for f in files:
             with safe_open(str(f), framework="pt", device=str(device)) as st:
                 for name in st.keys():
-                    weights[name] = st.get_tensor(name).to(dtype)
+                    weights[name] = cast(st.get_tensor(name))
         return weights
 
     with safe_open(str(files[0]), framework="pt") as st:
         stored = next((st.get_slice(n).get_dtype() for n in st.keys()), "")
-    if {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == dtype:
-        return read()
-    return kept(converted(fp, files, _name(dtype)), device, read)
+    if {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == matrices:
+        return read()  # only the norms, if any, are converted: a few thousand numbers a layer
+    return kept(converted(fp, files, what), device, read)
 
 
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
@@ -309,8 +315,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     embeddings, norms and activations stay in `dtype`); each copy is converted once and
     kept on disk. When the copies would take more than half the machine's memory, the
     matrices are kept once, in half precision, for both. With a single matrix dtype (a
-    named --dtype on the CPU) the weights are read in it and the embeddings and norms
-    converted to `dtype` (`Llama.with_activations`)."""
+    named --dtype on the CPU) the matrices and the embedding table are read in it and
+    the norms in `dtype`."""
     from transformers import AutoTokenizer
 
     d = resolve_dir(spec, progress)
@@ -336,15 +342,15 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     fp = fingerprint(files + extra)
     read_dtype = read_dtype or dtype
     copies = {read_dtype, answer_dtype or read_dtype}
-    # with one float matrix dtype (a named --dtype on the CPU) the weights are read in it,
-    # so that a half-precision checkpoint is never widened; the embeddings and norms then
-    # take the activations' dtype
+    # with one float matrix dtype (a named --dtype on the CPU) the matrices are read in it,
+    # so that a half-precision checkpoint is never widened; the norms, and so the
+    # activations, are read in dtype
     one = next(iter(copies)) if len(copies) == 1 else None
-    weights = read_weights(files, fp, one if one is not None and one != blocks.PACKED else dtype, device,
+    weights = read_weights(files, fp, dtype, device, matrices=one if one is not None and one != blocks.PACKED else None,
                            packed=blocks.PACKED in copies)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
-    base = Llama(LlamaConfig.from_hf(cfg), weights, take=True).with_activations(dtype)
+    base = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
 
     def matrices_in(dt: torch.dtype) -> Llama:
         """base with its matrices in dt, converted once and kept on disk."""
