@@ -1,6 +1,8 @@
 """A GGUF model is used from its own file: its tensors under Hugging Face's names and row
 order, packed groups kept packed for answering, nothing widened to float32 on disk."""
 
+import shutil
+
 import pytest
 import torch
 from tiny import make_tiny_gguf
@@ -81,3 +83,22 @@ def test_a_damaged_gguf_file_is_a_clear_error(gguf_file, tmp_path):
         with pytest.raises(ModelError) as e:
             load_model(str(cut))
         assert "cut.gguf" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_what_older_versions_kept_is_removed_when_a_model_is_first_prepared(gguf_file, landmark_home):
+    from landmark_cli.model.loading import CONVERT_VERSION
+
+    path, _ = gguf_file
+    models = landmark_home / "models"
+    d = resolve_dir(str(path))
+    old_dir = d.with_name(d.name.replace(f"-v{CONVERT_VERSION}", "-v1"))
+    old_dir.mkdir()
+    (old_dir / "model.safetensors").write_bytes(b"old")
+    (models / "converted").mkdir()
+    old_file = models / "converted" / "0123456789abcdef-float16-matrices-v1.safetensors"
+    old_file.write_bytes(b"old")
+    other = models / "another-0123456789abcdef-v1"  # another model: left alone
+    other.mkdir()
+    shutil.rmtree(d)
+    assert resolve_dir(str(path)) == d
+    assert not old_dir.exists() and not old_file.exists() and other.exists()

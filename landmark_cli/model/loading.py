@@ -185,6 +185,7 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
     out = home() / "models" / f"{gguf.stem}-{fingerprint([gguf])}-v{CONVERT_VERSION}"
     if not (out / "config.json").is_file():
         _convert_gguf(gguf, out, progress)
+        _remove_older_versions(out)
     link = out / GGUF_LINK
     if not link.is_file() or link.resolve() != gguf.resolve():  # the same file, installed elsewhere now
         tmp = out / f"{GGUF_LINK}.tmp-{os.getpid()}"
@@ -192,6 +193,17 @@ def resolve_dir(spec: str, progress=lambda s: None) -> Path:
         tmp.symlink_to(gguf.resolve())
         os.replace(tmp, link)
     return out
+
+
+def _remove_older_versions(current: Path) -> None:
+    """Remove what older versions of this program kept for models under LANDMARK_HOME/models
+    (their GGUF directories and converted weights, named -v1, -v2, ...): nothing reads them."""
+    models = current.parent
+    stale = [p for p in models.glob(f"{current.name.rsplit('-v', 1)[0]}-v*") if p != current]
+    stale += [p for p in (models / "converted").glob("*.safetensors")
+              if not p.name.endswith(f"-v{CONVERT_VERSION}.safetensors")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _name(dtype: torch.dtype) -> str:
