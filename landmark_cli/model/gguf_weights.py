@@ -1,7 +1,8 @@
 """A LLaMA-family GGUF file's tensors under their Hugging Face names, read from its memory map.
 
-A GGUF model is used from its own file: nothing converts its weights to another file
-first. Each tensor is read where the file keeps it, and
+A GGUF model's weights are read from its own file, never from a float32 copy of it
+(loading.read_weights keeps what it reads here, in the dtypes in use, for the next load).
+Each tensor is read where the file keeps it, and
 
 - tensors in the two group formats the native answer step reads (q4_1, q8_0: see
   model/blocks.py, whose layout is ggml's) are handed over packed, as the file holds them,

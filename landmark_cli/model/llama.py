@@ -154,7 +154,6 @@ class Llama:
         the separate ones); otherwise the caller's dict is left as it was."""
         self.cfg = cfg
         self.dtype = weights["model.norm.weight"].dtype  # the activations'
-
         self.device = weights[EMBEDDINGS].device
         self.rope = Rope(cfg, self.device)
         weights = weights if take else dict(weights)

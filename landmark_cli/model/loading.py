@@ -126,7 +126,7 @@ def check_config(cfg, where: str) -> None:
 def _convert_gguf(gguf: Path, out: Path, progress) -> None:
     """A directory for a GGUF model: its config and tokenizer in Hugging Face's files (read
     by transformers) and `model.gguf`, a link to the file itself, whose tensors are the
-    weights (model/gguf_weights.py): they are never copied out into another format."""
+    weights (read by model/gguf_weights.py when the model loads)."""
     from transformers import AutoConfig, AutoTokenizer
 
     progress(f"Reading the configuration and tokenizer of {gguf.name} (once; a few seconds)...")
