@@ -21,7 +21,7 @@ def gguf_file(tmp_path_factory, tiny_dir):
 
 
 def test_a_gguf_model_runs_on_exactly_the_weights_its_file_holds(gguf_file, tiny_dir, landmark_home):
-    """Names, llama.cpp's query/key row order, q8_0 / q4_1 / float16 / float32 tensors:
+    """Names, llama.cpp's query/key row order, q8_0 / q4_1 / q5_0 / float16 / float32 tensors:
     the model read from the file computes what a model built from the file's weights in
     Hugging Face's layout computes, with the same tokenizer; its directory links to the
     file and holds no weights of its own."""
@@ -40,7 +40,8 @@ def test_a_gguf_model_runs_on_exactly_the_weights_its_file_holds(gguf_file, tiny
 
 def test_answering_keeps_the_files_groups_and_reading_gets_its_own_copy(gguf_file, landmark_home):
     """The CPU's auto: the answering matrices are the file's q4_1 / q8_0 groups (the float16
-    value projection fused with q4_1 keys: float16), the reading copy bfloat16 or float32,
+    value projection fused with q4_1 keys, and the q5_0 output projection: float16), the
+    reading copy bfloat16 or float32,
     and what is kept on disk is smaller than one float32 copy of the matrices."""
     path, held = gguf_file
     lm = load_in(str(path), "auto", kernels="auto")

@@ -66,7 +66,8 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "sel
 
 def make_tiny_gguf(hf_dir: Path, path: Path) -> dict[str, torch.Tensor]:
     """The tiny model `hf_dir` as llama.cpp would write it to a GGUF file: the embeddings in
-    q8_0, layer matrices in q4_1 except the value projections in float16, norms in float32,
+    q8_0, layer matrices in q4_1 except the value projections in float16 and the output
+    projections in q5_0 (a type read through the gguf package), norms in float32,
     the query and key rows in GGUF's order, the byte-level BPE tokenizer in GGUF's fields.
     Returns the weights the file holds, in Hugging Face names and order, as float32."""
     import json
@@ -107,11 +108,15 @@ def make_tiny_gguf(hf_dir: Path, path: Path) -> dict[str, torch.Tensor]:
             _, _, i, *rest = name.split(".")
             part = ".".join(rest[:-1])
             gname, kind = f"blk.{i}.{GGUF_NAMES[part]}.weight", "f32" if t.dim() == 1 else "q4_1"
-            kind = "f16" if part == "self_attn.v_proj" else kind
+            kind = {"self_attn.v_proj": "f16", "self_attn.o_proj": "q5_0"}.get(part, kind)
         if kind == "f32":
             data, held[name] = t.float().numpy(), t.float()
         elif kind == "f16":
             data, held[name] = t.half().numpy(), t.half().float()
+        elif kind == "q5_0":
+            q5 = gguf.GGMLQuantizationType.Q5_0
+            data = gguf.quants.quantize(t.float().numpy(), q5)
+            held[name] = torch.from_numpy(gguf.quants.dequantize(data, q5).copy())
         else:
             packed = blocks.PACKERS[kind](t)
             data, held[name] = packed.numpy(), blocks.unpack(packed, t.shape[1])
@@ -119,7 +124,8 @@ def make_tiny_gguf(hf_dir: Path, path: Path) -> dict[str, torch.Tensor]:
             n = heads if "q_proj" in name else kv_heads
             order = torch.arange(t.shape[0]).reshape(n, 2, -1).transpose(1, 2).reshape(-1)
             data = data[order.numpy()]
-        raw = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}.get(kind)
+        raw = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
+               "q5_0": gguf.GGMLQuantizationType.Q5_0}.get(kind)
         w.add_tensor(gname, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
