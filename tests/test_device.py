@@ -66,9 +66,9 @@ def test_bfloat16_on_the_cpu_end_to_end(capsys, monkeypatch, tmp_path, tiny_dir)
 
 def test_a_named_dtype_on_the_cpu_keeps_the_checkpoint_and_float32_activations(tiny_dir, tmp_path, landmark_home):
     """`--dtype bfloat16` on the CPU with a bfloat16 checkpoint: the matrices are the file's
-    (nothing converted, nothing widened to float32), the embeddings and norms float32, so
-    the forward runs in float32 between the matrices and matches a float32 model that
-    holds the same bfloat16-rounded matrices."""
+    (nothing converted, nothing widened to float32), the norms and the looked-up
+    embedding rows float32, so the forward runs in float32 between the matrices and
+    matches a float32 model that holds the same bfloat16-rounded matrices."""
     import shutil
 
     from safetensors.torch import load_file, save_file
