@@ -64,21 +64,28 @@ def test_bfloat16_on_the_cpu_end_to_end(capsys, monkeypatch, tmp_path, tiny_dir)
         assert r["cached"] is cached and r["tokens"]["answer"] >= 1 and r["sources"]
 
 
-def test_a_named_dtype_on_the_cpu_keeps_the_checkpoint_and_float32_activations(tiny_dir, tmp_path, landmark_home):
-    """`--dtype bfloat16` on the CPU with a bfloat16 checkpoint: the matrices are the file's
-    (nothing converted, nothing widened to float32), the norms and the looked-up
-    embedding rows float32, so the forward runs in float32 between the matrices and
-    matches a float32 model that holds the same bfloat16-rounded matrices."""
+@pytest.fixture
+def bf16_dir(tiny_dir, tmp_path):
+    """The tiny model as a bfloat16 checkpoint (as most published ones are)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from landmark_cli.model.loading import load_in
 
     half_dir = tmp_path / "bf16"
     shutil.copytree(tiny_dir, half_dir)
     (f,) = half_dir.glob("*.safetensors")
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    return half_dir
+
+
+def test_a_named_dtype_on_the_cpu_keeps_the_checkpoint_and_float32_activations(bf16_dir, landmark_home):
+    """`--dtype bfloat16` on the CPU with a bfloat16 checkpoint: the matrices are the file's
+    (nothing converted, nothing widened to float32), the norms and the looked-up
+    embedding rows float32, so the forward runs in float32 between the matrices and
+    matches a float32 model that holds the same bfloat16-rounded matrices."""
+    from landmark_cli.model.loading import load_in
+
+    half_dir = bf16_dir
     lm = load_in(str(half_dir), "bfloat16", CPU)
     m = lm.model
     assert lm.reader is None and m.dtype == torch.float32 and m.matrix_dtype == torch.bfloat16
@@ -91,6 +98,20 @@ def test_a_named_dtype_on_the_cpu_keeps_the_checkpoint_and_float32_activations(t
         want, got = wide.forward(x), m.forward(x)
     assert got.dtype == torch.float32
     assert (got - want).abs().max().item() < 2e-2 * want.abs().max().item()
+
+
+def test_mixed_precision_reads_a_half_precision_checkpoint_as_it_is(bf16_dir, landmark_home):
+    """The CPU's auto on a bfloat16 checkpoint: documents are read by the file's own
+    matrices, the answering copy is converted from them, and no float32 copy of the
+    model is written; the activations are float32."""
+    lm = load_model(str(bf16_dir), dtype=torch.float32, read_dtype=torch.bfloat16, answer_dtype=torch.float16)
+    assert (lm.reading_model.matrix_dtype, lm.model.matrix_dtype) == (torch.bfloat16, torch.float16)
+    assert lm.reading_model.dtype == lm.model.dtype == torch.float32
+    kept = [f.name for f in (landmark_home / "models" / "converted").glob("*.safetensors")]
+    assert len(kept) == 1 and "bfloat16-float16-matrices" in kept[0]
+    wide = load_model(str(bf16_dir), dtype=torch.float32).model
+    for name, t in lm.reading_model.matrices().items():
+        assert torch.equal(t.float(), wide.matrices()[name]), name
 
 
 def test_model_to_another_dtype_keeps_the_weights(tiny_dir):

@@ -293,11 +293,20 @@ def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.d
                     weights[name] = cast(st.get_tensor(name))
         return weights
 
-    with safe_open(str(files[0]), framework="pt") as st:
-        stored = next((st.get_slice(n).get_dtype() for n in st.keys()), "")
-    if {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored) == matrices:
+    if stored_dtype(files) == matrices:
         return read()  # only the norms, if any, are converted: a few thousand numbers a layer
     return kept(converted(fp, files, what), device, read)
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The float dtype safetensors files hold their weights in (None for a GGUF file)."""
+    from safetensors import safe_open
+
+    if files[0].suffix == ".gguf":
+        return None
+    with safe_open(str(files[0]), framework="pt") as st:
+        stored = next((st.get_slice(n).get_dtype() for n in st.keys()), "")
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(stored)
 
 
 def load_in(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: torch.device | str = "cpu",
@@ -354,12 +363,15 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     fp = fingerprint(files + extra)
     read_dtype = read_dtype or dtype
     copies = {read_dtype, answer_dtype or read_dtype}
-    # with one float matrix dtype (a named --dtype on the CPU) the matrices are read in it,
-    # so that a half-precision checkpoint is never widened; the norms, and so the
-    # activations, are read in dtype
+    # the matrices are read in the one float dtype they are used in (a named --dtype on the
+    # CPU), else as a half-precision checkpoint holds them, else in dtype: a half-precision
+    # checkpoint is never widened (the copies are converted from it); the norms, and so
+    # the activations, are read in dtype
     one = next(iter(copies)) if len(copies) == 1 else None
-    weights = read_weights(files, fp, dtype, device, matrices=one if one is not None and one != blocks.PACKED else None,
-                           packed=blocks.PACKED in copies)
+    stored = stored_dtype(files)
+    matrices = one if one is not None and one != blocks.PACKED else \
+        stored if stored is not None and stored.itemsize < dtype.itemsize else None
+    weights = read_weights(files, fp, dtype, device, matrices=matrices, packed=blocks.PACKED in copies)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
     base = Llama(LlamaConfig.from_hf(cfg), weights, take=True)
