@@ -114,6 +114,14 @@ def test_mixed_precision_reads_a_half_precision_checkpoint_as_it_is(bf16_dir, la
         assert torch.equal(t.float(), wide.matrices()[name]), name
 
 
+def test_finetuning_a_half_precision_checkpoint_writes_no_float32_copy(bf16_dir, landmark_home):
+    from landmark_cli.training.finetune import load_base
+
+    model, *_ = load_base(bf16_dir, block_size=8, context=64)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not (landmark_home / "models" / "converted").exists()
+
+
 def test_model_to_another_dtype_keeps_the_weights(tiny_dir):
     lm = load_model(str(tiny_dir), dtype=torch.float32)
     half = lm.model.to(dtype=torch.bfloat16)
