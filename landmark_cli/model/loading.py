@@ -266,14 +266,18 @@ def kept(path: Path, device: torch.device, convert: Callable[[], dict[str, torch
 def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.device,
                  matrices: torch.dtype | None = None, packed: bool = False) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors on `device`, each read from its memory map: the matrices
-    and the embedding table in `matrices` (default: dtype), the norms in `dtype`. When the
+    and the embedding table in `matrices`, the norms in `dtype`. By default the matrices
+    are read in `dtype`, or as the files hold them where that is narrower: a
+    half-precision checkpoint is never widened. When the
     files hold another dtype, the converted weights are kept under
     LANDMARK_HOME/models/converted and read from there afterwards (no conversion at load).
     A GGUF file's tensors are read this way too (model/gguf_weights.py); with `packed`,
     those it holds in 4- or 8-bit groups stay packed (model/blocks.py)."""
     from safetensors import safe_open
 
-    matrices = matrices or dtype
+    stored = stored_dtype(files)
+    if matrices is None:
+        matrices = stored if stored is not None and stored.itemsize < dtype.itemsize else dtype
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(matrices if t.dim() == 2 else dtype)
@@ -293,7 +297,7 @@ def read_weights(files: list[Path], fp: str, dtype: torch.dtype, device: torch.d
                     weights[name] = cast(st.get_tensor(name))
         return weights
 
-    if stored_dtype(files) == matrices:
+    if stored == matrices:
         return read()  # only the norms, if any, are converted: a few thousand numbers a layer
     return kept(converted(fp, files, what), device, read)
 
@@ -364,14 +368,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     read_dtype = read_dtype or dtype
     copies = {read_dtype, answer_dtype or read_dtype}
     # the matrices are read in the one float dtype they are used in (a named --dtype on the
-    # CPU), else as a half-precision checkpoint holds them, else in dtype: a half-precision
-    # checkpoint is never widened (the copies are converted from it); the norms, and so
-    # the activations, are read in dtype
+    # CPU), else as read_weights chooses (the copies are converted from them); the norms,
+    # and so the activations, are read in dtype
     one = next(iter(copies)) if len(copies) == 1 else None
-    stored = stored_dtype(files)
-    matrices = one if one is not None and one != blocks.PACKED else \
-        stored if stored is not None and stored.itemsize < dtype.itemsize else None
-    weights = read_weights(files, fp, dtype, device, matrices=matrices, packed=blocks.PACKED in copies)
+    weights = read_weights(files, fp, dtype, device, matrices=one if one is not None and one != blocks.PACKED else None,
+                           packed=blocks.PACKED in copies)
     if "model.embed_tokens.weight" not in weights:
         raise ModelError(f"{d}: the weights do not look like a LLaMA checkpoint (no model.embed_tokens.weight)")
     base = Llama(LlamaConfig.from_hf(cfg), weights, take=True)

@@ -100,16 +100,16 @@ def load_base(model_dir: Path, block_size: int, context: int, local_layers: int 
 
     from transformers import AutoTokenizer
 
-    from landmark_cli.model.loading import check_config, fingerprint, read_weights, stored_dtype, weights_files
+    from landmark_cli.model.loading import check_config, fingerprint, read_weights, weights_files
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cfg, spec = read_config(model_dir)
     check_config(cfg, str(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     files = weights_files(model_dir)
-    # read as a float checkpoint holds them (no converted copy kept on disk), then copied
-    # to float32: trained in place, so never views of the files' memory maps
-    held = read_weights(files, fingerprint(files), torch.float32, torch.device("cpu"), matrices=stored_dtype(files))
+    # a half-precision checkpoint is read as it is (no converted copy kept on disk), then
+    # copied to float32: trained in place, so never views of the files' memory maps
+    held = read_weights(files, fingerprint(files), torch.float32, torch.device("cpu"))
     weights = {k: v.to(torch.float32, copy=True) for k, v in held.items()}
     mem_id = landmark_id(tok)
     if spec is not None and mem_id is not None:
